@@ -1,0 +1,527 @@
+"""
+model.py: a Qwen2 / Qwen2.5 / Qwen3 (and plain Llama-style) decoder written directly in PyTorch,
+Hugging Face checkpoint I/O, and KV-cached batched generation.
+
+    from model import load_model, load_tokenizer, generate
+    model = load_model("runs/demo/sft")                 # any HF-layout Qwen2/Qwen3 directory
+    tok = load_tokenizer("runs/demo/sft")
+    ids = [tok.encode("The patient presents with"), tok.encode("Hi")]
+    out, reasons = generate(model, ids, max_new_tokens=32, temperature=0.0,
+                            stop_ids=[tok.eos_token_id])
+
+    python model.py --preset tiny            # prints the parameter count of a preset
+    python model.py --path runs/demo/sft --prompt "A patient presents with"
+
+Weight names are exactly the Hugging Face ones (model.embed_tokens, model.layers.N.self_attn.q_proj,
+..., lm_head), so a state_dict goes to and from safetensors with no renaming.
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional fast attention for training on CUDA (packed sequences via varlen)
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    HAVE_FLASH = True
+except Exception:
+    HAVE_FLASH = False
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen2"        # qwen2 (q/k/v bias) | qwen3 (q_norm/k_norm, no bias) | llama
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 0                # 0 = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True      # Qwen2: bias on q/k/v; Qwen3 / Llama: none
+    qk_norm: bool = False            # Qwen3: RMSNorm over each head of q and k before RoPE
+    bos_token_id: int = None
+    eos_token_id: int = None
+    pad_token_id: int = None
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must be a multiple of kv heads"
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, d, path="config.json"):
+        """Build from a transformers config.json dict (transformers 4.x or 5.x)."""
+        model_type = d.get("model_type", "qwen2")
+        if model_type not in ("qwen2", "qwen3", "llama"):
+            raise ValueError(f"{path}: model_type {model_type!r} is not supported (qwen2, qwen3, llama)")
+        # transformers 5 writes rope_parameters={rope_theta, rope_type}; 4.x wrote rope_theta (+ rope_scaling)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"{path}: rope_type {rope_type!r} is not implemented (only default RoPE)")
+        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0]
+        return cls(
+            model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", model_type != "llama"),
+            attention_bias=d.get("attention_bias", model_type == "qwen2"),
+            qk_norm=(model_type == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
+            pad_token_id=d.get("pad_token_id"))
+
+    def to_hf(self, dtype="float32"):
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        d = dict(architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size,
+                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act="silu",
+                 rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+                 # both spellings, so transformers 4.x and 5.x (and vLLM) read the same theta
+                 rope_theta=self.rope_theta, rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                 use_cache=True, dtype=dtype, torch_dtype=dtype)
+        if self.model_type == "qwen2":
+            d.update(use_sliding_window=False, sliding_window=None)
+        return d
+
+
+# presets for from-scratch models (Qwen2 layout); real checkpoints bring their own config.json
+PRESETS = {
+    "nano":  dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "tiny":  dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2),
+    "20m":   dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2, vocab_size=8192),
+}
+
+# -----------------------------------------------------------------------------
+# the decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 like the reference, then cast back (matters in bf16)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions: (B, T) integer tensor -> cos, sin of shape (B, 1, T, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq            # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]           # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache: (B, Hkv, Tmax, D) buffers written in place, plus which slots hold a real
+    token (left padding of ragged prompts leaves holes that must never be attended)."""
+
+    def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, device, dtype):
+        super().__init__()
+        self.k = torch.zeros(num_layers, batch, num_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0   # slots filled so far (the same for every row)
+
+    def select_rows(self, idx):
+        """Keep (or repeat) rows: finished rows are dropped, one prompt becomes G samples."""
+        self.k, self.v, self.valid = self.k[:, idx], self.v[:, idx], self.valid[idx]
+        return self
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, layer_idx, cache, cu_seqlens):
+        B, T, _ = x.shape
+        H, Hkv, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, Hkv, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            s = cache.length
+            cache.k[layer_idx, :, :, s:s + T] = k
+            cache.v[layer_idx, :, :, s:s + T] = v
+            k, v = cache.k[layer_idx, :, :, :s + T], cache.v[layer_idx, :, :, :s + T]
+        if mask is None and HAVE_FLASH and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            # flash-attn wants (B, T, H, D); it handles GQA itself
+            qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if cu_seqlens is not None:   # packed documents: B == 1, attention stays inside each document
+                maxlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+                y = flash_attn_varlen_func(qf[0], kf[0], vf[0], cu_seqlens, cu_seqlens, maxlen, maxlen, causal=True)[None]
+            else:
+                y = flash_attn_func(qf, kf, vf, causal=True)
+            y = y.reshape(B, T, H * D)
+        else:
+            # an explicit boolean mask whenever the query is not square with the keys: is_causal=True would
+            # align the triangle top-left, which is wrong once a KV cache makes keys longer than queries
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
+            y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, layer_idx, cache, cu_seqlens):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_idx, cache, cu_seqlens)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:   # GPT-2 style: small normal, output projections scaled down by depth
+                std = 0.02 / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None, cache=None, attention_mask=None, last_only=False):
+        """input_ids (B, T) -> logits (B, T, vocab).
+        doc_ids (B, T): packed training; attention stays within equal ids and positions restart per document.
+        cache + position_ids: incremental decoding; cache.valid says which key slots are real tokens.
+        attention_mask (B, T) of 1/0: left-padded prompts without a cache (pads are never attended).
+        last_only: logits of the last position only (generation needs no more; saves a (B, T, vocab) matmul)."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        mask, cu_seqlens = None, None
+        if doc_ids is not None:
+            same = doc_ids[:, :, None] == doc_ids[:, None, :]
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            mask = (same & causal)[:, None]
+            if position_ids is None:   # position = index within its document
+                starts = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+                idx = torch.arange(T, device=dev).expand(B, T)
+                position_ids = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 1).values
+            if HAVE_FLASH and input_ids.is_cuda and B == 1:
+                bounds = torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1
+                cu_seqlens = torch.cat([bounds.new_zeros(1), bounds, bounds.new_tensor([T])]).to(torch.int32)
+                mask = None
+        elif cache is not None:
+            s = cache.length
+            cache.valid[:, s:s + T] = True if attention_mask is None else attention_mask.bool()
+            keys_ok = cache.valid[:, None, None, :s + T]                                  # (B, 1, 1, S)
+            causal = torch.ones(T, s + T, dtype=torch.bool, device=dev).tril(diagonal=s)  # query i sees keys <= s+i
+            diag = torch.zeros(T, s + T, dtype=torch.bool, device=dev)
+            diag[:, s:] = torch.eye(T, dtype=torch.bool, device=dev)   # a pad query sees itself: no empty rows, no NaN
+            mask = (keys_ok & causal) | diag
+        elif attention_mask is not None:
+            am = attention_mask.bool()
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            mask = (am[:, None, None, :] & causal) | torch.eye(T, dtype=torch.bool, device=dev)
+            if position_ids is None:
+                position_ids = (am.long().cumsum(1) - 1).clamp(min=0)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=dev).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, i, cache, cu_seqlens)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints in the Hugging Face layout
+
+
+def _atomic_write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_model(path, device=None, dtype=None):
+    """Load an HF-layout directory (config.json + model.safetensors or sharded + index) into our Transformer."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: no config.json (expected a Hugging Face model directory)")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    cfg = ModelConfig.from_hf(hf, cfg_path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {}
+    for fname in files:
+        state.update(load_file(os.path.join(path, fname), device=str(device or "cpu")))
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = [k for k in model.state_dict() if k not in state and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in model.state_dict() and "rotary_emb" not in k]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    target_dtype = dtype or state["model.embed_tokens.weight"].dtype
+    model.load_state_dict({k: v.to(target_dtype) for k, v in state.items() if "rotary_emb" not in k}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=device or "cpu")
+
+
+def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, state_dict=None):
+    """Write config.json, generation_config.json and safetensors (sharded above max_shard_bytes).
+    Each file goes through a temp name + rename, so an interrupted save never leaves a half file."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    state = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)   # tied: written once, as the embedding
+    dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    shards.append(cur)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+    if len(shards) > 1:
+        wmap = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        _atomic_write_text(os.path.join(path, "model.safetensors.index.json"),
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
+    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(cfg.to_hf(dtype), indent=2))
+    gen = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                                "pad_token_id": cfg.pad_token_id, "do_sample": False}
+    _atomic_write_text(os.path.join(path, "generation_config.json"), json.dumps(gen, indent=2))
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)   # never trust_remote_code
+
+
+# ChatML, as Qwen uses; written into tokenizers we train so apply_chat_template works like on Qwen
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def train_tokenizer(texts, vocab_size, path):
+    """Byte-level BPE trained on our own text, saved with the ChatML special tokens and template."""
+    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+# -----------------------------------------------------------------------------
+# KV-cached batched generation
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """logits (B, V) fp32 -> next ids (B,). temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p      # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
+             num_samples=1, seed=None, pad_id=0, compact_frac=0.25):
+    """prompts: list of token-id lists (ragged). Returns (completions, finish_reasons), one per prompt and
+    sample, in order prompt0-sample0, prompt0-sample1, ...; each completion ends with its stop token if it
+    stopped ("stop"), else it is max_new_tokens long ("length").
+
+    Prompts are left-padded into one batch; each row has its own positions, and pad slots are masked out
+    of attention, so a row's tokens do not depend on what else is in the batch. With num_samples=G the
+    prompts are prefilled once and the cache is copied G ways (the GRPO rollout case). Finished rows are
+    dropped from the batch (and the cache) once they are compact_frac of it, so they stop costing compute."""
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cfg = model.config
+    B, G = len(prompts), num_samples
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    if int(lens.min()) == 0:
+        raise ValueError("generate: empty prompt")
+    P = int(lens.max())
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
+    amask = torch.zeros(B, P, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=dev)
+        amask[i, P - len(p):] = 1
+    positions = (amask.cumsum(1) - 1).clamp(min=0)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev, dtype)
+    logits = model(ids, position_ids=positions, cache=cache, attention_mask=amask, last_only=True)[:, -1].float()
+    if G > 1:   # prefill once, then G copies of each prompt's cache
+        rep = torch.arange(B, device=dev).repeat_interleave(G)
+        cache.select_rows(rep)
+        logits, lens = logits[rep], lens[rep]
+    N = B * G
+    out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)   # -1 = not generated
+    stopped = torch.zeros(N, dtype=torch.bool, device=dev)
+    rows = torch.arange(N, device=dev)   # output row of each batch row; -1 once finished (until dropped)
+    next_pos = lens.clone()
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    for step in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        live = rows >= 0
+        out[rows[live], step] = tok[live]
+        done = live & torch.isin(tok, stop)
+        stopped[rows[done]] = True
+        rows = torch.where(done, -1, rows)
+        n_live = int((rows >= 0).sum())
+        if n_live == 0 or step == max_new_tokens - 1:
+            break
+        # finished rows decode throwaway tokens until enough of them can be dropped in one gather
+        if 1 - n_live / len(rows) >= compact_frac:
+            keep = (rows >= 0).nonzero().flatten()
+            cache.select_rows(keep)
+            rows, tok, next_pos = rows[keep], tok[keep], next_pos[keep]
+        logits = model(tok[:, None], position_ids=next_pos[:, None], cache=cache)[:, -1].float()
+        next_pos = next_pos + 1
+    out = out.tolist()
+    completions = [[t for t in row if t != -1] for row in out]
+    reasons = ["stop" if s else "length" for s in stopped.tolist()]
+    return completions, reasons
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Inspect a preset or generate from a checkpoint directory.")
+    ap.add_argument("--preset", default=None, help=f"print the parameter count of a preset: {', '.join(PRESETS)}")
+    ap.add_argument("--path", default=None, help="HF-layout checkpoint directory to generate from")
+    ap.add_argument("--prompt", default="A patient presents with", help="user message (chat template applied)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = ap.parse_args()
+    if args.preset:
+        m = Transformer(ModelConfig.from_name(args.preset))
+        print(f"{args.preset}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters")
+    if args.path:
+        m, tok = load_model(args.path), load_tokenizer(args.path)
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        out, why = generate(m, [ids], args.max_new_tokens, args.temperature, stop_ids=[tok.eos_token_id], seed=args.seed)
+        print(tok.decode(out[0]), f"[{why[0]}]")

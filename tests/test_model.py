@@ -1,0 +1,171 @@
+"""model.py against transformers: logits parity, checkpoint round trips, generation."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from model import ModelConfig, Transformer, generate, load_model, save_model
+
+
+def hf_model(kind, tied, tmp_path, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=48, intermediate_size=88, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=tied,
+                  max_position_embeddings=256, rope_theta=5000.0)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        m = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3Config(head_dim=12, **common)   # head_dim != hidden/heads on purpose
+        m = transformers.Qwen3ForCausalLM(cfg)
+    with torch.no_grad():   # random biases and norms too, so a missed one would show
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    m.eval()
+    path = str(tmp_path / f"{kind}_{tied}")
+    m.save_pretrained(path)
+    return m, path
+
+
+def ragged_batch(vocab, lens, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_parity_ragged(kind, tied, tmp_path):
+    ref, path = hf_model(kind, tied, tmp_path)
+    ours = load_model(path)
+    assert ours.config.model_type == kind and ours.config.tie_word_embeddings == tied
+    prompts = ragged_batch(97, [5, 17, 11, 1])
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):          # right padding: every row starts at position 0
+        ids[i, :len(p)] = torch.tensor(p)
+        am[i, :len(p)] = 1
+    with torch.no_grad():
+        a = ref(input_ids=ids, attention_mask=am).logits
+        b = ours(ids)
+    for i, p in enumerate(prompts):
+        assert (a[i, :len(p)] - b[i, :len(p)]).abs().max() <= 1e-4
+    # left padding with an attention mask gives the same per-row logits
+    ids_l = torch.zeros_like(ids)
+    am_l = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids_l[i, T - len(p):] = torch.tensor(p)
+        am_l[i, T - len(p):] = 1
+    with torch.no_grad():
+        c = ours(ids_l, attention_mask=am_l)
+    for i, p in enumerate(prompts):
+        assert (a[i, :len(p)] - c[i, T - len(p):]).abs().max() <= 1e-4
+
+
+def test_packed_documents_match_separate(tmp_path):
+    _, path = hf_model("qwen3", False, tmp_path)
+    m = load_model(path)
+    docs = ragged_batch(97, [7, 4, 9], seed=3)
+    packed = torch.tensor([sum(docs, [])])
+    doc_ids = torch.tensor([[i for i, d in enumerate(docs) for _ in d]])
+    with torch.no_grad():
+        lp = m(packed, doc_ids=doc_ids)[0]
+        off = 0
+        for d in docs:
+            alone = m(torch.tensor([d]))[0]
+            assert (lp[off:off + len(d)] - alone).abs().max() <= 1e-5
+            off += len(d)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_save_model_loads_in_transformers(kind, tmp_path):
+    cfg = ModelConfig(model_type=kind, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=kind == "qwen2",
+                      qk_norm=kind == "qwen3", tie_word_embeddings=(kind == "qwen2"), eos_token_id=2)
+    ours = Transformer(cfg).init_weights(seed=4)
+    path = str(tmp_path / "ours")
+    save_model(ours, path)
+    files = os.listdir(path)
+    assert "model.safetensors" in files and "config.json" in files and "generation_config.json" in files
+    assert not any(f.endswith(".tmp") for f in files)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor(ragged_batch(101, [13, 13], seed=5))
+    with torch.no_grad():
+        assert (ref(ids).logits - ours(ids)).abs().max() <= 1e-5
+
+
+def test_sharded_round_trip(tmp_path):
+    cfg = ModelConfig.from_name("nano", vocab_size=300, tie_word_embeddings=False)
+    m = Transformer(cfg).init_weights(seed=1)
+    path = str(tmp_path / "sharded")
+    save_model(m, path, max_shard_bytes=200_000)
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) > 1
+    m2 = load_model(path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path)   # transformers reads our shards too
+    with torch.no_grad():
+        assert (ref(ids).logits - m(ids)).abs().max() <= 1e-5
+
+
+def test_bad_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="gpt2"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_greedy_batch_matches_transformers_alone(kind, tmp_path):
+    ref, path = hf_model(kind, kind == "qwen2", tmp_path, seed=7)
+    ours = load_model(path)
+    prompts = ragged_batch(97, [3, 12, 7, 1, 9], seed=8)
+    new = 12
+    outs, reasons = generate(ours, prompts, max_new_tokens=new, temperature=0.0)
+    for p, o, r in zip(prompts, outs, reasons):
+        want = ref.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                            pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):]
+        assert o == want.tolist() and r == "length"
+
+
+def test_stop_tokens_and_finish_reasons(tmp_path):
+    ref, path = hf_model("qwen2", True, tmp_path, seed=9)
+    ours = load_model(path)
+    prompts = ragged_batch(97, [4, 8, 6, 5], seed=10)
+    free, _ = generate(ours, prompts, max_new_tokens=10, temperature=0.0)
+    stop = free[1][3]   # a token row 1 emits at step 3: row 1 must stop there
+    outs, reasons = generate(ours, prompts, max_new_tokens=10, temperature=0.0, stop_ids=[stop])
+    for f, o, r in zip(free, outs, reasons):
+        if stop in f:
+            k = f.index(stop)
+            assert o == f[:k + 1] and r == "stop"
+        else:
+            assert o == f and r == "length"
+
+
+def test_sampling_reproducible_and_group_case(tmp_path):
+    _, path = hf_model("qwen3", False, tmp_path, seed=11)
+    m = load_model(path)
+    prompts = ragged_batch(97, [5, 9], seed=12)
+    a = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3)
+    b = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3)
+    c = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=4)
+    assert a == b and a != c and len(a[0]) == 8
+    assert len(set(map(tuple, a[0][:4]))) > 1   # the G samples of one prompt differ
+    # greedy with G samples = the same greedy continuation G times, equal to the single-sample run
+    g, _ = generate(m, prompts, max_new_tokens=8, temperature=0.0, num_samples=3)
+    s, _ = generate(m, prompts, max_new_tokens=8, temperature=0.0)
+    assert g[:3] == [s[0]] * 3 and g[3:] == [s[1]] * 3
+
+
+def test_top_k_one_is_greedy(tmp_path):
+    _, path = hf_model("qwen2", False, tmp_path, seed=13)
+    m = load_model(path)
+    prompts = ragged_batch(97, [6, 3], seed=14)
+    assert generate(m, prompts, 6, temperature=0.7, top_k=1, seed=0)[0] == generate(m, prompts, 6, temperature=0.0)[0]
