@@ -56,7 +56,7 @@ class KG:
         self.name_to_id = {}
         for i, nm in enumerate(self.names):
             self.name_to_id.setdefault(nm.lower(), i)
-        self._anc, self._desc = {}, {}
+        self._anc, self._desc, self._closure = {}, {}, {}   # caches
 
     @property
     def num_edges(self):
@@ -106,10 +106,13 @@ class KG:
 
     def closure(self, e, r, reverse=False):
         """What e is linked to by (r, direction), with ancestors: the facts that are true of e."""
-        out = set()
-        for x in self.neighbors(e, r, reverse).tolist():
-            out |= self.ancestors(x)
-        return out
+        key = (e, r, reverse)
+        if key not in self._closure:
+            out = set()
+            for x in self.neighbors(e, r, reverse).tolist():
+                out |= self.ancestors(x)
+            self._closure[key] = frozenset(out)
+        return self._closure[key]
 
     def holders(self, x, r, reverse=False):
         """Entities e for which x is in closure(e, r): linked to x or to any descendant of x."""
@@ -527,15 +530,22 @@ class QuestionSampler:
         kg = self.kg
         pool = kg.neighbors(target, r, rev).tolist()
         # drop neighbours that are ancestors of other neighbours: "seizure" next to "focal seizure" says nothing
-        pool = [x for x in pool if not any(y != x and x in kg.ancestors(y) for y in pool)]
+        implied = set()
+        for y in pool:
+            implied.update(a for a in kg.ancestors(y) if a != y)
+        pool = [x for x in pool if x not in implied]
         self.rng.shuffle(pool)
         if len(pool) < self.min_ev:
             return None, None
         shown, fit = [], None
         for x in pool[:self.max_ev]:
             shown.append(x)
-            h = kg.holders(x, r, rev)
-            fit = h if fit is None else fit & h
+            if fit is None:
+                fit = kg.holders(x, r, rev)
+            elif len(kg.neighbors(x, r, not rev)) <= 4 * len(fit):
+                fit &= kg.holders(x, r, rev)
+            else:   # a hub finding: cheaper to test the few remaining candidates than to list its holders
+                fit = {e for e in fit if x in kg.closure(e, r, rev)}
             if len(shown) >= self.min_ev and len(fit) == 1:
                 return shown, fit
         return None, None
@@ -547,10 +557,16 @@ class QuestionSampler:
         for x in shown:
             for e in kg.holders(x, r, rev):
                 overlap[e] = overlap.get(e, 0) + 1
-        cands = [(c, e) for e, c in overlap.items() if c < len(shown) and e != target]
-        self.rng.shuffle(cands)
-        cands.sort(key=lambda ce: -ce[0])
-        out = [e for _, e in cands[:n]]
+        by_count = {}
+        for e, c in overlap.items():
+            if c < len(shown) and e != target:
+                by_count.setdefault(c, []).append(e)
+        out = []
+        for c in sorted(by_count, reverse=True):   # most shared evidence first, random within a tie
+            group, need = by_count[c], n - len(out)
+            out += group if len(group) <= need else self.rng.sample(group, need)
+            if len(out) == n:
+                break
         return self._fill(out, target, n, kg.types[target], lambda e: True), \
             [overlap.get(e, 0) / len(shown) for e in out]
 
@@ -575,16 +591,19 @@ class QuestionSampler:
         """Values of the same relation held by entities similar to subject, that are not true of subject
         (nor more specific versions of something true of it)."""
         kg = self.kg
-        truth = kg.closure(subject, r, rev)
-        bad = set(truth)
+        bad = set(kg.closure(subject, r, rev))
         for x in kg.neighbors(subject, r, rev).tolist():
             bad |= kg.descendants(x)
         cands = []
-        own = kg.neighbors(subject, r, rev).tolist()
-        for x in self.rng.sample(own, min(3, len(own))):
-            sims = kg.neighbors(x, r, not rev).tolist()
-            for s in self.rng.sample(sims, min(8, len(sims))):
-                cands.extend(y for y in kg.neighbors(s, r, rev).tolist() if y not in bad and fits(y))
+        own = kg.neighbors(subject, r, rev)
+        for x in self.rng.sample(own.tolist(), min(3, len(own))):
+            sims = kg.neighbors(x, r, not rev)   # entities sharing feature x (can be a hub: sample, never list)
+            for s in (int(sims[self.rng.randrange(len(sims))]) for _ in range(min(8, len(sims)))):
+                vals = kg.neighbors(s, r, rev)
+                if len(vals) > 64:
+                    off = self.rng.randrange(len(vals) - 63)
+                    vals = vals[off:off + 64]
+                cands.extend(y for y in vals.tolist() if y not in bad and fits(y))
         cands = list(dict.fromkeys(cands))
         self.rng.shuffle(cands)
         out, seen = [], set()
