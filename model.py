@@ -392,8 +392,13 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, s
 
 
 def load_tokenizer(path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)   # never trust_remote_code
+    """The tokenizer exactly as its tokenizer.json specifies (never trust_remote_code). We avoid AutoTokenizer
+    when tokenizer.json exists: with a qwen2 config.json beside it, transformers 5 picks Qwen2Tokenizer, which
+    rebuilds the pre-tokenizer from vocab + merges and tokenises our trained BPE differently."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 # ChatML, as Qwen uses; written into tokenizers we train so apply_chat_template works like on Qwen
@@ -402,13 +407,21 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+# Qwen2's pre-tokenizer split (the regex its tokenizer uses); ours is identical so that transformers'
+# Qwen2Tokenizer, which AutoTokenizer picks for a qwen2 checkpoint, tokenises our BPE exactly as we do
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
 def train_tokenizer(texts, vocab_size, path):
     """Byte-level BPE trained on our own text, saved with the ChatML special tokens and template."""
-    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -1,0 +1,189 @@
+"""
+common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun / FSDP2 setup,
+full-state checkpoints with exact resume, the LR schedule, JSONL metrics and PNG curves.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device=None):
+    """Under torchrun: init the process group (gloo on CPU, NCCL on CUDA). Returns (rank, world, device)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return rank, world, torch.device("cuda", local)
+        # CPU ranks share the cores: split them so two ranks do not fight over the same threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        return rank, world, torch.device("cpu")
+    return 0, 1, torch.device(device)
+
+
+def print0(*a, **k):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def all_reduce_sum(x):
+    """Sum of a float/int across ranks (identity on one process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def shard_model(model, device, world, bf16=False, reshard_after_forward=True):
+    """FSDP2: fully_shard each decoder block, then the root (embeddings, norm, head). One process: no-op.
+    On GPU with bf16, parameters are gathered in bf16 and gradients reduced in fp32."""
+    if world <= 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def autocast(device, bf16):
+    """bf16 autocast where FSDP's mixed precision does not already cover it (CPU, single GPU)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def lr_at(step, total, lr, min_lr, warmup):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * p))
+
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: the model in the HF layout (loadable by load_model / transformers) + trainer_state.pt
+
+
+def full_state(model, optimizer=None):
+    """Full (unsharded) model and optimizer state dicts on CPU; works with and without FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return msd, osd
+
+
+def save_checkpoint(path, model, tokenizer, optimizer, step, extra, rank):
+    """Atomic: written to path.tmp, then swapped in; a crash mid-save leaves the previous checkpoint."""
+    from model import save_model
+    msd, osd = full_state(model, optimizer)   # collective: every rank calls it
+    if rank == 0:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp, state_dict=msd)   # model only lends its config here
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if optimizer is not None:
+            state = dict(step=step, optimizer=osd, rng_torch=torch.get_rng_state(), rng_python=random.getstate(),
+                         extra=json.dumps(extra))
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        old = path + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_trainer_state(path, model, optimizer):
+    """Restore optimizer and RNG from trainer_state.pt (weights were loaded by load_model). Returns (step, extra)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    set_optimizer_state_dict(model, optimizer, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(st["rng_torch"])
+    random.setstate(_tuplify(st["rng_python"]))
+    return st["step"], json.loads(st["extra"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+class MetricsLog:
+    """One JSON object per line; rank 0 writes. Resumed runs append (earlier steps are kept)."""
+
+    def __init__(self, path, rank, resume=False):
+        self.path, self.rank = path, rank
+        if rank == 0:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if not resume and os.path.exists(path):
+                os.remove(path)
+        self.t0 = time.time()
+
+    def log(self, **row):
+        if self.rank == 0:
+            row["time"] = round(time.time() - self.t0, 3)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def plot_metrics(jsonl, png, keys, title=""):
+    """PNG of the given keys against step (matplotlib is optional: skipped quietly if absent)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(jsonl)
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

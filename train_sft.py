@@ -1,0 +1,288 @@
+"""
+train_sft.py: CoT cold-start SFT (paper 3.2) on make_data.py's chat-format traces. Loss on assistant
+tokens only, packed sequences, FSDP2 under torchrun, exact resume.
+
+    python train_sft.py                                            # embedded default: tiny model from scratch
+    torchrun --nproc_per_node=2 train_sft.py --out runs/sft2       # 2 CPU ranks (gloo), same results
+    torchrun --nproc_per_node=8 train_sft.py --init /models/Qwen2.5-7B-Instruct --data data/full/sft.jsonl \
+        --bf16 --seq-len 8192 --rows-per-step 64 --lr 1e-5 --steps 2000 --act-ckpt     # one GPU node
+    python train_sft.py --resume --out runs/demo/sft               # continue exactly where it stopped
+
+From scratch (no --init), a byte-level BPE tokenizer is trained on the training text and a --preset model
+is initialised. Writes {out}/ (HF layout: loads in load_model and transformers), {out}/metrics.jsonl and
+{out}/loss.png; {out}/ckpt/ holds the latest resumable state.
+"""
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import (MetricsLog, all_reduce_sum, autocast, init_distributed, load_trainer_state, lr_at, memory_mb,
+                    plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model, train_tokenizer
+
+
+# -----------------------------------------------------------------------------
+# data: chat examples -> token ids + assistant mask -> packed rows
+
+
+def read_chat_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                r = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
+            msgs = r.get("messages")
+            if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+                raise ValueError(f"{path}:{line}: field 'messages' must be a list ending with an assistant message")
+            rows.append(msgs)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def tokenize_example(tok, messages):
+    """ids of the whole conversation and a 0/1 mask of the tokens the loss sees (the assistant reply,
+    including its closing <|im_end|>, so the model learns to stop)."""
+    prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
+    full = tok.apply_chat_template(messages, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    assert full[:len(prompt)] == prompt, "chat template is not prefix-stable"
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    n_reply = len(full) - len(prompt)
+    if end in full[len(prompt):]:   # drop the template's trailing newline after <|im_end|>
+        n_reply = full[len(prompt):].index(end) + 1
+        full = full[:len(prompt) + n_reply]
+    return full, [0] * len(prompt) + [1] * n_reply
+
+
+def pack(examples, seq_len, pad_id):
+    """Greedy first-fit packing into rows of seq_len: (ids, mask, doc_ids) per row. Examples longer than
+    seq_len are cut (counted)."""
+    rows, cur, cut = [], None, 0
+    for doc, (ids, mask) in enumerate(examples):
+        if len(ids) > seq_len:
+            ids, mask, cut = ids[:seq_len], mask[:seq_len], cut + 1
+        if cur is None or len(cur[0]) + len(ids) > seq_len:
+            if cur is not None:
+                rows.append(cur)
+            cur = ([], [], [])
+        cur[0].extend(ids)
+        cur[1].extend(mask)
+        cur[2].extend([doc] * len(ids))
+    rows.append(cur)
+    out = []
+    for ids, mask, docs in rows:
+        n = seq_len - len(ids)   # pad as its own document, never attended by real tokens, never in the loss
+        out.append((ids + [pad_id] * n, mask + [0] * n, docs + [-1] * n))
+    return out, cut
+
+
+def epoch_rows(examples, seq_len, pad_id, seed, epoch):
+    order = list(range(len(examples)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    rows, _ = pack([examples[i] for i in order], seq_len, pad_id)
+    return rows
+
+
+def batch_tensors(rows, device):
+    ids = torch.tensor([r[0] for r in rows], device=device)
+    mask = torch.tensor([r[1] for r in rows], device=device)
+    docs = torch.tensor([r[2] for r in rows], device=device)
+    return ids, mask, docs
+
+
+def masked_loss_sum(model, ids, mask, docs):
+    """Sum of next-token cross-entropy over the masked (assistant) targets, and their count."""
+    logits = model(ids[:, :-1], doc_ids=docs[:, :-1])
+    targets = ids[:, 1:]
+    m = mask[:, 1:].bool() & (docs[:, 1:] == docs[:, :-1])   # never predict across a document boundary
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (loss * m.reshape(-1)).sum(), int(m.sum())
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- data
+    ap.add_argument("--data", default="data/kg/sft.jsonl", help="chat-format SFT JSONL from make_data.py")
+    ap.add_argument("--val-frac", type=float, default=0.05, help="fraction held out for the validation loss")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
+    ap.add_argument("--rows-per-step", type=int, default=8, help="packed rows per optimizer step (global batch)")
+    ap.add_argument("--micro-rows", type=int, default=4, help="rows per forward/backward on one rank (grad accumulation)")
+    # --- model
+    ap.add_argument("--init", default=None, help="HF checkpoint directory to fine-tune; default: from scratch")
+    ap.add_argument("--preset", default="tiny", help="from scratch: model preset (see model.PRESETS)")
+    ap.add_argument("--vocab-size", type=int, default=4096, help="from scratch: BPE vocabulary to train")
+    ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block (saves memory)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU; FSDP mixed precision on GPU)")
+    # --- optimisation
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    ap.add_argument("--min-lr", type=float, default=3e-4, help="final learning rate of the cosine")
+    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    # --- run
+    ap.add_argument("--out", default="runs/sft", help="output folder")
+    ap.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps")
+    ap.add_argument("--save-every", type=int, default=100, help="resumable checkpoint every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue from {out}/ckpt")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (tests of resume)")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for init, data order")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = init_distributed(args.device)
+    if args.rows_per_step % world:
+        raise SystemExit(f"--rows-per-step {args.rows_per_step} must be a multiple of the world size {world}")
+    set_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "ckpt")
+    convs = read_chat_jsonl(args.data)
+
+    # --- tokenizer and model
+    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+        tok, model = load_tokenizer(ckpt), load_model(ckpt)
+    elif args.init:
+        tok, model = load_tokenizer(args.init), load_model(args.init)
+    else:
+        tok_dir = os.path.join(args.out, "tokenizer")
+        if rank == 0 and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            texts = [m["content"] for c in convs for m in c]
+            train_tokenizer(texts, args.vocab_size, tok_dir)
+        if world > 1:
+            torch.distributed.barrier()
+        tok = load_tokenizer(tok_dir)
+        cfg = ModelConfig.from_name(args.preset, vocab_size=len(tok), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                                    pad_token_id=tok.pad_token_id, bos_token_id=None)
+        model = Transformer(cfg).init_weights(args.seed)
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # --- data: tokenise, split, pack
+    examples = [tokenize_example(tok, c) for c in convs]
+    rng = random.Random(args.seed)
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    n_val = max(1, int(len(idx) * args.val_frac))
+    val = [examples[i] for i in idx[:n_val]]
+    train = [examples[i] for i in idx[n_val:]]
+    pad = tok.pad_token_id or 0
+    val_rows, _ = pack(val, args.seq_len, pad)
+    _, n_cut = pack(train, args.seq_len, pad)
+    rows_per_epoch = len(epoch_rows(train, args.seq_len, pad, args.seed, 0))
+    print0(f"model {n_params / 1e6:.2f}M params | {len(train)} train / {len(val)} val examples | "
+           f"{rows_per_epoch} packed rows of {args.seq_len} per epoch ({n_cut} cut) | world {world} on {device}")
+
+    if args.act_ckpt:
+        from torch.utils.checkpoint import checkpoint
+        for blk in model.model.layers:
+            blk._fwd = blk.forward
+            blk.forward = (lambda b: lambda *a: checkpoint(b._fwd, *a, use_reentrant=False))(blk)
+    model = shard_model(model, device, world, bf16=args.bf16)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    start = 0
+    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+        start, _ = load_trainer_state(ckpt, model, opt)
+        print0(f"resumed from {ckpt} at step {start}")
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=args.resume and start > 0)
+    use_autocast = args.bf16 and not (world > 1 and device.type == "cuda")
+
+    def val_loss():
+        # every rank runs the same number of forwards (FSDP all-gathers are collective): the last round
+        # may give a rank an empty (all-masked) row
+        model.eval()
+        tot, cnt = 0.0, 0
+        blank = ([pad] * args.seq_len, [0] * args.seq_len, [0] * args.seq_len)
+        with torch.no_grad():
+            for i in range(0, len(val_rows), world):
+                r = val_rows[i + rank] if i + rank < len(val_rows) else blank
+                ids, mask, docs = batch_tensors([r], device)
+                with autocast(device, use_autocast):
+                    s, c = masked_loss_sum(model, ids, mask, docs)
+                tot, cnt = tot + s.item(), cnt + c
+        model.train()
+        return all_reduce_sum(tot) / max(1, all_reduce_sum(cnt))
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, args.steps), desc="sft", disable=rank != 0, initial=start, total=args.steps)
+    if start == 0:
+        v0 = val_loss()
+        log.log(step=0, val_loss=v0)
+        print0(f"step 0: val loss {v0:.4f}")
+    rows_cache = {}
+    model.train()
+    for step in bar:
+        t0 = time.time()
+        lr = lr_at(step, args.steps, args.lr, args.min_lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # the step's global rows: a pure function of (seed, step), so resume and world size change nothing
+        first = step * args.rows_per_step
+        step_rows = []
+        for k in range(first, first + args.rows_per_step):
+            ep = k // rows_per_epoch
+            if ep not in rows_cache:
+                rows_cache = {ep: epoch_rows(train, args.seq_len, pad, args.seed, ep)}
+            step_rows.append(rows_cache[ep][k % rows_per_epoch])
+        mine = step_rows[rank::world]
+        n_tok_global = all_reduce_sum(sum(sum(r[1][1:]) for r in step_rows[rank::world]))
+        # each rank's loss is scaled so that FSDP's gradient average equals (global token sum) / (global count)
+        loss_sum = 0.0
+        for m0 in range(0, len(mine), args.micro_rows):
+            ids, mask, docs = batch_tensors(mine[m0:m0 + args.micro_rows], device)
+            with autocast(device, use_autocast):
+                s, _ = masked_loss_sum(model, ids, mask, docs)
+            (s * world / max(n_tok_global, 1)).backward()
+            loss_sum += s.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = all_reduce_sum(loss_sum) / max(n_tok_global, 1)
+        dt = time.time() - t0
+        toks = args.rows_per_step * args.seq_len
+        row = dict(step=step + 1, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=toks / dt, mem_mb=memory_mb(device))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            row["val_loss"] = val_loss()
+        log.log(**row)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+        done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
+        if (step + 1) % args.save_every == 0 or done:
+            save_checkpoint(ckpt, model, tok, opt, step + 1, {}, rank)
+        if done:
+            break
+    bar.close()
+    # the final model, in the HF layout, at {out}
+    from common import full_state
+    msd, _ = full_state(model)
+    if rank == 0 and (args.stop_after is None or args.stop_after >= args.steps):
+        save_model(model, args.out, state_dict=msd)
+        tok.save_pretrained(args.out)
+        plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png"),
+                     ["loss", "val_loss", "lr", "grad_norm"], "SFT")
+        print0(f"saved {args.out} (HF layout) and {args.out}/loss.png")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
