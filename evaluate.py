@@ -60,6 +60,9 @@ def parse_answer_content(content, options):
     """The inside of one <answer> tag -> a letter, or None (empty, several letters, ambiguous text)."""
     valid = list(options)
     s = unicodedata.normalize("NFKC", content).strip()
+    hits = [L for L in valid if _norm(options[L]).rstrip(".") == _norm(s).rstrip(".")]
+    if len(hits) == 1:   # the whole content is one option's text (checked before prefixes are stripped)
+        return hits[0]
     s = _PREFIX.sub("", s).strip()
     s = s.strip("*_`'\" ").rstrip("。.!,;，；")
     if not s:

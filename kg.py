@@ -58,6 +58,17 @@ class KG:
             self.name_to_id.setdefault(nm.lower(), i)
         self._anc, self._desc, self._closure = {}, {}, {}   # caches
 
+    def subgraph(self, keep):
+        """The graph restricted to entities where keep (bool array) is True, ids renumbered."""
+        keep = np.asarray(keep, dtype=bool)
+        new_id = np.full(len(self.names), -1, dtype=np.int64)
+        new_id[keep] = np.arange(int(keep.sum()))
+        sel = keep[self.heads_arr] & keep[self.tails_arr]
+        idx = np.nonzero(keep)[0]
+        return KG([self.names[i] for i in idx], self.types[idx], self.type_names, [self.ext_ids[i] for i in idx],
+                  new_id[self.heads_arr[sel]], self.rels_arr[sel], new_id[self.tails_arr[sel]], self.rel_names,
+                  self.rel_types, self.hierarchy, f"{self.source} (subgraph of {int(keep.sum()):,} entities)")
+
     @property
     def num_edges(self):
         return len(self.heads_arr)
@@ -692,8 +703,9 @@ class QuestionSampler:
         kg = self.kg
         ans = q["options"][q["answer"]]
         if kind == "attribute":
-            return f"Recall the known features: {q['evidence'][0]}. The other options are not described for it. " \
-                   f"So the answer is {ans}."
+            subject = kg.names[path[0][0]]
+            return f"Consider what is known about {subject}. {q['evidence'][0][0].upper() + q['evidence'][0][1:]}. " \
+                   f"The other options are not described for it. So the answer is {ans}."
         target = kg.names[path[0][0]]
         findings = _join([kg.names[t] for _, _, _, t in path[:len(path) - (kind == 'two_hop')]])
         steps = [f"The findings are {findings}.",

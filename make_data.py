@@ -1,0 +1,543 @@
+"""
+make_data.py: the paper's data strategy (RODS, 3.1) and CoT cold-start data (3.2) in one script.
+Sources -> one MCQ schema -> format filters, de-duplication, decontamination, anonymisation -> label
+verification (k trials) -> difficulty tiers -> mixing -> verified CoT traces -> SFT and RL files.
+
+    python make_data.py                                   # embedded default: KG questions from hpo3, offline
+    python make_data.py --public medqa=medqa_train.jsonl --public medmcqa=hub --decontam evalsets/*.jsonl \
+        --teacher-url http://localhost:8000/v1 --teacher-model Qwen2.5-72B-Instruct \
+        --validator-url http://localhost:8000/v1 --validator-model Qwen2.5-72B-Instruct --out data/full
+    python make_data.py --teacher-ckpt runs/big/sft       # a local checkpoint as teacher (model.py generation)
+
+Outputs in --out: items.jsonl (every kept item, one schema), sft.jsonl (chat messages with verified traces),
+rl_train.jsonl (question + gold + tier), test.jsonl (held-out split for evaluate.py), review.jsonl
+(items the validator never got right), report.json. Teacher / validator calls are cached in
+{out}/cache.jsonl, so an interrupted run resumes without paying twice. API keys come from the environment.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+import urllib.request
+from collections import Counter
+
+from evaluate import (LETTERS, build_messages, conv_medmcqa, conv_medqa, conv_pubmedqa, convert, extract_answer,
+                      format_ok, read_records)
+
+# -----------------------------------------------------------------------------
+# sources -> one schema: id, source, question, options {letter: text}, answer, context, rationale, difficulty, meta
+
+
+def conv_cmexam(r, i):
+    opts = {o["key"]: o["value"] for o in r["Options"]}
+    ans = str(r["Answer"]).strip()
+    if len(ans) != 1:
+        return None   # multi-answer items are not single-choice
+    return dict(id=r.get("id", i), question=r["Question"], options=opts, answer=ans, rationale=r.get("Explanation"))
+
+
+def conv_medmcqa_train(r, i):
+    it = conv_medmcqa(r, i)
+    it["rationale"] = r.get("exp")
+    return it
+
+
+PUBLIC = {   # name: (hub id, config, split, converter)
+    "medqa": ("GBaker/MedQA-USMLE-4-options", None, "train", conv_medqa),
+    "medqa5": ("bigbio/med_qa", "med_qa_en_source", "train", conv_medqa),
+    "medmcqa": ("openlifescienceai/medmcqa", None, "train", conv_medmcqa_train),
+    "pubmedqa": ("qiaojin/PubMedQA", "pqa_artificial", "train", conv_pubmedqa),
+    "pubmedqa_labeled": ("qiaojin/PubMedQA", "pqa_labeled", "train", conv_pubmedqa),
+    "cmexam": ("fzkuji/CMExam", None, "train", conv_cmexam),
+}
+
+
+def load_public(name, where):
+    """where: a local JSONL/JSON/Parquet/CSV path in the upstream schema, or 'hub'."""
+    if name not in PUBLIC:
+        raise SystemExit(f"--public {name}: unknown set (have {', '.join(PUBLIC)})")
+    hub, config, split, conv = PUBLIC[name]
+    if where == "hub":
+        import datasets
+        try:
+            rows, src = datasets.load_dataset(hub, config, split=split), hub
+        except Exception as e:
+            print(f"[skip] {name}: hub load of {hub} failed ({type(e).__name__}); give a local file instead")
+            return []
+    else:
+        rows, src = read_records(where), where
+    items = convert(rows, conv, src)
+    for it in items:
+        it["id"] = f"{name}-{it['id']}"
+        it["source"] = name
+    return items
+
+
+def kg_items(args):
+    """KG-guided synthetic questions (kg.py), with evidence paths and KG-rendered rationales."""
+    import numpy as np
+    from kg import QuestionSampler, load_kg
+    kg = load_kg(args.kg)
+    if args.kg_max_diseases and "disease" in kg.type_names:
+        # a small closed world a tiny model can learn: N diseases (rarity-weighted draw) and their findings
+        rng = np.random.default_rng(args.seed)
+        dis = np.nonzero(kg.types == kg.type_id("disease"))[0]
+        dis = dis[kg.degree[dis] >= 6]
+        w = kg.degree[dis].astype(float) ** -args.rarity
+        chosen = rng.choice(dis, size=min(args.kg_max_diseases, len(dis)), replace=False, p=w / w.sum())
+        keep = kg.types != kg.type_id("disease")
+        if "gene" in kg.type_names:
+            keep &= kg.types != kg.type_id("gene")
+        keep[chosen] = True
+        kg = kg.subgraph(keep)
+    kinds = [k for k in args.kg_kinds.split(",") if k] or None
+    sampler = QuestionSampler(kg, seed=args.seed, rarity=args.rarity, n_options=args.options, kinds=kinds,
+                              min_evidence=args.min_evidence, max_evidence=args.max_evidence)
+    qs = sampler.sample_many(args.kg_questions)
+    out = []
+    for i, q in enumerate(qs):
+        out.append(dict(id=f"kg-{args.seed}-{i}", source="kg", question=q["question"], options=q["options"],
+                        answer=q["answer"], rationale=q["rationale"],
+                        meta=dict(kind=q["kind"], hops=q["hops"], answer_degree=q["answer_degree"],
+                                  target_degree=q["target_degree"], distractor_overlap=q["distractor_overlap"],
+                                  evidence=q["evidence"])))
+    return out, kg.source
+
+
+# -----------------------------------------------------------------------------
+# refinement
+
+MOJIBAKE = re.compile("[\ufffd]|Ã.|â€|Â[^\\w]")
+
+
+def norm_text(s):
+    return " ".join(unicodedata.normalize("NFKC", str(s)).lower().split())
+
+
+def format_problem(it, max_chars):
+    """The reason an item is malformed, or None."""
+    opts = it.get("options") or {}
+    if not it.get("question") or not str(it["question"]).strip():
+        return "empty_question"
+    if len(opts) < 2:
+        return "too_few_options"
+    if any(not str(v).strip() for v in opts.values()):
+        return "empty_option"
+    if len({norm_text(v) for v in opts.values()}) < len(opts):
+        return "duplicate_options"
+    if list(opts) != list(LETTERS[:len(opts)]):
+        return "bad_option_letters"
+    if it.get("answer") not in opts:
+        return "answer_not_in_options"
+    text = it["question"] + " ".join(map(str, opts.values())) + (it.get("context") or "")
+    if MOJIBAKE.search(text) or any(unicodedata.category(c) == "Cc" and c not in "\n\t\r" for c in text):
+        return "mojibake"
+    if len(text) > max_chars:
+        return "too_long"
+    return None
+
+
+def ngrams(text, n):
+    w = re.findall(r"\w+", norm_text(text))
+    return {" ".join(w[i:i + n]) for i in range(max(0, len(w) - n + 1))} if len(w) >= n else {" ".join(w)} if w else set()
+
+
+def decontam_index(paths, n):
+    """n-grams of every evaluation question: any JSONL/JSON/Parquet/CSV whose rows have a question field
+    (every benchmark schema does), so the files need no particular name."""
+    grams = set()
+    for p in paths:
+        rows = read_records(p)
+        qs = [r.get("question") or r.get("Question") for r in rows]
+        if not any(qs):
+            raise SystemExit(f"{p}: no 'question' field in its rows; cannot decontaminate against it")
+        for q in qs:
+            grams |= ngrams(q or "", n)
+    return grams
+
+
+ANON = [   # (pattern, replacement): obvious identifiers, conservative on purpose (clinical text keeps ages)
+    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+"), "[EMAIL]"),
+    (re.compile(r"\b(?:MRN|medical record (?:number|no\.?)|record #|patient ID)\s*[:#]?\s*[A-Z0-9-]{4,}", re.I), "[RECORD]"),
+    (re.compile(r"\b(?:DOB|date of birth|born on)\s*[:]?\s*(?:\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|[A-Z][a-z]+ \d{1,2},? \d{4})", re.I), "[DOB]"),
+    (re.compile(r"(?<!\w)(?:\+?\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b"), "[PHONE]"),
+    (re.compile(r"\b(Mr|Mrs|Ms|Miss|Dr|Prof)\.? [A-Z][a-z]+(?: [A-Z][a-z]+)?"), r"\1. [NAME]"),
+]
+
+
+def anonymise(text):
+    if not text:
+        return text
+    for pat, rep in ANON:
+        text = pat.sub(rep, text)
+    return text
+
+
+# -----------------------------------------------------------------------------
+# models: an OpenAI-compatible endpoint or a local checkpoint, every call cached on disk
+
+
+class CallCache:
+    """Append-only JSONL of request-hash -> response, flushed per call: an interrupted run loses nothing."""
+
+    def __init__(self, path):
+        self.path, self.data = path, {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                        self.data[r["key"]] = r["value"]
+                    except (json.JSONDecodeError, KeyError):
+                        pass   # a line cut by a kill: ignore it, the call is simply redone
+        self.f = open(path, "a", encoding="utf-8")
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+        self.f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+
+class ChatModel:
+    """chat(list of message lists, n samples, temperature) -> list (per conversation) of n strings."""
+
+    def __init__(self, url=None, model=None, ckpt=None, key_env="OPENAI_API_KEY", cache=None, max_tokens=1024,
+                 seed=0, timeout=120):
+        self.url, self.model, self.cache, self.max_tokens, self.seed, self.timeout = url, model, cache, max_tokens, seed, timeout
+        self.key = os.environ.get(key_env) if url else None   # never printed or written
+        self.local = None
+        if ckpt:
+            from model import load_model, load_tokenizer
+            self.local = (load_model(ckpt).eval(), load_tokenizer(ckpt))
+            self.model = ckpt
+        self.calls = 0
+
+    def _http(self, messages, temperature, n):
+        body = json.dumps(dict(model=self.model, messages=messages, temperature=temperature, n=n,
+                               max_tokens=self.max_tokens, seed=self.seed)).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        last = None
+        for attempt in range(3):
+            try:
+                req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    out = json.loads(r.read())
+                return [c["message"]["content"] for c in out["choices"]]
+            except Exception as e:   # retry transient failures, then give up loudly
+                last = e
+                time.sleep(0.2 * 2 ** attempt)
+        raise RuntimeError(f"endpoint {self.url} failed 3 times: {type(last).__name__}: {last}")
+
+    def chat(self, convs, n=1, temperature=0.7):
+        outs, todo = [None] * len(convs), []
+        for i, msgs in enumerate(convs):
+            key = hashlib.sha256(json.dumps([self.model, msgs, n, temperature, self.seed]).encode()).hexdigest()
+            hit = self.cache.get(key) if self.cache else None
+            if hit is not None:
+                outs[i] = hit
+            else:
+                todo.append((i, key, msgs))
+        if self.local and todo:
+            from model import generate
+            m, tok = self.local
+            stop = [tok.convert_tokens_to_ids("<|im_end|>")]
+            for b in range(0, len(todo), 16):
+                chunk = todo[b:b + 16]
+                prompts = [list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)) for _, _, msgs in chunk]
+                prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+                gen, _ = generate(m, prompts, max_new_tokens=self.max_tokens, temperature=temperature, num_samples=n,
+                                  stop_ids=stop, seed=self.seed + b, pad_id=tok.pad_token_id or 0)
+                for j, (i, key, _) in enumerate(chunk):
+                    outs[i] = [tok.decode(g, skip_special_tokens=True) for g in gen[j * n:(j + 1) * n]]
+                    self.calls += 1
+                    if self.cache:
+                        self.cache.put(key, outs[i])
+        else:
+            for i, key, msgs in todo:
+                outs[i] = self._http(msgs, temperature, n)
+                self.calls += 1
+                if self.cache:
+                    self.cache.put(key, outs[i])
+        return outs
+
+
+def verify_labels(items, validator, k):
+    """The paper's label check: the validator answers each item k times; its pass rate is kept, and items it
+    never gets right are flagged for review."""
+    convs = [build_messages(it) for it in items]
+    answers = validator.chat(convs, n=k, temperature=0.7)
+    for it, resp in zip(items, answers):
+        it["pass_rate"] = sum(extract_answer(r, it["options"]) == it["answer"] for r in resp) / k
+
+
+JUDGE_PROMPT = ("Classify the difficulty of this medical question for a practising clinician as Easy (basic, commonly "
+                "known), Moderate (detailed knowledge or intermediate reasoning) or Difficult (specialised knowledge, "
+                "multi-step inference or rare conditions). Reply with one word.\n\n")
+
+
+def assign_tiers(items, judge=None):
+    """Easy / Moderate / Difficult by measured pass rate, else an LLM judge, else KG signals (terciles)."""
+    if all("pass_rate" in it for it in items):
+        for it in items:
+            p = it["pass_rate"]
+            it["difficulty"] = "Easy" if p >= 0.8 else "Moderate" if p >= 0.4 else "Difficult"
+        return "pass rate of the validator over k samples"
+    if judge is not None:
+        outs = judge.chat([[{"role": "user", "content": JUDGE_PROMPT + build_messages(it)[1]["content"]}] for it in items],
+                          n=1, temperature=0.0)
+        for it, o in zip(items, outs):
+            w = re.findall(r"easy|moderate|difficult", o[0].lower())
+            it["difficulty"] = w[0].capitalize() if w else "Moderate"
+        return "LLM judge"
+    def score(it):   # hops, rarity of the answer, and how much the distractors share the evidence
+        m = it.get("meta") or {}
+        return m.get("hops", 1) + 1.0 / (1 + (m.get("answer_degree", 30) / 30)) + m.get("distractor_overlap", 0.5)
+    ranked = sorted(items, key=score)
+    for i, it in enumerate(ranked):
+        it["difficulty"] = ("Easy", "Moderate", "Difficult")[min(2, 3 * i // max(1, len(ranked)))]
+    return "KG signals (hops, answer rarity, distractor overlap), terciles"
+
+
+# -----------------------------------------------------------------------------
+# CoT cold start: teacher rationales, verified, refined
+
+
+TEACHER_PROMPT = ("Here is a medical multiple-choice question and its correct answer. Write a concise chain of "
+                  "reasoning that a careful clinician would follow to reach that answer from the question alone: "
+                  "weigh the findings, consider the alternatives, and rule them out. Do not state the answer at the "
+                  "start. Wrap the reasoning in <think></think> and end with <answer>{letter}</answer>.\n\n{prompt}\n\n"
+                  "Correct answer: {letter}. {text}")
+REFINE_PROMPTS = [   # the paper's three refinement strategies, one per round
+    "Your reasoning did not reach a verified correct answer in the required format. Backtrack: re-examine the "
+    "assumptions you made early on, find the one that was wrong, and write the reasoning again.",
+    "Explore other paths: list the competing hypotheses, test each against the findings, and write the reasoning again.",
+    "Self-correct: find the logical error in your reasoning, fix it, and write the full corrected reasoning again.",
+]
+
+
+def answer_leaks(trace, it):
+    first = re.split(r"(?<=[.!?])\s", re.sub(r"</?think>", "", trace).strip(), maxsplit=1)[0].lower()
+    gold = norm_text(it["options"][it["answer"]])
+    return bool(re.search(rf"answer is\s*\(?{it['answer'].lower()}\b", first)) or (len(gold) > 3 and gold in norm_text(first))
+
+
+def check_trace(trace, it):
+    """A kept trace: the right letter, exactly one answer tag at the end, no answer leak in the first sentence."""
+    if not format_ok(trace):
+        return "format"
+    if extract_answer(trace, it["options"]) != it["answer"]:
+        return "wrong_answer"
+    if answer_leaks(trace, it):
+        return "leak"
+    return None
+
+
+def distill(items, teacher, rounds):
+    """Teacher traces with up to `rounds` refinement turns. Returns {id: trace} and counts of outcomes."""
+    stats = Counter()
+    convs = {}
+    for it in items:
+        prompt = build_messages(it)[1]["content"]
+        convs[it["id"]] = [{"role": "user", "content": TEACHER_PROMPT.format(
+            letter=it["answer"], text=it["options"][it["answer"]], prompt=prompt)}]
+    kept, pending = {}, list(items)
+    for rnd in range(rounds + 1):
+        if not pending:
+            break
+        outs = teacher.chat([convs[it["id"]] for it in pending], n=1, temperature=0.7)
+        still = []
+        for it, out in zip(pending, outs):
+            why = check_trace(out[0], it)
+            if why is None:
+                kept[it["id"]] = out[0].strip()
+                stats[f"verified_round_{rnd}"] += 1
+            else:
+                stats[f"failed_{why}"] += 1
+                convs[it["id"]] = convs[it["id"]] + [{"role": "assistant", "content": out[0]},
+                                                     {"role": "user", "content": REFINE_PROMPTS[rnd % len(REFINE_PROMPTS)]}]
+                still.append(it)
+        pending = still
+    stats["dropped_unverified"] = len(pending)
+    return kept, stats
+
+
+def kg_trace(it):
+    """No teacher: the KG evidence path rendered as the reasoning (verified by construction)."""
+    return f"<think>{it['rationale']}</think>\n<answer>{it['answer']}</answer>"
+
+
+# -----------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- sources
+    ap.add_argument("--kg", default="hpo", help="KG source for synthesis: hpo | primekg:PATH | wikidata:PATH | tsv:PATH | none")
+    ap.add_argument("--kg-questions", type=int, default=3000, help="KG questions to synthesise")
+    ap.add_argument("--kg-max-diseases", type=int, default=150, help="restrict the KG to N diseases (0 = all); a "
+                    "small closed world is what a tiny CPU model can learn")
+    ap.add_argument("--kg-kinds", default="identify,attribute,two_hop", help="question kinds")
+    ap.add_argument("--rarity", type=float, default=1.0, help="rare-entity emphasis: weight degree**-rarity (0 = off)")
+    ap.add_argument("--options", type=int, default=4, help="options per KG question (4..10)")
+    ap.add_argument("--min-evidence", type=int, default=2, help="fewest findings shown in a vignette")
+    ap.add_argument("--max-evidence", type=int, default=5, help="most findings shown in a vignette")
+    ap.add_argument("--public", action="append", default=[], help="NAME=PATH or NAME=hub; names: " + ", ".join(PUBLIC))
+    # --- refinement
+    ap.add_argument("--max-chars", type=int, default=6000, help="drop items longer than this (question+options+context)")
+    ap.add_argument("--decontam", nargs="*", default=[], help="evaluation files; items sharing an n-gram are dropped")
+    ap.add_argument("--ngram", type=int, default=13, help="n for decontamination")
+    ap.add_argument("--no-anonymise", action="store_true", help="skip identifier scrubbing")
+    ap.add_argument("--validator-url", default=None, help="OpenAI-compatible base URL for label verification")
+    ap.add_argument("--validator-model", default=None, help="model name at that endpoint")
+    ap.add_argument("--validator-ckpt", default=None, help="or a local checkpoint as validator")
+    ap.add_argument("--k", type=int, default=5, help="validator trials per item")
+    ap.add_argument("--keep-flagged", action="store_true", help="keep items the validator never got right")
+    ap.add_argument("--judge", action="store_true", help="tier by an LLM judge (the validator endpoint) when no pass rates")
+    # --- mixing and splits
+    ap.add_argument("--public-frac", type=float, default=None, help="target fraction of public items in the RL set")
+    ap.add_argument("--tier-frac", default=None, help="target E:M:D proportions, e.g. 0.3:0.4:0.3 (default: as is)")
+    ap.add_argument("--test-frac", type=float, default=0.1, help="held-out test split (never trained on)")
+    ap.add_argument("--sft-frac", type=float, default=0.5, help="share of the training items that get SFT traces")
+    # --- CoT cold start
+    ap.add_argument("--teacher-url", default=None, help="OpenAI-compatible base URL of the teacher (e.g. a vLLM server)")
+    ap.add_argument("--teacher-model", default=None, help="teacher model name at that endpoint")
+    ap.add_argument("--teacher-ckpt", default=None, help="or a local HF checkpoint as teacher (model.py generation)")
+    ap.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    ap.add_argument("--refine-rounds", type=int, default=3, help="refinement rounds for failed traces")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="teacher / validator max tokens")
+    # --- run
+    ap.add_argument("--out", default="data/kg", help="output folder")
+    ap.add_argument("--seed", type=int, default=0, help="seed for sampling, splits and mixing")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    rng = random.Random(args.seed)
+    report = dict(dropped=Counter(), sources=Counter())
+    cache = CallCache(os.path.join(args.out, "cache.jsonl"))
+
+    # --- sources
+    items = []
+    for spec in args.public:
+        name, _, where = spec.partition("=")
+        got = load_public(name, where or "hub")
+        print(f"{name}: {len(got)} items")
+        items += got
+    if args.kg != "none":
+        got, src = kg_items(args)
+        print(f"KG ({src}): {len(got)} questions")
+        items += got
+    report["loaded"] = len(items)
+
+    # --- refinement: format, duplicates, contamination, identifiers
+    kept, seen = [], set()
+    grams = decontam_index(args.decontam, args.ngram) if args.decontam else set()
+    for it in items:
+        why = format_problem(it, args.max_chars)
+        if why is None:
+            h = hashlib.sha1(norm_text(it["question"] + "|".join(sorted(map(str, it["options"].values())))).encode()).hexdigest()
+            if h in seen:
+                why = "duplicate"
+            seen.add(h)
+        if why is None and grams and ngrams(it["question"], args.ngram) & grams:
+            why = "contaminated"
+        if why:
+            report["dropped"][why] += 1
+            continue
+        if not args.no_anonymise:
+            for f in ("question", "context", "rationale"):
+                it[f] = anonymise(it.get(f))
+            it["options"] = {k: anonymise(v) for k, v in it["options"].items()}
+        kept.append(it)
+    items = kept
+
+    # --- label verification (k trials) and difficulty
+    validator = None
+    if args.validator_url or args.validator_ckpt:
+        validator = ChatModel(args.validator_url, args.validator_model, args.validator_ckpt, args.key_env, cache,
+                              args.max_tokens, args.seed)
+        verify_labels(items, validator, args.k)
+        flagged = [it for it in items if it["pass_rate"] == 0]
+        write_jsonl(os.path.join(args.out, "review.jsonl"), flagged)
+        report["flagged_for_review"] = len(flagged)
+        if not args.keep_flagged:
+            report["dropped"]["never_answered_by_validator"] += len(flagged)
+            items = [it for it in items if it["pass_rate"] > 0]
+    report["tiering"] = assign_tiers(items, validator if args.judge else None)
+
+    # --- splits (test first, so nothing about it leaks into training) and mixing
+    rng.shuffle(items)
+    n_test = int(len(items) * args.test_frac)
+    test, train = items[:n_test], items[n_test:]
+    if args.public_frac is not None:
+        pub = [it for it in train if it["source"] != "kg"]
+        syn = [it for it in train if it["source"] == "kg"]
+        if pub and syn:   # the largest set with the asked proportion
+            n = min(len(pub) / args.public_frac, len(syn) / (1 - args.public_frac)) if 0 < args.public_frac < 1 else len(train)
+            train = pub[:int(n * args.public_frac)] + syn[:int(n * (1 - args.public_frac))]
+    if args.tier_frac:
+        fr = dict(zip(("Easy", "Moderate", "Difficult"), map(float, args.tier_frac.split(":"))))
+        by = {t: [it for it in train if it["difficulty"] == t] for t in fr}
+        n = min(len(by[t]) / fr[t] for t in fr if fr[t] > 0)
+        train = [it for t in fr for it in by[t][:int(n * fr[t])]]
+    rng.shuffle(train)
+
+    # --- CoT cold start traces for the SFT share
+    sft_pool = train[:int(len(train) * args.sft_frac)]
+    traces = {}
+    if args.teacher_url or args.teacher_ckpt:
+        teacher = ChatModel(args.teacher_url, args.teacher_model, args.teacher_ckpt, args.key_env, cache,
+                            args.max_tokens, args.seed)
+        traces, dstats = distill(sft_pool, teacher, args.refine_rounds)
+        report["distillation"] = dict(dstats)
+    else:
+        for it in sft_pool:   # the KG path as reasoning; public items with an explanation use it
+            if it.get("rationale"):
+                trace = kg_trace(it)
+                if check_trace(trace, it) is None:
+                    traces[it["id"]] = trace
+        report["distillation"] = {"teacher": "none: KG evidence paths / dataset explanations", "traces": len(traces)}
+    sft = [dict(id=it["id"], messages=build_messages(it) + [{"role": "assistant", "content": traces[it["id"]]}])
+           for it in sft_pool if it["id"] in traces]
+
+    def rl_row(it):
+        return {k: it[k] for k in ("id", "source", "question", "options", "answer", "context", "difficulty", "meta") if it.get(k) is not None}
+
+    write_jsonl(os.path.join(args.out, "items.jsonl"), items)
+    write_jsonl(os.path.join(args.out, "sft.jsonl"), sft)
+    write_jsonl(os.path.join(args.out, "rl_train.jsonl"), [rl_row(it) for it in train])
+    write_jsonl(os.path.join(args.out, "test.jsonl"), [rl_row(it) for it in test])
+    report.update(kept=len(items), train=len(train), test=len(test), sft=len(sft),
+                  sources=dict(Counter(it["source"] for it in train)),
+                  tiers=dict(Counter(it["difficulty"] for it in train)), dropped=dict(report["dropped"]),
+                  seconds=round(time.time() - t0, 1))
+    with open(os.path.join(args.out, "report.json.tmp"), "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.out}/: sft.jsonl ({len(sft)}), rl_train.jsonl ({len(train)}), test.jsonl ({len(test)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""evaluate.py: loaders on upstream schemas, strict extraction, scoring, re-scoring, rank equivalence."""
+import json
+import os
+
+import pytest
+
+from evaluate import (BENCHMARKS, build_messages, extract_answer, format_ok, load_benchmark, macro_average,
+                      results_table, score_items)
+
+FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures", "benchmarks")
+OPTS4 = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Clopidogrel"}
+JMED = {L: f"option {L.lower()} text" for L in "ABCDEFGHIJKLMNOPQRSTU"}
+PUB = {"A": "yes", "B": "no", "C": "maybe"}
+DUP = {"A": "Heparin", "B": "heparin ", "C": "Warfarin", "D": "Other"}
+
+# (response, options, expected letter or None)
+CASES = [
+    ("<answer>C</answer>", OPTS4, "C"),
+    ("reasoning... <answer> C </answer>", OPTS4, "C"),
+    ("<answer>c</answer>", OPTS4, "C"),                              # lowercase letter
+    ("<answer>(C)</answer>", OPTS4, "C"),
+    ("<answer>[B]</answer>", OPTS4, "B"),
+    ("<answer>C.</answer>", OPTS4, "C"),
+    ("<answer>C)</answer>", OPTS4, "C"),
+    ("<answer>**D**</answer>", OPTS4, "D"),
+    ("<ANSWER>A</ANSWER>", OPTS4, "A"),                              # tag case
+    ("<answer>Ｃ</answer>", OPTS4, "C"),                             # full-width letter
+    ("<answer>（Ｂ）</answer>", OPTS4, "B"),                           # full-width brackets
+    ("<answer>答案：C</answer>", OPTS4, "C"),                         # Chinese prefix and colon
+    ("<answer>选项B</answer>", OPTS4, "B"),
+    ("<answer>C。</answer>", OPTS4, "C"),                            # Chinese full stop
+    ("<answer>The answer is D</answer>", OPTS4, "D"),
+    ("<answer>Answer: A</answer>", OPTS4, "A"),
+    ("<answer>Warfarin</answer>", OPTS4, "C"),                       # exact option text
+    ("<answer>warfarin.</answer>", OPTS4, "C"),
+    ("<answer>C. Warfarin</answer>", OPTS4, "C"),                    # letter + its own text
+    ("<answer>(C) Warfarin</answer>", OPTS4, "C"),
+    ("<answer>C. Heparin</answer>", OPTS4, None),                    # letter and text disagree
+    ("<answer>A, C</answer>", OPTS4, None),                          # two letters
+    ("<answer>AC</answer>", OPTS4, None),
+    ("<answer>A or B</answer>", OPTS4, None),
+    ("<answer></answer>", OPTS4, None),                              # empty tag
+    ("<answer>   </answer>", OPTS4, None),
+    ("<answer>E</answer>", OPTS4, None),                             # not an option
+    ("<answer>Z</answer>", OPTS4, None),
+    ("The answer is C.", OPTS4, None),                               # no tag: strict gives nothing
+    ("<answer>C", OPTS4, None),                                      # unclosed
+    ("<answer>A</answer> then <answer>B</answer>", OPTS4, "B"),      # last well-formed tag
+    ("<answer>B</answer> trailing words after the tag", OPTS4, "B"),
+    ("<answer>Heparin</answer>", DUP, None),                         # text matching two options
+    ("<answer>Aspirin and heparin</answer>", OPTS4, None),
+    ("<answer>U</answer>", JMED, "U"),                               # JMED goes to U
+    ("<answer>T</answer>", JMED, "T"),
+    ("<answer>option u text</answer>", JMED, "U"),
+    ("<answer>yes</answer>", PUB, "A"),                              # PubMedQA decisions as options
+    ("<answer>Maybe</answer>", PUB, "C"),
+    ("<answer>no</answer>", PUB, "B"),
+    ("<answer>perhaps</answer>", PUB, None),
+    ("<think>hmm <answer>A</answer>?</think><answer>D</answer>", OPTS4, "D"),
+]
+
+
+@pytest.mark.parametrize("response,options,expected", CASES)
+def test_strict_extraction(response, options, expected):
+    assert extract_answer(response, options) == expected
+
+
+def test_table_size_and_lenient():
+    assert len(CASES) >= 40
+    assert extract_answer("so the answer is (C).", OPTS4, lenient=True) == "C"
+    assert extract_answer("so the answer is (C).", OPTS4) is None
+
+
+def test_format_ok():
+    assert format_ok("reasoning <answer>B</answer>")
+    assert format_ok("<think>x</think>\n<answer>B</answer>", require_think=True)
+    assert not format_ok("reasoning <answer>B</answer>", require_think=True)
+    assert not format_ok("<answer>A</answer><answer>B</answer>")
+    assert not format_ok("<answer>B</answer> and more text")
+    assert not format_ok("no tag at all")
+
+
+def test_shared_fixture_loaders():
+    for name, fname, n_opts in [("medqa", "medqa_5opt_sample.jsonl", 5), ("medbullets", "medbullets_op4_sample.jsonl", 4),
+                                ("medxpertqa", "medxpertqa_text_sample.jsonl", 10)]:
+        items = load_benchmark(name, os.path.join(FIX, fname))
+        assert len(items) == 20
+        for it in items:
+            assert len(it["options"]) == n_opts and it["answer"] in it["options"]
+            assert "Answer Choices" not in it["question"]
+
+
+def write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_crafted_upstream_schemas(tmp_path):
+    write(tmp_path / "medmcqa.jsonl", [dict(id="x1", question="Q?", opa="a", opb="b", opc="c", opd="d", cop=2,
+                                            choice_type="single", exp="", subject_name="s")])
+    write(tmp_path / "careqa.jsonl", [dict(question="Q?", op1="a", op2="b", op3="c", op4="d", cop=1)])
+    write(tmp_path / "pubmedqa.jsonl", [dict(pubid=7, question="Does X?", context={"contexts": ["c1", "c2"], "labels": [],
+                                             "meshes": []}, long_answer="", final_decision="maybe")])
+    write(tmp_path / "mmlu_pro_biology.jsonl", [
+        dict(question_id=1, question="Q?", options=["o1", "o2", "o3", "N/A"], answer="B", answer_index=1, category="biology"),
+        dict(question_id=2, question="Q2?", options=["o1", "o2"], answer="A", answer_index=0, category="law")])
+    write(tmp_path / "jmed.jsonl", [dict(id=1, question="Q?", options=JMED, answer=["U"]),
+                                    dict(id=2, question="Q?", options=JMED, answer=["A", "B"])])
+    mx = dict(id="T-1", question="Which?\nAnswer Choices: (A) x (B) y", options={"A": "x", "B": "y"}, label="B")
+    write(tmp_path / "medxpertqa.jsonl", [mx])
+    got = {n: load_benchmark(n, data_dir=str(tmp_path)) for n in
+           ["medmcqa", "careqa", "pubmedqa", "mmlu_pro_biology", "jmed", "medxpertqa"]}
+    assert got["medmcqa"][0]["answer"] == "C"
+    assert got["careqa"][0]["answer"] == "A"                           # 1-based cop
+    assert got["pubmedqa"][0]["answer"] == "C" and got["pubmedqa"][0]["context"] == "c1 c2"
+    assert len(got["mmlu_pro_biology"]) == 1 and list(got["mmlu_pro_biology"][0]["options"]) == ["A", "B", "C"]
+    assert len(got["jmed"]) == 1 and got["jmed"][0]["answer"] == "U"   # multi-answer dropped
+    assert got["medxpertqa"][0]["question"] == "Which?"                # options printed once
+    prompt = build_messages(got["medxpertqa"][0])[1]["content"]
+    assert prompt.count("A. x") == 1 and "Answer Choices" not in prompt
+
+
+def test_bad_file_names_line(tmp_path):
+    (tmp_path / "medqa.jsonl").write_text('{"question": "q", "options": {"A": "x"}, "answer_idx": "A"}\n{bad json\n')
+    with pytest.raises(ValueError, match="medqa.jsonl:2"):
+        load_benchmark("medqa", str(tmp_path / "medqa.jsonl"))
+    (tmp_path / "medqa.jsonl").write_text('{"question": "q", "options": {"A": "x"}, "answer_idx": "B"}\n')
+    with pytest.raises(ValueError, match="medqa.jsonl:1: field 'answer'"):
+        load_benchmark("medqa", str(tmp_path / "medqa.jsonl"))
+
+
+def test_missing_benchmark_is_skipped(capsys):
+    assert load_benchmark("kg_heldout") is None
+    assert "[skip]" in capsys.readouterr().out
+
+
+def test_scoring_macro_and_table():
+    items = [dict(id="1", question="q", options=OPTS4, answer="A"), dict(id="2", question="q", options=OPTS4, answer="B")]
+    recs, s = score_items(items, {"1": ["<answer>A</answer>"], "2": ["nothing"]}, "medqa")
+    assert s["accuracy"] == 50 and s["unanswered"] == 50 and recs[1]["extracted"] is None
+    recs, s2 = score_items(items, {"1": ["<answer>B</answer>", "<answer>A</answer>", "<answer>A</answer>"],
+                                   "2": ["<answer>B</answer>"] * 3}, "medqa")
+    assert s2["accuracy"] == 50 and s2["pass_at_n"] == 100 and s2["majority"] == 100
+    assert macro_average({"a": {"n": 1, "accuracy": 40.0}, "b": {"n": 1, "accuracy": 60.0}}) == 50
+    table = results_table({"medqa": s})
+    header = table.splitlines()[0]
+    assert header.index("CareQA") < header.index("MedQA") < header.index("MMLU-Pro Health")
+    assert "Fleming-R1-7B (paper)" in table
+
+
+def test_responses_rescoring_cli(tmp_path):
+    from helpers import run
+    src = os.path.join(FIX, "medqa_5opt_sample.jsonl")
+    items = load_benchmark("medqa", src)
+    with open(tmp_path / "resp.jsonl", "w") as f:
+        for i, it in enumerate(items):
+            letter = it["answer"] if i % 2 == 0 else "Z"
+            f.write(json.dumps(dict(benchmark="medqa", id=it["id"], response=f"<answer>{letter}</answer>")) + "\n")
+    out = run(["evaluate.py", "--benchmarks", "medqa", "--file", f"medqa={src}", "--responses", str(tmp_path / "resp.jsonl"),
+               "--out", str(tmp_path / "ev")])
+    res = json.load(open(tmp_path / "ev" / "results.json"))
+    assert res["medqa"]["accuracy"] == 50.0 and res["medqa"]["n"] == 20
+    assert "| ours |" in out
+    lines = [json.loads(l) for l in open(tmp_path / "ev" / "responses.jsonl")]
+    assert {"id", "prompt", "response", "extracted", "gold", "correct"} <= set(lines[0])

@@ -1,0 +1,195 @@
+"""make_data.py: public loaders, filters, decontamination, anonymisation, label verification, distillation
+against a scripted OpenAI-compatible server on 127.0.0.1, and resume after an interruption."""
+import json
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import make_data
+from make_data import anonymise, format_problem, load_public
+
+FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures", "benchmarks")
+
+
+def write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def test_public_loaders(tmp_path):
+    items = load_public("medqa5", os.path.join(FIX, "medqa_5opt_sample.jsonl"))
+    assert len(items) == 20 and all(it["source"] == "medqa5" and len(it["options"]) == 5 for it in items)
+    write(tmp_path / "mm.jsonl", [dict(id="a", question="Q?", opa="w", opb="x", opc="y", opd="z", cop=3, exp="because")])
+    it = load_public("medmcqa", str(tmp_path / "mm.jsonl"))[0]
+    assert it["answer"] == "D" and it["rationale"] == "because"
+    write(tmp_path / "pq.jsonl", [dict(pubid=1, question="Does?", context={"contexts": ["c"]}, final_decision="no")])
+    assert load_public("pubmedqa", str(tmp_path / "pq.jsonl"))[0]["answer"] == "B"
+    write(tmp_path / "cm.jsonl", [dict(Question="问题一", Options=[{"key": "A", "value": "甲"}, {"key": "B", "value": "乙"}],
+                                       Answer="B", Explanation="解释"),
+                                  dict(Question="问题二", Options=[{"key": "A", "value": "甲"}, {"key": "B", "value": "乙"}],
+                                       Answer="AB", Explanation="")])
+    cm = load_public("cmexam", str(tmp_path / "cm.jsonl"))
+    assert len(cm) == 1 and cm[0]["answer"] == "B"    # multi-letter answers dropped
+
+
+@pytest.mark.parametrize("item,reason", [
+    (dict(question="", options={"A": "x", "B": "y"}, answer="A"), "empty_question"),
+    (dict(question="q", options={"A": "x", "B": ""}, answer="A"), "empty_option"),
+    (dict(question="q", options={"A": "Same", "B": "same "}, answer="A"), "duplicate_options"),
+    (dict(question="q", options={"A": "x", "B": "y"}, answer="C"), "answer_not_in_options"),
+    (dict(question="caf\u00c3\u00a9 au lait", options={"A": "x", "B": "y"}, answer="A"), "mojibake"),
+    (dict(question="q\ufffd", options={"A": "x", "B": "y"}, answer="A"), "mojibake"),
+    (dict(question="q" * 7000, options={"A": "x", "B": "y"}, answer="A"), "too_long"),
+    (dict(question="q", options={"A": "x", "C": "y"}, answer="A"), "bad_option_letters"),
+    (dict(question="A fine question?", options={"A": "x", "B": "y"}, answer="B"), None),
+])
+def test_format_filters(item, reason):
+    assert format_problem(item, 6000) == reason
+
+
+def test_anonymisation():
+    text = ("Mr. John Smith (MRN: 48213377, DOB: 03/14/1962) was seen by Dr. Alvarez; call 555-867-5309 or mail "
+            "jsmith@example.org. A 45-year-old man presents with chest pain.")
+    out = anonymise(text)
+    for secret in ("John", "Smith", "48213377", "03/14/1962", "Alvarez", "867-5309", "jsmith@example.org"):
+        assert secret not in out
+    assert "[NAME]" in out and "[RECORD]" in out and "[DOB]" in out and "[PHONE]" in out and "[EMAIL]" in out
+    assert "A 45-year-old man presents with chest pain." in out   # clinical content untouched
+
+
+def small_kg_args(out, extra=()):
+    return ["--out", str(out), "--kg-questions", "60", "--kg-max-diseases", "40", "--seed", "1"] + list(extra)
+
+
+def test_dedup_decontam_and_report(tmp_path):
+    # a public file whose second row duplicates the first and whose third is planted from the eval set
+    ev = json.loads(open(os.path.join(FIX, "medqa_5opt_sample.jsonl")).readline())
+    rows = [dict(question="What causes scurvy in sailors on long voyages without fresh food?",
+                 options={"A": "Vitamin C deficiency", "B": "Iron", "C": "Zinc", "D": "Salt"}, answer_idx="A")] * 2
+    rows.append(dict(question=ev["question"], options=ev["options"], answer_idx=ev["answer_idx"]))
+    write(tmp_path / "pub.jsonl", rows)
+    make_data.main(small_kg_args(tmp_path / "d", ["--public", f"medqa={tmp_path / 'pub.jsonl'}",
+                                                   "--decontam", os.path.join(FIX, "medqa_5opt_sample.jsonl")]))
+    rep = json.load(open(tmp_path / "d" / "report.json"))
+    assert rep["dropped"]["duplicate"] == 1 and rep["dropped"]["contaminated"] == 1
+    items = [json.loads(l) for l in open(tmp_path / "d" / "items.jsonl")]
+    assert sum(it["source"] == "medqa" for it in items) == 1
+    assert not any(ev["question"][:60] in it["question"] for it in items)
+    sft = [json.loads(l) for l in open(tmp_path / "d" / "sft.jsonl")]
+    assert sft and all(m["messages"][-1]["content"].endswith("</answer>") for m in sft)
+    assert {"Easy", "Moderate", "Difficult"} == set(rep["tiers"])
+
+
+class FakeOpenAI:
+    """Speaks POST /v1/chat/completions. Teacher prompts: a wrong trace first, the right one after a refinement
+    turn. Validator prompts: always picks the option whose text says RIGHT. fail_after: HTTP 500 from then on."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls += 1
+                if outer.fail_after is not None and outer.calls > outer.fail_after:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                msgs = body["messages"]
+                first = msgs[0]["content"]
+                m = re.search(r"Correct answer: ([A-Z])\.", first)
+                if m:   # teacher
+                    L = m.group(1)
+                    if len(msgs) == 1:
+                        text = "<think>Considering the findings, option Z fits.</think>\n<answer>Z</answer>"
+                    else:
+                        text = f"<think>Weighing each finding in turn, the alternatives fail; {L} fits all.</think>\n<answer>{L}</answer>"
+                    choices = [text] * body.get("n", 1)
+                else:   # validator
+                    user = msgs[-1]["content"]
+                    right = re.search(r"^([A-Z])\. .*RIGHT", user, re.M)
+                    choices = [f"<answer>{right.group(1) if right else 'A'}</answer>"] * body.get("n", 1)
+                out = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": c}}
+                                              for i, c in enumerate(choices)]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def public_file(path, n=12):
+    rows = []
+    for i in range(n):
+        opts = {"A": f"wrong {i} a", "B": f"RIGHT {i}", "C": f"wrong {i} c", "D": f"wrong {i} d"}
+        rows.append(dict(question=f"Planted question number {i} about condition {i}?", options=opts,
+                         answer_idx="A" if i == 0 else "B"))   # item 0 is mislabeled
+    write(path, rows)
+
+
+def test_distillation_refines_and_verification_flags(tmp_path, monkeypatch):
+    srv = FakeOpenAI()
+    monkeypatch.setenv("TEST_KEY", "sk-secret-value")
+    try:
+        public_file(tmp_path / "pub.jsonl")
+        out = tmp_path / "d"
+        make_data.main(["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(out),
+                        "--teacher-url", srv.url, "--teacher-model", "t", "--validator-url", srv.url,
+                        "--validator-model", "v", "--key-env", "TEST_KEY", "--test-frac", "0", "--sft-frac", "1.0"])
+    finally:
+        srv.close()
+    rep = json.load(open(out / "report.json"))
+    review = [json.loads(l) for l in open(out / "review.jsonl")]
+    assert [r["question"] for r in review] == ["Planted question number 0 about condition 0?"]
+    assert rep["dropped"]["never_answered_by_validator"] == 1
+    d = rep["distillation"]
+    assert d["failed_wrong_answer"] == 11 and d["verified_round_1"] == 11 and d["dropped_unverified"] == 0
+    sft = [json.loads(l) for l in open(out / "sft.jsonl")]
+    assert len(sft) == 11 and all("<answer>B</answer>" in s["messages"][-1]["content"] for s in sft)
+    assert {t for s in sft for t in ("Z",) if "<answer>Z" in s["messages"][-1]["content"]} == set()
+    for f in os.listdir(out):   # the key is never written anywhere
+        assert "sk-secret-value" not in open(out / f, encoding="utf-8").read()
+
+
+def test_interrupted_run_resumes_from_cache(tmp_path):
+    public_file(tmp_path / "pub.jsonl")
+    args = lambda url: ["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(tmp_path / "d"),
+                        "--teacher-url", url, "--teacher-model", "t", "--test-frac", "0", "--sft-frac", "1.0"]
+    srv = FakeOpenAI(fail_after=5)      # dies after 5 answered calls, like a killed run
+    try:
+        with pytest.raises(RuntimeError, match="failed 3 times"):
+            make_data.main(args(srv.url))
+    finally:
+        srv.close()
+    assert not os.path.exists(tmp_path / "d" / "sft.jsonl")     # nothing half-written
+    srv2 = FakeOpenAI()
+    try:
+        make_data.main(args(srv2.url))
+    finally:
+        srv2.close()
+    # 12 items x 2 rounds = 24 teacher calls in all; the 5 answered before the crash are not paid again
+    assert srv2.calls == 24 - 5
+    sft = [json.loads(l) for l in open(tmp_path / "d" / "sft.jsonl")]
+    assert len(sft) == 12 and len({s["id"] for s in sft}) == 12
+
+
+def test_default_is_deterministic(tmp_path):
+    make_data.main(small_kg_args(tmp_path / "a"))
+    make_data.main(small_kg_args(tmp_path / "b"))
+    for f in ("sft.jsonl", "rl_train.jsonl", "test.jsonl"):
+        assert open(tmp_path / "a" / f).read() == open(tmp_path / "b" / f).read()

@@ -1,0 +1,469 @@
+"""
+train_grpo.py: two-stage RLVR with GRPO (paper 3.3). Rollouts from the current policy with model.py's
+KV-cached generation, reward = answer correctness + format (never length), advantage = reward minus the
+group mean, stage 1 on Easy + Moderate items, stage 2 once rewards go sparse: hard-sample mining over the
+whole training set, more rollouts per question, mining repeated every M steps.
+
+    python train_grpo.py --init runs/demo/sft --out runs/demo/grpo           # embedded default (CPU)
+    torchrun --nproc_per_node=2 train_grpo.py --init runs/demo/sft            # 2 CPU ranks, FSDP2 + gloo
+    torchrun --nproc_per_node=8 train_grpo.py --init runs/7b-sft --data data/full/rl_train.jsonl --bf16 \
+        --questions-per-step 64 --group-size 8 --stage2-group-size 16 --max-new-tokens 2048 --lr 1e-6
+
+Eq. (1)-(3) of the paper: L = -E[1/k sum_i log pi(y_i|x) A_i], A_i = r_i - mean_j r_j. By default the
+log-likelihood is normalised per token over the batch (--loss-agg token-mean); seq-sum is eq. (1) literally.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from common import (MetricsLog, all_reduce_sum, autocast, init_distributed, load_trainer_state, memory_mb,
+                    plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
+from model import generate, load_model, load_tokenizer, save_model
+
+# -----------------------------------------------------------------------------
+# reward: correctness + format, nothing else
+
+
+def reward_parts(text, item, finish_reason, require_think=False):
+    """(correct, format) in {0, 1}. Strict, shared with evaluate.py: one well-formed <answer> tag holding one
+    option (several tags, several letters, an empty tag or an ambiguous option text give 0). A truncated
+    completion gets no correctness reward: it never finished its answer."""
+    fmt = format_ok(text, require_think)
+    if finish_reason != "stop":
+        return 0.0, 0.0
+    tags = text.lower().count("<answer>")
+    correct = tags == 1 and extract_answer(text, item["options"]) == item["answer"]
+    return float(correct), float(fmt)
+
+
+def group_advantages(rewards, group_size, std_scale=False):
+    """rewards (N,) in groups of group_size consecutive samples -> A = r - group mean (the paper);
+    std_scale divides by the group std as in the original GRPO."""
+    r = rewards.view(-1, group_size)
+    a = r - r.mean(1, keepdim=True)
+    if std_scale:
+        a = a / (r.std(1, keepdim=True) + 1e-4)
+    return a.reshape(-1)
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def token_objective(logp, old_logp, adv, clip_low, clip_high, use_clip):
+    """Per-token policy-gradient term to minimise. Without clipping this is -A * log pi (the gradient of eq. 1):
+    on-policy with one update per batch the PPO ratio is exactly 1, so clipping could never act.
+    With several updates per rollout batch (--ppo-epochs > 1) the ratio drifts and the clipped surrogate
+    -min(rho A, clip(rho, 1-low, 1+high) A) keeps each update near the policy that sampled the data."""
+    a = adv[:, None]
+    if not use_clip:
+        return -a * logp
+    ratio = torch.exp(logp - old_logp)
+    return -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+
+
+def kl_k3(logp, ref_logp):
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token, mask, mode, denom):
+    """Sum of per-token terms, normalised as `mode` says, divided by `denom` (the global normaliser, so that
+    ranks and micro-batches add up to the same loss as one big batch):
+      token-mean: sum over all tokens / total tokens                        (denom = global token count)
+      seq-mean:   sum over sequences of (token sum / its length) / N seqs  (original GRPO; denom = N)
+      seq-sum:    sum over sequences of token sums / N seqs                 (eq. 1 literally; denom = N)
+      token-sum:  sum over all tokens / (N seqs * constant)                 (Dr. GRPO; denom = N * max_new_tokens)"""
+    masked = per_token * mask
+    if mode == "seq-mean":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
+    return masked.sum() / denom
+
+
+def grpo_denominator(mode, n_tokens, n_seqs, const):
+    return {"token-mean": n_tokens, "seq-mean": n_seqs, "seq-sum": n_seqs, "token-sum": n_seqs * const}[mode]
+
+
+def completion_logprobs(model, seqs, prompt_lens, device, pad_id, want_entropy=False):
+    """Right-padded prompt+completion batch -> (logp of each completion token (B, Lc), mask (B, Lc), entropy)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
+    logits = model(ids[:, :-1]).float()
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)            # (B, T-1): logp of token t+1
+    Lc = max(len(s) - p for s, p in zip(seqs, prompt_lens))
+    out = torch.zeros(len(seqs), Lc, device=device)
+    mask = torch.zeros(len(seqs), Lc, device=device)
+    ent = torch.zeros(len(seqs), Lc, device=device) if want_entropy else None
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        n = len(s) - p
+        out[i, :n] = logp[i, p - 1:p - 1 + n]
+        mask[i, :n] = 1
+        if want_entropy:
+            with torch.no_grad():
+                pa = logp_all[i, p - 1:p - 1 + n]
+                ent[i, :n] = -(pa.exp() * pa).sum(-1)
+    return out, mask, ent
+
+
+# -----------------------------------------------------------------------------
+# curriculum: stage switch on reward sparsity, hard-sample mining
+
+
+class Curriculum:
+    def __init__(self, items, stage1_tiers, threshold, window, stage2_at, mix_right, hard_below, seed):
+        self.items = items
+        self.stage = 1
+        self.pool = [i for i, it in enumerate(items) if it.get("difficulty", "Moderate") in stage1_tiers] or list(range(len(items)))
+        self.threshold, self.window, self.stage2_at = threshold, window, stage2_at
+        self.mix_right, self.hard_below, self.seed = mix_right, hard_below, seed
+        self.sparsity = deque(maxlen=window)
+
+    def observe(self, zero_var_frac, step):
+        """Record a step's zero-variance-group fraction; True when stage 1 should end now."""
+        self.sparsity.append(zero_var_frac)
+        if self.stage != 1:
+            return False
+        if self.stage2_at is not None and step >= self.stage2_at:
+            return True
+        return len(self.sparsity) == self.window and sum(self.sparsity) / self.window >= self.threshold
+
+    def mine(self, pass_rates, step):
+        """pass_rates: {item index: fraction of k samples correct} over the full set. The new pool: items it
+        repeatedly fails (pass rate < hard_below) and unsolved Difficult ones, plus solved items so that they
+        are mix_right of the pool (keeps what was learned)."""
+        rng = random.Random(self.seed * 7919 + step)
+        hard = [i for i, p in pass_rates.items()
+                if p < self.hard_below or (self.items[i].get("difficulty") == "Difficult" and p < 1.0)]
+        right = [i for i, p in pass_rates.items() if i not in set(hard)]
+        n_right = int(round(len(hard) * self.mix_right / max(1e-9, 1 - self.mix_right)))
+        pool = sorted(hard) + sorted(rng.sample(right, min(n_right, len(right))))
+        self.stage = 2
+        self.pool = pool or sorted(pass_rates)
+        return dict(hard=len(hard), right_mixed=min(n_right, len(right)), pool=len(self.pool))
+
+    def state(self):
+        return dict(stage=self.stage, pool=self.pool, sparsity=list(self.sparsity))
+
+    def load(self, st):
+        self.stage, self.pool = st["stage"], st["pool"]
+        self.sparsity.extend(st["sparsity"])
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- data and model
+    ap.add_argument("--init", default="runs/sft", help="policy checkpoint (HF layout), usually train_sft.py's output")
+    ap.add_argument("--data", default="data/kg/rl_train.jsonl", help="RL items from make_data.py (with difficulty)")
+    ap.add_argument("--val-size", type=int, default=128, help="items held out of --data for periodic evaluation")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU; FSDP mixed precision on GPU)")
+    # --- rollouts
+    ap.add_argument("--questions-per-step", type=int, default=8, help="questions per step (global)")
+    ap.add_argument("--group-size", type=int, default=8, help="k: completions per question in stage 1")
+    ap.add_argument("--stage2-group-size", type=int, default=12, help="k in stage 2 (more rollouts, broader exploration)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (longer is truncated: no reward)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    ap.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    # --- reward (correctness + format only; no length term, by design)
+    ap.add_argument("--w-correct", type=float, default=1.0, help="reward for the right final answer")
+    ap.add_argument("--w-format", type=float, default=0.1, help="reward for the required format")
+    ap.add_argument("--require-think", action="store_true", help="format also needs a leading <think>...</think>")
+    # --- loss
+    ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "seq-sum", "token-sum"],
+                    help="normalisation (see aggregate())")
+    ap.add_argument("--adv-std", action="store_true", help="divide advantages by the group std (classic GRPO)")
+    ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per rollout batch (> 1 turns on ratio clipping)")
+    ap.add_argument("--clip-low", type=float, default=0.2, help="PPO clip: 1 - low")
+    ap.add_argument("--clip-high", type=float, default=0.28, help="PPO clip: 1 + high")
+    ap.add_argument("--kl-beta", type=float, default=0.0, help="KL(pi||ref) weight; the reference is loaded only if > 0")
+    ap.add_argument("--skip-zero-var", action="store_true", help="leave all-equal groups out of the update")
+    ap.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward")
+    # --- optimisation
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps (both stages)")
+    ap.add_argument("--lr", type=float, default=2e-4, help="learning rate (constant after warmup)")
+    ap.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    # --- curriculum
+    ap.add_argument("--stage1-tiers", default="Easy,Moderate", help="tiers in the stage 1 pool")
+    ap.add_argument("--sparsity-threshold", type=float, default=0.5, help="stage 2 when the zero-variance-group "
+                    "fraction averages at least this over --sparsity-window steps")
+    ap.add_argument("--sparsity-window", type=int, default=8, help="steps in that average")
+    ap.add_argument("--stage2-at", type=int, default=None, help="or switch at this step regardless")
+    ap.add_argument("--mine-every", type=int, default=20, help="re-mine the stage 2 pool every M steps")
+    ap.add_argument("--mine-samples", type=int, default=4, help="samples per item when mining")
+    ap.add_argument("--mine-max", type=int, default=0, help="mine over at most N items (0 = the full set)")
+    ap.add_argument("--hard-below", type=float, default=0.5, help="mined as hard if its pass rate is below this")
+    ap.add_argument("--mix-right", type=float, default=0.25, help="share of already-solved items in the stage 2 pool")
+    # --- run
+    ap.add_argument("--out", default="runs/grpo", help="output folder")
+    ap.add_argument("--eval-every", type=int, default=20, help="held-out accuracy every N steps")
+    ap.add_argument("--save-every", type=int, default=20, help="resumable checkpoint every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue from {out}/ckpt")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (tests of resume)")
+    ap.add_argument("--device", default=None, help="cpu / cuda")
+    ap.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
+    return ap.parse_args(argv)
+
+
+def fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+class Rollout:
+    """Under FSDP2, gather the full parameters once for the whole rollout (not one all-gather per layer per
+    token), and keep them gathered until generation ends; ranks may then run different numbers of steps."""
+
+    def __init__(self, model):
+        self.model, self.mods = model, fsdp_modules(model)
+
+    def __enter__(self):
+        self.model.eval()
+        for m in self.mods:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self.mods:
+            m.unshard()
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+        self.model.train()
+
+
+def sample_groups(model, tok, items, G, args, seed, device):
+    """G completions per item -> (token lists, texts, finish reasons, prompt id lists)."""
+    prompts = [prompt_ids(tok, it) for it in items]
+    stop = [tok.convert_tokens_to_ids("<|im_end|>")]
+    with autocast(device, args.bf16 and device.type == "cpu"):
+        outs, reasons = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, stop_ids=stop, num_samples=G, seed=seed, pad_id=tok.pad_token_id or 0)
+    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+    return outs, texts, reasons, prompts
+
+
+def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
+    """Fraction of k samples correct for each item index in idx (sharded over ranks, gathered)."""
+    mine = idx[rank::world]
+    rates = {}
+    with Rollout(model), torch.no_grad():
+        for b in range(0, len(mine), 16):
+            chunk = mine[b:b + 16]
+            _, texts, reasons, _ = sample_groups(model, tok, [items[i] for i in chunk], k, args, seed + b, device)
+            for j, i in enumerate(chunk):
+                rates[i] = sum(reward_parts(texts[j * k + s], items[i], reasons[j * k + s])[0] for s in range(k)) / k
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, rates)
+        rates = {i: p for part in parts for i, p in part.items()}
+    return rates
+
+
+def evaluate_policy(model, tok, val, args, rank, world, device):
+    """Greedy accuracy and format rate on the held-out items."""
+    from evaluate import run_items
+    with Rollout(model), torch.no_grad(), autocast(device, args.bf16 and device.type == "cpu"):
+        resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, batch_size=32, temperature=0.0,
+                         rank=rank, world=world, progress=False)
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, resp)
+        resp = {k: v for p in parts for k, v in p.items()}
+    _, s = score_items(val, resp, "val")
+    s["format"] = 100 * sum(format_ok(resp[it["id"]][0]) for it in val) / max(1, len(val))
+    return s
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = init_distributed(args.device)
+    if args.questions_per_step % world:
+        raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
+    set_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "ckpt")
+    resuming = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    src = ckpt if resuming else args.init
+    model, tok = load_model(src, device=device), load_tokenizer(src)
+    ref = None
+    if args.kl_beta > 0:   # a frozen copy of the starting policy; costs a forward per step, so only when used
+        ref = load_model(args.init, device=device).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    rows = read_records(args.data)
+    for i, it in enumerate(rows):
+        if it.get("answer") not in (it.get("options") or {}):
+            raise SystemExit(f"{args.data}:{i + 1}: field 'answer' is not one of the options")
+    rng = random.Random(args.seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    val = [rows[i] for i in order[:args.val_size]]
+    items = [rows[i] for i in order[args.val_size:]]
+    cur = Curriculum(items, set(args.stage1_tiers.split(",")), args.sparsity_threshold, args.sparsity_window,
+                     args.stage2_at, args.mix_right, args.hard_below, args.seed)
+    model = shard_model(model, device, world, bf16=args.bf16)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start, last_mine = 0, None
+    if resuming:
+        start, extra = load_trainer_state(ckpt, model, opt)
+        cur.load(extra["curriculum"])
+        last_mine = extra["last_mine"]
+        print0(f"resumed from {ckpt} at step {start} (stage {cur.stage})")
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=resuming)
+    pad = tok.pad_token_id or 0
+    print0(f"GRPO: {len(items)} train items ({len(cur.pool)} in the stage-1 pool), {len(val)} val | world {world} on {device}")
+    if start == 0:
+        s = evaluate_policy(model, tok, val, args, rank, world, device)
+        log.log(step=0, val_accuracy=s["accuracy"], val_format=s["format"], stage=1)
+        print0(f"step 0: val accuracy {s['accuracy']:.1f}%  format {s['format']:.1f}%")
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, args.steps), desc="grpo", disable=rank != 0, initial=start, total=args.steps)
+    for step in bar:
+        G = args.group_size if cur.stage == 1 else args.stage2_group_size
+        # --- which questions: a pure function of (seed, step, pool), so resume and world size change nothing
+        qrng = random.Random(args.seed * 100003 + step)
+        batch = [cur.pool[j] for j in qrng.sample(range(len(cur.pool)), min(args.questions_per_step, len(cur.pool)))]
+        mine = batch[rank::world]
+        t0 = time.time()
+        with Rollout(model), torch.no_grad():
+            outs, texts, reasons, prompts = sample_groups(model, tok, [items[i] for i in mine], G, args,
+                                                          args.seed * 1_000_003 + step * 1009 + rank, device)
+        t_roll = time.time() - t0
+        parts = [reward_parts(texts[j], items[mine[j // G]], reasons[j], args.require_think) for j in range(len(texts))]
+        correct = torch.tensor([c for c, _ in parts])
+        fmt = torch.tensor([f for _, f in parts])
+        rewards = args.w_correct * correct + args.w_format * fmt
+        adv = group_advantages(rewards, G, args.adv_std)
+        zero_var = (rewards.view(-1, G).std(1) == 0).float()
+        seqs = [prompts[j // G] + outs[j] for j in range(len(outs))]
+        plens = [len(prompts[j // G]) for j in range(len(outs))]
+        keep = list(range(len(seqs)))
+        if args.skip_zero_var:   # they carry no gradient anyway (A = 0); skipping saves their forward/backward
+            keep = [j for j in keep if not zero_var[j // G]]
+        n_seq_g = all_reduce_sum(len(keep))
+        n_tok_g = all_reduce_sum(sum(len(outs[j]) for j in keep))
+        denom = grpo_denominator(args.loss_agg, n_tok_g, n_seq_g, args.max_new_tokens)
+
+        # --- reference and old log-probs (only when used)
+        t1 = time.time()
+        old, refl = {}, {}
+        if ref is not None or args.ppo_epochs > 1:
+            with torch.no_grad():
+                for m0 in range(0, len(keep), args.micro_batch):
+                    mb = keep[m0:m0 + args.micro_batch]
+                    with autocast(device, args.bf16 and device.type == "cpu"):
+                        if ref is not None:
+                            refl[m0] = completion_logprobs(ref, [seqs[j] for j in mb], [plens[j] for j in mb], device, pad)[0]
+                        if args.ppo_epochs > 1:
+                            old[m0] = completion_logprobs(model, [seqs[j] for j in mb], [plens[j] for j in mb], device, pad)[0]
+        t_ref = time.time() - t1
+
+        # --- policy update(s)
+        t2 = time.time()
+        stats = dict(loss=0.0, kl=0.0, entropy=0.0)
+        n_micro = math.ceil(len(keep) / args.micro_batch)
+        n_micro = int(max(all_gather_max(n_micro, world), 1)) if world > 1 else n_micro
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for epoch in range(args.ppo_epochs):
+            for mi in range(n_micro):
+                m0 = mi * args.micro_batch
+                mb = keep[m0:m0 + args.micro_batch]
+                if not mb:   # FSDP forwards are collective: a rank with nothing left runs an empty-weight pass
+                    mb, weight = [0], 0.0
+                else:
+                    weight = 1.0
+                with autocast(device, args.bf16 and device.type == "cpu"):
+                    logp, mask, ent = completion_logprobs(model, [seqs[j] for j in mb], [plens[j] for j in mb], device, pad,
+                                                          want_entropy=epoch == 0)
+                a = adv[mb].to(device)
+                old_lp = old.get(m0, logp.detach())
+                per_tok = token_objective(logp, old_lp, a, args.clip_low, args.clip_high, args.ppo_epochs > 1)
+                if ref is not None:
+                    kl = kl_k3(logp, refl[m0])
+                    per_tok = per_tok + args.kl_beta * kl
+                    stats["kl"] += weight * float((kl * mask).sum()) / max(n_tok_g, 1) * (epoch == 0)
+                loss = aggregate(per_tok, mask, args.loss_agg, denom) * world * weight
+                loss.backward()
+                stats["loss"] += float(loss) / world
+                if epoch == 0:
+                    stats["entropy"] += weight * float((ent * mask).sum()) / max(n_tok_g, 1)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t_train = time.time() - t2
+
+        # --- logging (global means over ranks)
+        n_all = all_reduce_sum(len(texts))
+        row = dict(step=step + 1, stage=cur.stage, group_size=G, pool=len(cur.pool), lr=lr,
+                   reward=all_reduce_sum(float(rewards.sum())) / n_all,
+                   accuracy=all_reduce_sum(float(correct.sum())) / n_all,
+                   format_rate=all_reduce_sum(float(fmt.sum())) / n_all,
+                   zero_var_frac=all_reduce_sum(float(zero_var.sum())) / all_reduce_sum(len(zero_var)),
+                   truncated_frac=all_reduce_sum(sum(r == "length" for r in reasons)) / n_all,
+                   response_len=all_reduce_sum(sum(len(o) for o in outs)) / n_all,
+                   entropy=all_reduce_sum(stats["entropy"]), loss=all_reduce_sum(stats["loss"]), grad_norm=gnorm,
+                   rollout_s=t_roll, ref_s=t_ref, train_s=t_train, rollout_tok_s=sum(len(o) for o in outs) / max(t_roll, 1e-9),
+                   mem_mb=memory_mb(device))
+        if ref is not None:
+            row["kl"] = all_reduce_sum(stats["kl"])
+        # --- curriculum: stage 2 on reward sparsity, then mining every M steps
+        switch = cur.observe(row["zero_var_frac"], step + 1)
+        if switch or (cur.stage == 2 and last_mine is not None and step + 1 - last_mine >= args.mine_every):
+            idx = list(range(len(items)))
+            if args.mine_max and len(idx) > args.mine_max:
+                idx = sorted(random.Random(args.seed + step).sample(idx, args.mine_max))
+            rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + step)
+            info = cur.mine(rates, step + 1)
+            last_mine = step + 1
+            row.update({f"mined_{k}": v for k, v in info.items()})
+            print0(f"\nstep {step + 1}: {'stage 2 begins' if switch else 're-mined'}: {info}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            s = evaluate_policy(model, tok, val, args, rank, world, device)
+            row.update(val_accuracy=s["accuracy"], val_format=s["format"])
+        log.log(**row)
+        bar.set_postfix(stage=cur.stage, r=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", zv=f"{row['zero_var_frac']:.2f}")
+        done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
+        if (step + 1) % args.save_every == 0 or done:
+            save_checkpoint(ckpt, model, tok, opt, step + 1, dict(curriculum=cur.state(), last_mine=last_mine), rank)
+        if done:
+            break
+    bar.close()
+    from common import full_state
+    msd, _ = full_state(model)
+    if rank == 0 and (args.stop_after is None or args.stop_after >= args.steps):
+        save_model(model, args.out, state_dict=msd)
+        tok.save_pretrained(args.out)
+        plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"),
+                     ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len"], "GRPO")
+        print0(f"saved {args.out} (HF layout) and {args.out}/curves.png")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def all_gather_max(x, world):
+    t = torch.tensor(float(x))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+if __name__ == "__main__":
+    main()
