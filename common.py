@@ -187,3 +187,34 @@ def memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_runs(run_dir):
+    """One PNG for a run.sh folder: SFT loss, GRPO reward, training accuracy, zero-variance fraction and
+    held-out accuracy by step, one line per seed."""
+    import glob
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    panels = [("sft", "loss", "SFT loss"), ("sft", "val_loss", "SFT held-out loss"), ("grpo", "reward", "GRPO reward"),
+              ("grpo", "accuracy", "GRPO rollout accuracy"), ("grpo", "zero_var_frac", "zero-variance groups"),
+              ("grpo", "val_accuracy", "GRPO held-out accuracy (%)")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (stage, key, title) in zip(axes.flat, panels):
+        for sd in sorted(glob.glob(os.path.join(run_dir, "seed*"))):
+            p = os.path.join(sd, stage, "metrics.jsonl")
+            if os.path.exists(p):
+                pts = [(r["step"], r[key]) for r in read_metrics(p) if r.get(key) is not None]
+                ax.plot([a for a, _ in pts], [b for _, b in pts], label=os.path.basename(sd), marker="." if len(pts) < 15 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

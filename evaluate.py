@@ -275,9 +275,10 @@ def run_items(model, tok, items, max_new_tokens=512, batch_size=16, temperature=
     bar = tqdm(range(0, len(order), batch_size), desc="eval", disable=not progress or rank != 0, leave=False)
     for b in bar:
         idx = order[b:b + batch_size]
+        # per-item seeds (its index in the full list): the same samples on 1 rank or N, in any batch
         outs, _ = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
                            num_samples=n_samples, stop_ids=[s for s in stop if s is not None],
-                           seed=seed + b, pad_id=tok.pad_token_id or 0)
+                           seed=[seed * 1_000_033 + rank + world * i for i in idx], pad_id=tok.pad_token_id or 0)
         for j, i in enumerate(idx):
             out[mine[i]["id"]] = [tok.decode(o, skip_special_tokens=True) for o in outs[j * n_samples:(j + 1) * n_samples]]
     return out
@@ -368,6 +369,34 @@ def evaluate_model(model, tok, benches, rank=0, world=1, lenient=False, **gen):
     return recs, summaries
 
 
+STAGES = [("base", "Base (random init)"), ("sft", "+CoT cold start"), ("grpo_stage1", "+RL stage 1"),
+          ("grpo_stage2", "+RL stage 2")]
+
+
+def stage_table(run_dir, bench="kg"):
+    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh."""
+    import glob
+    import statistics
+    rows = ["| stage | accuracy (%) mean +- std | per seed | format-failure / unanswered (%) |", "|---|---|---|---|"]
+    seeds = sorted(glob.glob(os.path.join(run_dir, "seed*")))
+    means = {}
+    for key, label in STAGES:
+        accs, unans = [], []
+        for sd in seeds:
+            p = os.path.join(sd, f"eval_{key}", "results.json")
+            if os.path.exists(p):
+                r = json.load(open(p))[bench]
+                accs.append(r["accuracy"])
+                unans.append(r["unanswered"])
+        if not accs:
+            continue
+        sd_ = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        means[key] = (statistics.mean(accs), sd_)
+        rows.append(f"| {label} | {statistics.mean(accs):.1f} +- {sd_:.1f} | " + ", ".join(f"{a:.1f}" for a in accs) +
+                    f" | {statistics.mean(unans):.1f} |")
+    return "\n".join(rows), means
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- what to evaluate
@@ -391,7 +420,14 @@ def main():
     ap.add_argument("--lenient", action="store_true", help="also report a lenient extraction ('the answer is C')")
     ap.add_argument("--out", default="runs/eval", help="output folder (responses.jsonl, results.md, results.json)")
     ap.add_argument("--label", default="ours", help="row label in the table")
+    ap.add_argument("--stage-table", default=None, help="print the stage table of a run.sh folder (seed*/eval_*) and exit")
     args = ap.parse_args()
+    if args.stage_table:
+        text, _ = stage_table(args.stage_table)
+        with open(os.path.join(args.stage_table, "stage_table.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return
 
     files = dict(f.split("=", 1) for f in args.file)
     names = [n for n in args.benchmarks.split(",") if n]

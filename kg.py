@@ -702,10 +702,14 @@ class QuestionSampler:
         """A KG-grounded chain of thought, rendered from the evidence path (used when no teacher model)."""
         kg = self.kg
         ans = q["options"][q["answer"]]
+        # walk the options by letter: the conclusion is tied to its letter in the text itself, the step a small
+        # model finds hardest to learn from the final answer tag alone
+        walk = "Checking the options: " + "; ".join(
+            f"{L}. {t}: {'yes' if L == q['answer'] else 'no'}" for L, t in q["options"].items()) + "."
         if kind == "attribute":
             subject = kg.names[path[0][0]]
             return f"Consider what is known about {subject}. {q['evidence'][0][0].upper() + q['evidence'][0][1:]}. " \
-                   f"The other options are not described for it. So the answer is {ans}."
+                   f"The other options are not described for it. {walk} So the answer is {ans}."
         target = kg.names[path[0][0]]
         findings = _join([kg.names[t] for _, _, _, t in path[:len(path) - (kind == 'two_hop')]])
         steps = [f"The findings are {findings}.",
@@ -713,6 +717,7 @@ class QuestionSampler:
                  else f"Together they point to {target}."]
         if kind == "two_hop":
             steps.append(q["evidence"][-1][0].upper() + q["evidence"][-1][1:] + ".")
+        steps.append(walk)
         steps.append(f"So the answer is {ans}.")
         return " ".join(steps)
 

@@ -435,7 +435,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
     report = dict(dropped=Counter(), sources=Counter())
-    cache = CallCache(os.path.join(args.out, "cache.jsonl"))
+    cache = CallCache(os.path.join(args.out, "cache.jsonl")) if (args.teacher_url or args.teacher_ckpt or
+                                                                 args.validator_url or args.validator_ckpt) else None
 
     # --- sources
     items = []

@@ -437,8 +437,30 @@ def train_tokenizer(texts, vocab_size, path):
 # KV-cached batched generation
 
 
-def sample_next(logits, temperature, top_k, top_p, generator):
-    """logits (B, V) fp32 -> next ids (B,). temperature 0 = greedy."""
+def _signed(c):
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_MASK = [(1 << (64 - k)) - 1 for k in range(64)]
+
+
+def row_uniforms(row_seeds, step, V):
+    """(B, V) uniforms in (0, 1) from a counter-based hash (splitmix64) of (row seed, step, token id).
+    Why not torch.multinomial with one generator: there a row's sample depends on which other rows share the
+    batch. Here it depends only on its own seed, so rollouts are the same whatever the batch, the number of
+    ranks or the order of prompts, which GRPO's 1-rank == N-rank equivalence needs."""
+    x = row_seeds[:, None] * _signed(0x9E3779B97F4A7C15) + torch.full_like(row_seeds[:, None], step) * _signed(0xD1B54A32D192ED03) \
+        + torch.arange(V, device=row_seeds.device) * _signed(0x8CB92BA72F3D8DD7)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = x ^ ((x >> shift) & _MASK[shift])
+        x = x * _signed(mult)
+    x = x ^ ((x >> 31) & _MASK[31])
+    return (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0 ** 53
+
+
+def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
+    """logits (B, V) fp32 -> next ids (B,). temperature 0 = greedy. Sampling is Gumbel-max with per-row
+    uniforms (row_uniforms): exactly a draw from softmax(logits / temperature) after top-k / top-p."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -451,8 +473,8 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         drop = probs.cumsum(-1) - probs > top_p      # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    gumbel = -torch.log(-torch.log(row_uniforms(row_seeds, step, logits.shape[-1])))
+    return (logits.double() + gumbel).argmax(-1)
 
 
 @torch.no_grad()
@@ -465,7 +487,9 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     Prompts are left-padded into one batch; each row has its own positions, and pad slots are masked out
     of attention, so a row's tokens do not depend on what else is in the batch. With num_samples=G the
     prompts are prefilled once and the cache is copied G ways (the GRPO rollout case). Finished rows are
-    dropped from the batch (and the cache) once they are compact_frac of it, so they stop costing compute."""
+    dropped from the batch (and the cache) once they are compact_frac of it, so they stop costing compute.
+    seed: an int (prompt i gets seed + i) or one seed per prompt; sample j of a prompt is a function of its
+    prompt's seed and j only, never of the rest of the batch."""
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     cfg = model.config
@@ -480,10 +504,10 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
         ids[i, P - len(p):] = torch.tensor(p, device=dev)
         amask[i, P - len(p):] = 1
     positions = (amask.cumsum(1) - 1).clamp(min=0)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=dev)
-        generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    if seed is None:
+        seed = torch.seed() % 2**31
+    seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
+    row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(G)], dtype=torch.long, device=dev)
     cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev, dtype)
     logits = model(ids, position_ids=positions, cache=cache, attention_mask=amask, last_only=True)[:, -1].float()
     if G > 1:   # prefill once, then G copies of each prompt's cache
@@ -497,7 +521,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     next_pos = lens.clone()
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     for step in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = sample_next(logits, temperature, top_k, top_p, row_seeds, step)
         live = rows >= 0
         out[rows[live], step] = tok[live]
         done = live & torch.isin(tok, stop)
@@ -510,7 +534,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
         if 1 - n_live / len(rows) >= compact_frac:
             keep = (rows >= 0).nonzero().flatten()
             cache.select_rows(keep)
-            rows, tok, next_pos = rows[keep], tok[keep], next_pos[keep]
+            rows, tok, next_pos, row_seeds = rows[keep], tok[keep], next_pos[keep], row_seeds[keep]
         logits = model(tok[:, None], position_ids=next_pos[:, None], cache=cache)[:, -1].float()
         next_pos = next_pos + 1
     out = out.tolist()

@@ -246,13 +246,13 @@ class Rollout:
         self.model.train()
 
 
-def sample_groups(model, tok, items, G, args, seed, device):
-    """G completions per item -> (token lists, texts, finish reasons, prompt id lists)."""
+def sample_groups(model, tok, items, G, args, seeds, device):
+    """G completions per item -> (token lists, texts, finish reasons, prompt id lists). seeds: one per item."""
     prompts = [prompt_ids(tok, it) for it in items]
     stop = [tok.convert_tokens_to_ids("<|im_end|>")]
     with autocast(device, args.bf16 and device.type == "cpu"):
         outs, reasons = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, stop_ids=stop, num_samples=G, seed=seed, pad_id=tok.pad_token_id or 0)
+                                 top_p=args.top_p, stop_ids=stop, num_samples=G, seed=seeds, pad_id=tok.pad_token_id or 0)
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
     return outs, texts, reasons, prompts
 
@@ -264,7 +264,8 @@ def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
     with Rollout(model), torch.no_grad():
         for b in range(0, len(mine), 16):
             chunk = mine[b:b + 16]
-            _, texts, reasons, _ = sample_groups(model, tok, [items[i] for i in chunk], k, args, seed + b, device)
+            _, texts, reasons, _ = sample_groups(model, tok, [items[i] for i in chunk], k, args,
+                                                 [seed * 1_000_003 + i for i in chunk], device)
             for j, i in enumerate(chunk):
                 rates[i] = sum(reward_parts(texts[j * k + s], items[i], reasons[j * k + s])[0] for s in range(k)) / k
     if world > 1:
@@ -342,8 +343,9 @@ def main(argv=None):
         mine = batch[rank::world]
         t0 = time.time()
         with Rollout(model), torch.no_grad():
+            # seeds per (step, item): rollouts do not depend on how items are split over ranks
             outs, texts, reasons, prompts = sample_groups(model, tok, [items[i] for i in mine], G, args,
-                                                          args.seed * 1_000_003 + step * 1009 + rank, device)
+                                                          [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine], device)
         t_roll = time.time() - t0
         parts = [reward_parts(texts[j], items[mine[j // G]], reasons[j], args.require_think) for j in range(len(texts))]
         correct = torch.tensor([c for c, _ in parts])
@@ -427,6 +429,12 @@ def main(argv=None):
             row["kl"] = all_reduce_sum(stats["kl"])
         # --- curriculum: stage 2 on reward sparsity, then mining every M steps
         switch = cur.observe(row["zero_var_frac"], step + 1)
+        if switch:   # the stage-1 policy, kept for the stage table (HF layout)
+            from common import full_state
+            msd, _ = full_state(model)
+            if rank == 0:
+                save_model(model, os.path.join(args.out, "stage1"), state_dict=msd)
+                tok.save_pretrained(os.path.join(args.out, "stage1"))
         if switch or (cur.stage == 2 and last_mine is not None and step + 1 - last_mine >= args.mine_every):
             idx = list(range(len(items)))
             if args.mine_max and len(idx) > args.mine_max:

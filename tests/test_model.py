@@ -157,6 +157,9 @@ def test_sampling_reproducible_and_group_case(tmp_path):
     b = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3)
     c = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=4)
     assert a == b and a != c and len(a[0]) == 8
+    # a prompt's samples depend on its seed only, not on the rest of the batch or its position
+    alone = generate(m, prompts[1:], max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=[4])
+    assert alone[0] == a[0][4:]
     assert len(set(map(tuple, a[0][:4]))) > 1   # the G samples of one prompt differ
     # greedy with G samples = the same greedy continuation G times, equal to the single-sample run
     g, _ = generate(m, prompts, max_new_tokens=8, temperature=0.0, num_samples=3)

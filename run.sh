@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole recipe in miniature on the embedded default, on CPU, for several seeds:
+#   make_data (KG questions from hpo3) -> train_sft (tiny model from scratch) -> train_grpo stage 1 -> stage 2
+#   (torchrun, 2 CPU ranks) -> evaluate after each stage -> the stage table (paper Table 4) and plots.
+#
+#   bash run.sh                 # creates .venv if needed, then the full demo (see README for times)
+#   QUICK=1 bash run.sh         # tiny sizes, one seed: a smoke test of every stage (CI runs this)
+#   SEEDS="0" OUT=runs/one bash run.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-runs/demo}
+NPROC=${NPROC:-2}
+QUICK=${QUICK:-0}
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv (CPU torch first, so nothing pulls a CUDA build)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q torch==2.13.0
+    .venv/bin/pip install -q -r requirements.txt
+  fi
+  . .venv/bin/activate
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+
+if [ "$QUICK" = 1 ]; then
+  SEEDS=${SEEDS:-"0"}
+  DATA="--kg-questions 400 --kg-max-diseases 40"
+  SFT="--steps 30 --seq-len 384 --eval-every 15"
+  GRPO="--steps 6 --stage2-at 3 --questions-per-step 4 --group-size 4 --stage2-group-size 6 --val-size 16 --mine-max 16 --mine-every 2 --eval-every 3"
+  EVAL="--limit 24"
+else
+  SEEDS=${SEEDS:-"0 1 2"}
+  DATA="--kg-questions 6000 --sft-frac 0.6"
+  SFT="--steps 600 --eval-every 100"
+  GRPO="--steps 60 --stage2-at 36 --mine-max 256 --mine-every 12 --eval-every 12"
+  EVAL=""
+fi
+NEW=160   # completion budget: the KG rationales are ~110 tokens
+
+t0=$(date +%s)
+echo "== make_data -> $OUT/data"
+python make_data.py --out "$OUT/data" --seed 0 $DATA
+for s in $SEEDS; do
+  R="$OUT/seed$s"
+  echo "== seed $s: base (random init) and CoT cold-start SFT"
+  python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/base" --steps 0 --seed "$s" $SFT
+  python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --seed "$s" --bf16 $SFT
+  echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC CPU ranks"
+  torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
+    --out "$R/grpo" --seed "$s" --bf16 --max-new-tokens $NEW $GRPO
+  for stage in base:base sft:sft grpo_stage1:grpo/stage1 grpo_stage2:grpo; do
+    name=${stage%%:*}; path=$R/${stage#*:}
+    echo "== seed $s: evaluate $name"
+    torchrun --standalone --nproc_per_node="$NPROC" evaluate.py --model "$path" --benchmarks kg \
+      --file kg="$OUT/data/test.jsonl" --max-new-tokens $NEW --batch-size 32 --out "$R/eval_$name" --label "$name" $EVAL \
+      | grep -E "^\| kg" || true
+  done
+done
+echo "== stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s))"
+python evaluate.py --stage-table "$OUT"
+python -c "from common import plot_runs; print(plot_runs('$OUT'))"
+echo "== done in $(( $(date +%s) - t0 )) s; see $OUT/stage_table.md and $OUT/curves.png"
