@@ -261,12 +261,14 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None, cache=None, attention_mask=None, last_only=False):
+    def forward(self, input_ids, position_ids=None, doc_ids=None, cache=None, attention_mask=None, last_only=False,
+                logits_from=0):
         """input_ids (B, T) -> logits (B, T, vocab).
         doc_ids (B, T): packed training; attention stays within equal ids and positions restart per document.
         cache + position_ids: incremental decoding; cache.valid says which key slots are real tokens.
         attention_mask (B, T) of 1/0: left-padded prompts without a cache (pads are never attended).
-        last_only: logits of the last position only (generation needs no more; saves a (B, T, vocab) matmul)."""
+        last_only: logits of the last position only (generation needs no more; saves a (B, T, vocab) matmul).
+        logits_from: logits of positions >= this one only (RL scores completions, not prompts)."""
         B, T = input_ids.shape
         dev = input_ids.device
         mask, cu_seqlens = None, None
@@ -306,6 +308,8 @@ class Transformer(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
+        elif logits_from:
+            x = x[:, logits_from:]
         return self.lm_head(self.model.norm(x))
 
 

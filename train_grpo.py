@@ -94,26 +94,28 @@ def grpo_denominator(mode, n_tokens, n_seqs, const):
 
 
 def completion_logprobs(model, seqs, prompt_lens, device, pad_id, want_entropy=False):
-    """Right-padded prompt+completion batch -> (logp of each completion token (B, Lc), mask (B, Lc), entropy)."""
+    """Right-padded prompt+completion batch -> (logp of each completion token (B, Lc), mask (B, Lc), entropy).
+    Logits are computed only from the shortest prompt's end on: the prompt positions carry no loss, and the
+    (B, T, vocab) lm_head + log-softmax over them would be most of the cost."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, device=device)
-    logits = model(ids[:, :-1]).float()
+    start = min(prompt_lens) - 1
+    logits = model(ids[:, :-1], logits_from=start).float()           # (B, T-1-start, V): predicts token t+1
     logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)            # (B, T-1): logp of token t+1
-    Lc = max(len(s) - p for s, p in zip(seqs, prompt_lens))
-    out = torch.zeros(len(seqs), Lc, device=device)
-    mask = torch.zeros(len(seqs), Lc, device=device)
-    ent = torch.zeros(len(seqs), Lc, device=device) if want_entropy else None
-    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
-        n = len(s) - p
-        out[i, :n] = logp[i, p - 1:p - 1 + n]
-        mask[i, :n] = 1
-        if want_entropy:
-            with torch.no_grad():
-                pa = logp_all[i, p - 1:p - 1 + n]
-                ent[i, :n] = -(pa.exp() * pa).sum(-1)
+    logp = logp_all.gather(-1, ids[:, start + 1:, None]).squeeze(-1)
+    n = torch.tensor([len(s) - p for s, p in zip(seqs, prompt_lens)], device=device)
+    Lc = int(n.max())
+    j = torch.arange(Lc, device=device)
+    mask = (j[None] < n[:, None]).float()
+    # completion token j of row i is predicted at column (prompt_len_i - 1 - start) + j
+    col = ((torch.tensor(prompt_lens, device=device) - 1 - start)[:, None] + j[None]).clamp(max=logp.shape[1] - 1)
+    out = logp.gather(1, col) * mask
+    ent = None
+    if want_entropy:
+        with torch.no_grad():
+            ent = (-(logp_all.exp() * logp_all).sum(-1)).gather(1, col) * mask
     return out, mask, ent
 
 

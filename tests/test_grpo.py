@@ -133,3 +133,23 @@ def test_curriculum_switch_and_mining():
     assert [forced.observe(0.0, s) for s in (1, 2)] == [False, True]
     forced.mine(rates, 2)
     assert forced.pool == [1, 2, 5]
+
+
+def test_completion_logprobs_match_naive_per_row():
+    """Ragged prompts and completions in one padded batch give each row's log-probs and entropies as scoring it
+    alone with a full forward does."""
+    from model import ModelConfig, Transformer
+    from train_grpo import completion_logprobs
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0).eval()
+    g = torch.Generator().manual_seed(0)
+    plens, clens = [5, 9, 7], [6, 2, 4]
+    seqs = [torch.randint(3, 97, (p + c,), generator=g).tolist() for p, c in zip(plens, clens)]
+    with torch.no_grad():
+        lp, mask, ent = completion_logprobs(m, seqs, plens, torch.device("cpu"), 0, want_entropy=True)
+        for i, (s, p, c) in enumerate(zip(seqs, plens, clens)):
+            full = torch.log_softmax(m(torch.tensor([s]))[0].float(), -1)
+            want = full[p - 1:p - 1 + c].gather(-1, torch.tensor(s[p:])[:, None]).squeeze(-1)
+            want_ent = -(full.exp() * full).sum(-1)[p - 1:p - 1 + c]
+            assert mask[i].sum() == c and mask[i, c:].sum() == 0
+            assert torch.allclose(lp[i, :c], want, atol=1e-5) and torch.allclose(ent[i, :c], want_ent, atol=1e-5)
+            assert lp[i, c:].abs().sum() == 0

@@ -1,0 +1,73 @@
+"""
+Where a GRPO step's time goes: rollout (KV-cached generation) / reference forward (KL) / policy update, and
+rollout tokens/s. Runs train_grpo.py for a few steps with a KL reference so all three parts are timed, then
+summarises its metrics.jsonl (the first step is left out as warm-up).
+
+    python bench/grpo.py                                   # builds a tiny KG set and a from-scratch tiny policy
+    python bench/grpo.py --init runs/demo/seed0/sft --data runs/demo/data/rl_train.jsonl
+    torchrun is not needed here; pass --nproc 2 to time the 2-rank FSDP2 run instead.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--init", default=None, help="policy checkpoint; default: a random-init tiny model (worst case: "
+                "every completion runs to --max-new-tokens)")
+ap.add_argument("--data", default=None, help="rl_train.jsonl; default: built here with make_data.py")
+ap.add_argument("--steps", type=int, default=6, help="GRPO steps (the first is warm-up)")
+ap.add_argument("--questions-per-step", type=int, default=8, help="questions per step")
+ap.add_argument("--group-size", type=int, default=8, help="completions per question")
+ap.add_argument("--max-new-tokens", type=int, default=128, help="completion budget")
+ap.add_argument("--kl-beta", type=float, default=0.01, help="> 0 so the reference forward is timed")
+ap.add_argument("--nproc", type=int, default=1, help="ranks (torchrun, gloo on CPU)")
+ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+ap.add_argument("--device", default=None, help="cpu / cuda")
+ap.add_argument("--seed", type=int, default=0, help="seed")
+args = ap.parse_args()
+
+tmp = tempfile.mkdtemp(prefix="bench_grpo_")
+env = {**os.environ, "PYTHONPATH": ROOT}
+
+
+def run(cmd, nproc=1):
+    pre = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              f"--nproc_per_node={nproc}"]
+    p = subprocess.run(pre + cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(p.stdout[-3000:] + p.stderr[-3000:])
+
+
+data, init = args.data, args.init
+if data is None:
+    run(["make_data.py", "--out", f"{tmp}/data", "--kg-questions", "400", "--kg-max-diseases", "40", "--seed", str(args.seed)])
+    data = f"{tmp}/data/rl_train.jsonl"
+if init is None:
+    if not os.path.exists(f"{tmp}/data/sft.jsonl"):
+        sys.exit("--init is needed with --data")
+    run(["train_sft.py", "--data", f"{tmp}/data/sft.jsonl", "--out", f"{tmp}/base", "--steps", "0", "--seed", str(args.seed)])
+    init = f"{tmp}/base"
+cmd = ["train_grpo.py", "--init", init, "--data", data, "--out", f"{tmp}/grpo", "--steps", str(args.steps),
+       "--questions-per-step", str(args.questions_per_step), "--group-size", str(args.group_size),
+       "--max-new-tokens", str(args.max_new_tokens), "--kl-beta", str(args.kl_beta), "--val-size", "8",
+       "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed)]
+cmd += ["--bf16"] if args.bf16 else []
+cmd += ["--device", args.device] if args.device else []
+run(cmd, args.nproc)
+rows = [json.loads(l) for l in open(f"{tmp}/grpo/metrics.jsonl")]
+rows = [r for r in rows if "rollout_s" in r][1:]
+mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+roll, ref, train = mean("rollout_s"), mean("ref_s"), mean("train_s")
+total = roll + ref + train
+print(f"GRPO step ({len(rows)} timed steps, {args.questions_per_step} questions x {args.group_size} samples, "
+      f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, init {init if args.init else 'random tiny'})")
+print(f"  rollout   {roll:7.2f} s  ({roll / total:.0%})   {mean('rollout_tok_s'):,.0f} rollout tok/s per rank, "
+      f"mean completion {mean('response_len'):.0f} tokens")
+print(f"  reference {ref:7.2f} s  ({ref / total:.0%})")
+print(f"  train     {train:7.2f} s  ({train / total:.0%})")
+print(f"  total     {total:7.2f} s per step")
