@@ -1,7 +1,7 @@
 """
 evaluate.py: the paper's nine-benchmark suite (4.1) with auditable per-item outputs.
 
-    python evaluate.py --model runs/demo/grpo2 --benchmarks kg --file kg=data/kg/test.jsonl
+    python evaluate.py --model runs/demo/seed0/grpo --benchmarks kg --file kg=runs/demo/data/test.jsonl
     python evaluate.py --model Qwen2.5-7B-dir --data-dir benchmarks/ --limit 200        # local files
     torchrun --nproc_per_node=2 evaluate.py --model runs/demo/sft --benchmarks kg --file kg=data/kg/test.jsonl
     python evaluate.py --responses vllm_out.jsonl --out runs/rescored                 # re-score, no model

@@ -614,11 +614,17 @@ class QuestionSampler:
                 if len(vals) > 64:
                     off = self.rng.randrange(len(vals) - 63)
                     vals = vals[off:off + 64]
-                cands.extend(y for y in vals.tolist() if y not in bad and fits(y))
+                cands.extend(vals.tolist())
         cands = list(dict.fromkeys(cands))
-        self.rng.shuffle(cands)
+        # a partial Fisher-Yates shuffle, checking candidates lazily: the same distribution as shuffling all
+        # of them and filtering, at the cost of the few we look at (hubs give thousands of candidates)
         out, seen = [], set()
-        for c in cands:
+        for i in range(len(cands)):
+            j = self.rng.randrange(i, len(cands))
+            cands[i], cands[j] = cands[j], cands[i]
+            c = cands[i]
+            if c in bad or not fits(c):
+                continue
             nm = kg.names[c].lower()
             if nm not in seen:
                 out.append(c)

@@ -406,7 +406,7 @@ def main(argv=None):
                     stats["kl"] += weight * float((kl * mask).sum()) / max(n_tok_g, 1) * (epoch == 0)
                 loss = aggregate(per_tok, mask, args.loss_agg, denom) * world * weight
                 loss.backward()
-                stats["loss"] += float(loss) / world
+                stats["loss"] += float(loss.detach()) / world
                 if epoch == 0:
                     stats["entropy"] += weight * float((ent * mask).sum()) / max(n_tok_g, 1)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
