@@ -218,3 +218,13 @@ def plot_runs(run_dir):
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def add_run_flags(ap, out, eval_every, save_every, eval_help):
+    """The '# --- run' flags both trainers share."""
+    ap.add_argument("--out", default=out, help="output folder")
+    ap.add_argument("--eval-every", type=int, default=eval_every, help=eval_help)
+    ap.add_argument("--save-every", type=int, default=save_every, help="resumable checkpoint every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue from {out}/ckpt")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (tests of resume)")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")

@@ -23,7 +23,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLog, all_reduce_sum, autocast, init_distributed, load_trainer_state, memory_mb,
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, init_distributed, load_trainer_state, memory_mb,
                     plot_metrics, print0, save_checkpoint, set_seed, shard_model)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
 from model import generate, load_model, load_tokenizer, save_model
@@ -211,12 +211,7 @@ def get_args(argv=None):
     ap.add_argument("--hard-below", type=float, default=0.5, help="mined as hard if its pass rate is below this")
     ap.add_argument("--mix-right", type=float, default=0.25, help="share of already-solved items in the stage 2 pool")
     # --- run
-    ap.add_argument("--out", default="runs/grpo", help="output folder")
-    ap.add_argument("--eval-every", type=int, default=20, help="held-out accuracy every N steps")
-    ap.add_argument("--save-every", type=int, default=20, help="resumable checkpoint every N steps")
-    ap.add_argument("--resume", action="store_true", help="continue from {out}/ckpt")
-    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (tests of resume)")
-    ap.add_argument("--device", default=None, help="cpu / cuda")
+    add_run_flags(ap, "runs/grpo", 20, 20, "held-out accuracy every N steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
     return ap.parse_args(argv)
 

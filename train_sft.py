@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLog, all_reduce_sum, autocast, init_distributed, load_trainer_state, lr_at, memory_mb,
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, init_distributed, load_trainer_state, lr_at, memory_mb,
                     plot_metrics, print0, save_checkpoint, set_seed, shard_model)
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model, train_tokenizer
 
@@ -135,12 +135,7 @@ def get_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     # --- run
-    ap.add_argument("--out", default="runs/sft", help="output folder")
-    ap.add_argument("--eval-every", type=int, default=50, help="validation loss every N steps")
-    ap.add_argument("--save-every", type=int, default=100, help="resumable checkpoint every N steps")
-    ap.add_argument("--resume", action="store_true", help="continue from {out}/ckpt")
-    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (tests of resume)")
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    add_run_flags(ap, "runs/sft", 50, 100, "validation loss every N steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for init, data order")
     return ap.parse_args(argv)
 
