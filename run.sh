@@ -46,7 +46,7 @@ for s in $SEEDS; do
   R="$OUT/seed$s"
   echo "== seed $s: base (random init) and CoT cold-start SFT"
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
-  OMP_NUM_THREADS=$(nproc) python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/base" --steps 0 --seed "$s" $SFT
+  OMP_NUM_THREADS=$(nproc) python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/base" --seed "$s" $SFT --steps 0
   OMP_NUM_THREADS=$(nproc) python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --seed "$s" --bf16 $SFT
   echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC CPU ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
