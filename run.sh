@@ -21,7 +21,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   fi
   . .venv/bin/activate
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS when that is set
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
 
 if [ "$QUICK" = 1 ]; then
   SEEDS=${SEEDS:-"0"}
@@ -46,8 +47,8 @@ for s in $SEEDS; do
   R="$OUT/seed$s"
   echo "== seed $s: base (random init) and CoT cold-start SFT"
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
-  OMP_NUM_THREADS=$(nproc) python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/base" --seed "$s" $SFT --steps 0
-  OMP_NUM_THREADS=$(nproc) python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --seed "$s" --bf16 $SFT
+  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/base" --seed "$s" $SFT --steps 0
+  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --seed "$s" --bf16 $SFT
   echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC CPU ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
     --out "$R/grpo" --seed "$s" --bf16 --max-new-tokens $NEW $GRPO
