@@ -128,7 +128,7 @@ def get_args(argv=None):
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block (saves memory)")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU; FSDP mixed precision on GPU)")
     # --- optimisation
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=250, help="optimizer steps")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     ap.add_argument("--min-lr", type=float, default=3e-4, help="final learning rate of the cosine")
     ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
