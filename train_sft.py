@@ -223,20 +223,22 @@ def main(argv=None):
         v0 = val_loss()
         log.log(step=0, val_loss=v0)
         print0(f"step 0: val loss {v0:.4f}")
-    # each epoch is shuffled then packed, so epochs can differ by a row or two: global row k -> (epoch, offset)
-    epoch_len = {}
+    # each epoch is shuffled then packed, so epochs can differ by a row or two: global row k -> (epoch, offset).
+    # Only the current epoch's rows are kept; each epoch is packed once (again after a resume, to learn its length).
+    epoch_len, rows_cache = {0: rows_per_epoch}, {}
 
-    def row_position(k):
+    def row_at(k):
         ep = 0
         while True:
-            if ep not in epoch_len:
-                epoch_len[ep] = len(epoch_rows(train, args.seq_len, pad, args.seed, ep))
+            if ep not in epoch_len or (k < epoch_len[ep] and ep not in rows_cache):
+                rows_cache.clear()
+                rows_cache[ep] = epoch_rows(train, args.seq_len, pad, args.seed, ep)
+                epoch_len[ep] = len(rows_cache[ep])
             if k < epoch_len[ep]:
-                return ep, k
+                return rows_cache[ep][k]
             k -= epoch_len[ep]
             ep += 1
 
-    rows_cache = {}
     model.train()
     for step in bar:
         t0 = time.time()
@@ -247,10 +249,7 @@ def main(argv=None):
         first = step * args.rows_per_step
         step_rows = []
         for k in range(first, first + args.rows_per_step):
-            ep, off = row_position(k)
-            if ep not in rows_cache:
-                rows_cache = {ep: epoch_rows(train, args.seq_len, pad, args.seed, ep)}
-            step_rows.append(rows_cache[ep][off])
+            step_rows.append(row_at(k))
         mine = step_rows[rank::world]
         n_tok_global = all_reduce_sum(sum(sum(r[1][1:]) for r in step_rows[rank::world]))
         # each rank's loss is scaled so that FSDP's gradient average equals (global token sum) / (global count)
