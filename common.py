@@ -66,6 +66,17 @@ def autocast(device, bf16):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def cpu_has_native_bf16():
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (e.g. AVX2-only CPUs) bf16
+    autocast is emulated and measured ~25x slower than fp32 for the tiny model, so run.sh only passes --bf16 here."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def check_bf16(bf16, device):
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        print0("warning: --bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): emulated, far slower than fp32")
+
+
 def lr_at(step, total, lr, min_lr, warmup):
     """Linear warmup, then cosine decay to min_lr."""
     if step < warmup:

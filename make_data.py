@@ -97,7 +97,7 @@ def kg_items(args):
         kg = kg.subgraph(keep)
     kinds = [k for k in args.kg_kinds.split(",") if k] or None
     sampler = QuestionSampler(kg, seed=args.seed, rarity=args.rarity, n_options=args.options, kinds=kinds,
-                              min_evidence=args.min_evidence, max_evidence=args.max_evidence)
+                              min_evidence=args.min_evidence, max_evidence=args.max_evidence, rationale=args.kg_rationale)
     qs = sampler.sample_many(args.kg_questions)
     out = []
     for i, q in enumerate(qs):
@@ -371,9 +371,11 @@ def distill(items, teacher, rounds):
     return kept, stats
 
 
-def kg_trace(it):
-    """No teacher: the KG evidence path rendered as the reasoning (verified by construction)."""
-    return f"<think>{it['rationale']}</think>\n<answer>{it['answer']}</answer>"
+def kg_trace(it, answer_as="letter"):
+    """No teacher: the KG evidence path rendered as the reasoning (verified by construction). answer_as text:
+    the tag holds the option's text, which the strict parser maps to its letter when it names one option."""
+    ans = it["options"][it["answer"]] if answer_as == "text" else it["answer"]
+    return f"<think>{it['rationale']}</think>\n<answer>{ans}</answer>"
 
 
 # -----------------------------------------------------------------------------
@@ -395,6 +397,11 @@ def get_args(argv=None):
     ap.add_argument("--kg-max-diseases", type=int, default=150, help="restrict the KG to N diseases (0 = all); a "
                     "small closed world is what a tiny CPU model can learn")
     ap.add_argument("--kg-kinds", default="identify,attribute,two_hop", help="question kinds")
+    ap.add_argument("--kg-rationale", default="short", choices=["walk", "short"], help="KG-rendered chain of thought: "
+                    "walk (every option checked by letter) or short (the conclusion only; half the tokens)")
+    ap.add_argument("--answer-as", default="text", choices=["letter", "text"], help="what the KG-rendered traces "
+                    "put in <answer>: the letter, or the option's text (a tiny model names the right option far more "
+                    "often than it finds its letter; both score the same under the strict parser)")
     ap.add_argument("--rarity", type=float, default=1.0, help="rare-entity emphasis: weight degree**-rarity (0 = off)")
     ap.add_argument("--options", type=int, default=4, help="options per KG question (4..10)")
     ap.add_argument("--min-evidence", type=int, default=2, help="fewest findings shown in a vignette")
@@ -515,7 +522,7 @@ def main(argv=None):
     else:
         for it in sft_pool:   # the KG path as reasoning; public items with an explanation use it
             if it.get("rationale"):
-                trace = kg_trace(it)
+                trace = kg_trace(it, args.answer_as)
                 if check_trace(trace, it) is None:
                     traces[it["id"]] = trace
         report["distillation"] = {"teacher": "none: KG evidence paths / dataset explanations", "traces": len(traces)}

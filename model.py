@@ -262,13 +262,15 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, cache=None, attention_mask=None, last_only=False,
-                logits_from=0):
+                logits_from=0, logits_at=None):
         """input_ids (B, T) -> logits (B, T, vocab).
         doc_ids (B, T): packed training; attention stays within equal ids and positions restart per document.
         cache + position_ids: incremental decoding; cache.valid says which key slots are real tokens.
         attention_mask (B, T) of 1/0: left-padded prompts without a cache (pads are never attended).
         last_only: logits of the last position only (generation needs no more; saves a (B, T, vocab) matmul).
-        logits_from: logits of positions >= this one only (RL scores completions, not prompts)."""
+        logits_from: logits of positions >= this one only (RL scores completions, not prompts).
+        logits_at (B, T) bool: logits of those positions only, as (N, vocab) (SFT: only assistant tokens carry
+        loss, so the lm_head matmul and the log-softmax over prompt positions would be wasted work)."""
         B, T = input_ids.shape
         dev = input_ids.device
         mask, cu_seqlens = None, None
@@ -310,6 +312,8 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         elif logits_from:
             x = x[:, logits_from:]
+        elif logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.model.norm(x))
 
 

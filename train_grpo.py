@@ -23,7 +23,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, init_distributed, load_trainer_state, memory_mb,
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, init_distributed, load_trainer_state, memory_mb,
                     plot_metrics, print0, save_checkpoint, set_seed, shard_model)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
 from model import generate, load_model, load_tokenizer, save_model
@@ -290,6 +290,7 @@ def evaluate_policy(model, tok, val, args, rank, world, device):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
+    check_bf16(args.bf16, device)
     if args.questions_per_step % world:
         raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
     set_seed(args.seed)

@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, init_distributed, load_trainer_state, lr_at, memory_mb,
-                    plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, init_distributed, load_trainer_state,
+                    lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model, train_tokenizer
 
 
@@ -102,12 +102,12 @@ def batch_tensors(rows, device):
 
 
 def masked_loss_sum(model, ids, mask, docs):
-    """Sum of next-token cross-entropy over the masked (assistant) targets, and their count."""
-    logits = model(ids[:, :-1], doc_ids=docs[:, :-1])
-    targets = ids[:, 1:]
+    """Sum of next-token cross-entropy over the masked (assistant) targets, and their count. Logits are made
+    for those positions only: prompt tokens carry no loss, so their lm_head and softmax would be wasted."""
     m = mask[:, 1:].bool() & (docs[:, 1:] == docs[:, :-1])   # never predict across a document boundary
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (loss * m.reshape(-1)).sum(), int(m.sum())
+    logits = model(ids[:, :-1], doc_ids=docs[:, :-1], logits_at=m)   # (N, vocab), N = m.sum()
+    loss = F.cross_entropy(logits.float(), ids[:, 1:][m], reduction="sum")
+    return loss, int(m.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -143,6 +143,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
+    check_bf16(args.bf16, device)
     if args.rows_per_step % world:
         raise SystemExit(f"--rows-per-step {args.rows_per_step} must be a multiple of the world size {world}")
     set_seed(args.seed)

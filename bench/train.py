@@ -5,6 +5,11 @@ in the same run; and parameter + gradient + optimizer-state bytes per rank, 1 pr
 
     python bench/train.py                        # CPU: fp32 and bf16 autocast, then the 2-rank FSDP memory part
     python bench/train.py --device cuda --batch 16 --seq 2048 --preset small
+
+Two losses: "full" (every position, a pretraining step: both sides do the same work) and "sft" (loss on the
+last --loss-frac of each sequence, as SFT masks the prompt: ours computes logits for those positions only,
+which is what train_sft.py does; transformers gets labels=-100 on the rest, its standard SFT usage).
+bf16 autocast runs only where the CPU has bf16 in hardware (or on CUDA): elsewhere it is emulated and slow.
 """
 import argparse
 import os
@@ -18,12 +23,16 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import cpu_has_native_bf16  # noqa: E402
 from model import ModelConfig, Transformer, save_model  # noqa: E402
+from train_sft import masked_loss_sum  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="20m", help="model preset")
 ap.add_argument("--batch", type=int, default=4, help="sequences per step")
 ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+ap.add_argument("--loss-frac", type=float, default=0.35, help="sft case: share of positions with loss (the "
+                "embedded default's assistant share is about 0.35)")
 ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
 ap.add_argument("--device", default="cpu", help="cpu or cuda")
 ap.add_argument("--fsdp-part", action="store_true", help="(internal) the torchrun memory measurement")
@@ -45,10 +54,17 @@ def state_bytes(model, opt):
     return n
 
 
-def step_fn(model, opt, ids, bf16, hf):
+def step_fn(model, opt, ids, bf16, hf, loss_mask=None):
+    """One training step. loss_mask None: loss on every position. Else (B, T) 0/1: loss on those targets only."""
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=ids).logits if hf else model(ids)
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        if loss_mask is None:
+            logits = model(input_ids=ids).logits if hf else model(ids)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        elif hf:   # the usual transformers SFT step: labels -100 where there is no loss
+            loss = model(input_ids=ids, labels=ids.masked_fill(loss_mask == 0, -100)).loss
+        else:      # train_sft.py's step: one document per row
+            s, n = masked_loss_sum(model, ids, loss_mask, torch.zeros_like(ids))
+            loss = s / n
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -105,15 +121,15 @@ def matmul_rate(dtype):
     return 3 * 2 * n ** 3 / (time.perf_counter() - t)
 
 
-def bench(model, hf, bf16):
+def bench(model, hf, bf16, loss_mask):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step_fn(model, opt, ids, bf16, hf)   # warm-up (also allocates optimizer state)
+    step_fn(model, opt, ids, bf16, hf, loss_mask)   # warm-up (also allocates optimizer state)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
     t = time.perf_counter()
     for _ in range(args.steps):
-        step_fn(model, opt, ids, bf16, hf)
+        step_fn(model, opt, ids, bf16, hf, loss_mask)
     sync()
     dt = (time.perf_counter() - t) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
@@ -122,15 +138,22 @@ def bench(model, hf, bf16):
 
 print(f"model {args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, device {args.device}, "
       f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-for bf16 in (False, True):
+sft_mask = torch.zeros_like(ids)
+sft_mask[:, int(args.seq * (1 - args.loss_frac)):] = 1
+precisions = [False] + ([True] if dev.type == "cuda" or cpu_has_native_bf16() else [])
+if len(precisions) == 1:
+    print("bf16: skipped (this CPU has no native bf16; autocast would be emulated)")
+for bf16 in precisions:
     name = "bf16 autocast" if bf16 else "fp32"
     rate = matmul_rate(torch.bfloat16 if bf16 else torch.float32)
-    a_tps, a_peak, a_state = bench(ours, False, bf16)
-    b_tps, b_peak, _ = bench(ref, True, bf16)
-    mem = f", peak GPU memory ours {a_peak:.0f} MiB vs HF {b_peak:.0f} MiB" if a_peak else ""
-    print(f"[{name}] ours {a_tps:,.0f} tok/s vs transformers {b_tps:,.0f} tok/s: ratio {a_tps / b_tps:.2f}x{mem}")
-    print(f"[{name}] matmul rate {rate / 1e9:,.0f} GFLOP/s; MFU ours {a_tps * flops_tok / rate:.1%}, "
-          f"transformers {b_tps * flops_tok / rate:.1%}")
+    for case, mask in (("full loss", None), (f"sft loss on {args.loss_frac:.0%}", sft_mask)):
+        a_tps, a_peak, a_state = bench(ours, False, bf16, mask)
+        b_tps, b_peak, _ = bench(ref, True, bf16, mask)
+        mem = f", peak GPU memory ours {a_peak:.0f} MiB vs HF {b_peak:.0f} MiB" if a_peak else ""
+        print(f"[{name}, {case}] ours {a_tps:,.0f} tok/s vs transformers {b_tps:,.0f} tok/s: ratio {a_tps / b_tps:.2f}x{mem}")
+        if mask is None:
+            print(f"[{name}] matmul rate {rate / 1e9:,.0f} GFLOP/s; MFU ours {a_tps * flops_tok / rate:.1%}, "
+                  f"transformers {b_tps * flops_tok / rate:.1%}")
 print(f"1 process: params+grads+optimizer state {a_state / 2**20:.1f} MiB")
 if not args.skip_fsdp and dev.type == "cpu":
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

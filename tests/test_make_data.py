@@ -193,3 +193,20 @@ def test_default_is_deterministic(tmp_path):
     make_data.main(small_kg_args(tmp_path / "b"))
     for f in ("sft.jsonl", "rl_train.jsonl", "test.jsonl"):
         assert open(tmp_path / "a" / f).read() == open(tmp_path / "b" / f).read()
+
+
+def test_short_rationale_with_text_answers(tmp_path):
+    """The default (--kg-rationale short --answer-as text) against walk + letter: no option walk, the tag holds the option text, and every trace
+    still scores as its item's letter under the strict parser (and under check_trace's leak check)."""
+    from evaluate import extract_answer, format_ok
+    make_data.main(small_kg_args(tmp_path / "w") + ["--kg-rationale", "walk", "--answer-as", "letter"])
+    make_data.main(small_kg_args(tmp_path / "s"))   # the default: short, text
+    walk = [json.loads(l) for l in open(tmp_path / "w" / "sft.jsonl")]
+    short = [json.loads(l) for l in open(tmp_path / "s" / "sft.jsonl")]
+    assert [s["id"] for s in short] == [w["id"] for w in walk]   # same items, only the traces differ
+    items = {json.loads(l)["id"]: json.loads(l) for l in open(tmp_path / "s" / "items.jsonl")}
+    for s, w in zip(short, walk):
+        it, ts, tw = items[s["id"]], s["messages"][-1]["content"], w["messages"][-1]["content"]
+        assert "Checking the options" in tw and "Checking the options" not in ts and len(ts) < len(tw)
+        tag = re.search(r"<answer>(.*)</answer>", ts).group(1)
+        assert tag == it["options"][it["answer"]] and format_ok(ts) and extract_answer(ts, it["options"]) == it["answer"]
