@@ -32,16 +32,20 @@ from model import generate, load_model, load_tokenizer, save_model
 # reward: correctness + format, nothing else
 
 
-def reward_parts(text, item, finish_reason, require_think=False):
+def reward_parts(text, item, finish_reason, require_think=False, require_option=False):
     """(correct, format) in {0, 1}. Strict, shared with evaluate.py: one well-formed <answer> tag holding one
     option (several tags, several letters, an empty tag or an ambiguous option text give 0). A truncated
-    completion gets no correctness reward: it never finished its answer."""
+    completion gets no correctness reward: it never finished its answer. require_option: the format reward
+    also needs the tag to name one of the options (a wrong option still earns it; an entity that is not an
+    option does not)."""
     fmt = format_ok(text, require_think)
     if finish_reason != "stop":
         return 0.0, 0.0
     tags = text.lower().count("<answer>")
-    correct = tags == 1 and extract_answer(text, item["options"]) == item["answer"]
-    return float(correct), float(fmt)
+    picked = extract_answer(text, item["options"]) if tags == 1 else None
+    if require_option and picked is None:
+        fmt = False
+    return float(picked == item["answer"]), float(fmt)
 
 
 def group_advantages(rewards, group_size, std_scale=False):
@@ -184,6 +188,8 @@ def get_args(argv=None):
     ap.add_argument("--w-correct", type=float, default=1.0, help="reward for the right final answer")
     ap.add_argument("--w-format", type=float, default=0.1, help="reward for the required format")
     ap.add_argument("--require-think", action="store_true", help="format also needs a leading <think>...</think>")
+    ap.add_argument("--require-option", action="store_true", help="format also needs the answer to name one of the "
+                    "options (so an answer outside the options earns less than a wrong option)")
     # --- loss
     ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "seq-sum", "token-sum"],
                     help="normalisation (see aggregate())")
@@ -345,7 +351,8 @@ def main(argv=None):
             outs, texts, reasons, prompts = sample_groups(model, tok, [items[i] for i in mine], G, args,
                                                           [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine], device)
         t_roll = time.time() - t0
-        parts = [reward_parts(texts[j], items[mine[j // G]], reasons[j], args.require_think) for j in range(len(texts))]
+        parts = [reward_parts(texts[j], items[mine[j // G]], reasons[j], args.require_think,
+                              args.require_option) for j in range(len(texts))]
         correct = torch.tensor([c for c, _ in parts])
         fmt = torch.tensor([f for _, f in parts])
         rewards = args.w_correct * correct + args.w_format * fmt

@@ -108,6 +108,14 @@ def test_reward_ambiguous_option_text_and_think_flag():
     assert reward_parts("<answer>C</answer>", ITEM, "stop", require_think=True) == (1.0, 0.0)
 
 
+def test_reward_require_option():
+    item = dict(options={"A": "Heparin", "B": "Warfarin", "C": "x", "D": "y"}, answer="A")
+    assert reward_parts("<answer>Aspirin</answer>", item, "stop") == (0.0, 1.0)            # well-formed tag
+    assert reward_parts("<answer>Aspirin</answer>", item, "stop", require_option=True) == (0.0, 0.0)
+    assert reward_parts("<answer>Warfarin</answer>", item, "stop", require_option=True) == (0.0, 1.0)
+    assert reward_parts("<answer>heparin</answer>", item, "stop", require_option=True) == (1.0, 1.0)
+
+
 def test_group_advantages():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     a = group_advantages(r, 4)
