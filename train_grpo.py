@@ -23,8 +23,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, init_distributed, load_trainer_state, memory_mb,
-                    plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, init_distributed, load_trainer_state,
+                    memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
 from model import generate, load_model, load_tokenizer, save_model
 
