@@ -3,7 +3,7 @@ Training-step throughput and memory: our Transformer vs transformers' Qwen2ForCa
 weights and batch (forward + backward + AdamW step), in the same process; MFU against a matmul rate measured
 in the same run; and parameter + gradient + optimizer-state bytes per rank, 1 process vs 2 FSDP2 ranks.
 
-    python bench/train.py                        # CPU: fp32 and bf16 autocast, then the 2-rank FSDP memory part
+    python bench/train.py                        # CPU: fp32 (+ bf16 where native), then the 2-rank FSDP memory part
     python bench/train.py --device cuda --batch 16 --seq 2048 --preset small
 
 Two losses: "full" (every position, a pretraining step: both sides do the same work) and "sft" (loss on the

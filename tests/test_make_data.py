@@ -196,8 +196,8 @@ def test_default_is_deterministic(tmp_path):
 
 
 def test_short_rationale_with_text_answers(tmp_path):
-    """The default (--kg-rationale short --answer-as text) against walk + letter: no option walk, the tag holds the option text, and every trace
-    still scores as its item's letter under the strict parser (and under check_trace's leak check)."""
+    """The default (--kg-rationale short --answer-as text) against walk + letter: no option walk, the tag holds
+    the option text, and every trace still scores as its item's letter under the strict parser."""
     from evaluate import extract_answer, format_ok
     make_data.main(small_kg_args(tmp_path / "w") + ["--kg-rationale", "walk", "--answer-as", "letter"])
     make_data.main(small_kg_args(tmp_path / "s"))   # the default: short, text
