@@ -127,8 +127,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalise in fp32 like the reference, then cast back (matters in bf16)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # normalise in fp32 like the reference, then cast back (matters in bf16); the weight goes inside the
+        # fused op: on CPU that is one pass instead of two (about 2x faster on a (T, hidden) activation)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
@@ -485,15 +486,32 @@ def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
     return (logits.double() + gumbel).argmax(-1)
 
 
+def prefill_buckets(lens, waste=0.15):
+    """Split rows into buckets of similar prompt length -> [(row indices, bucket's longest length)]. Sorted
+    longest first, a bucket grows while its padded size stays within (1 + waste) x its real tokens; so a
+    ragged batch pays little padding, and an even one stays a single (B, P) forward."""
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    buckets, cur, real = [], [], 0
+    for i in order:
+        if cur and (len(cur) + 1) * lens[cur[0]] > (1 + waste) * (real + lens[i]):
+            buckets.append((cur, lens[cur[0]]))
+            cur, real = [], 0
+        cur.append(i)
+        real += lens[i]
+    buckets.append((cur, lens[cur[0]]))
+    return buckets
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
-             num_samples=1, seed=None, pad_id=0, compact_frac=0.25):
+             num_samples=1, seed=None, pad_id=0, compact_frac=0.25, waste=0.15):
     """prompts: list of token-id lists (ragged). Returns (completions, finish_reasons), one per prompt and
     sample, in order prompt0-sample0, prompt0-sample1, ...; each completion ends with its stop token if it
     stopped ("stop"), else it is max_new_tokens long ("length").
 
     Prompts are left-padded into one batch; each row has its own positions, and pad slots are masked out
-    of attention, so a row's tokens do not depend on what else is in the batch. With num_samples=G the
+    of attention, so a row's tokens do not depend on what else is in the batch. The prefill runs in buckets
+    of similar lengths (see prefill_buckets; waste=the padding share a bucket may have). With num_samples=G the
     prompts are prefilled once and the cache is copied G ways (the GRPO rollout case). Finished rows are
     dropped from the batch (and the cache) once they are compact_frac of it, so they stop costing compute.
     seed: an int (prompt i gets seed + i) or one seed per prompt; sample j of a prompt is a function of its
@@ -517,7 +535,17 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
     row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(G)], dtype=torch.long, device=dev)
     cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev, dtype)
-    logits = model(ids, position_ids=positions, cache=cache, attention_mask=amask, last_only=True)[:, -1].float()
+    logits = torch.empty(B, cfg.vocab_size, device=dev)
+    for rows_, Pc in prefill_buckets(lens.tolist(), waste):
+        # each bucket of similar lengths is prefilled padded only to its own longest prompt, into the right
+        # end of the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are mostly saved
+        r = torch.tensor(rows_, device=dev)
+        part = KVCache(cfg.num_hidden_layers, len(rows_), cfg.num_key_value_heads, Pc, cfg.head_dim, dev, dtype)
+        logits[r] = model(ids[r, P - Pc:], position_ids=positions[r, P - Pc:], cache=part,
+                          attention_mask=amask[r, P - Pc:], last_only=True)[:, -1].float()
+        cache.k[:, r, :, P - Pc:P], cache.v[:, r, :, P - Pc:P] = part.k, part.v
+        cache.valid[r, P - Pc:P] = part.valid
+    cache.length = P
     if G > 1:   # prefill once, then G copies of each prompt's cache
         rep = torch.arange(B, device=dev).repeat_interleave(G)
         cache.select_rows(rep)

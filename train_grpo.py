@@ -384,12 +384,15 @@ def main(argv=None):
         # --- policy update(s)
         t2 = time.time()
         stats = dict(loss=0.0, kl=0.0, entropy=0.0)
+        # every group all-equal and skipped (on all ranks): nothing to learn, and the 0/0 normaliser would put NaN
+        # into every weight, so there is no update this step
+        gnorm, skipped = 0.0, n_seq_g == 0
         n_micro = math.ceil(len(keep) / args.micro_batch)
         n_micro = int(max(all_gather_max(n_micro, world), 1)) if world > 1 else n_micro
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         for g in opt.param_groups:
             g["lr"] = lr
-        for epoch in range(args.ppo_epochs):
+        for epoch in range(0 if skipped else args.ppo_epochs):
             for mi in range(n_micro):
                 m0 = mi * args.micro_batch
                 mb = keep[m0:m0 + args.micro_batch]
@@ -414,6 +417,11 @@ def main(argv=None):
                     stats["entropy"] += weight * float((ent * mask).sum()) / max(n_tok_g, 1)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            if not math.isfinite(gnorm):   # the same on every rank (a global norm); stepping would corrupt the weights
+                print0(f"\nstep {step + 1}: non-finite gradient norm, update skipped")
+                opt.zero_grad(set_to_none=True)
+                skipped = True
+                break
             opt.step()
             opt.zero_grad(set_to_none=True)
         t_train = time.time() - t2
@@ -428,7 +436,7 @@ def main(argv=None):
                    truncated_frac=all_reduce_sum(sum(r == "length" for r in reasons)) / n_all,
                    response_len=all_reduce_sum(sum(len(o) for o in outs)) / n_all,
                    entropy=all_reduce_sum(stats["entropy"]), loss=all_reduce_sum(stats["loss"]), grad_norm=gnorm,
-                   rollout_s=t_roll, ref_s=t_ref, train_s=t_train, rollout_tok_s=sum(len(o) for o in outs) / max(t_roll, 1e-9),
+                   skipped_update=skipped, rollout_s=t_roll, ref_s=t_ref, train_s=t_train, rollout_tok_s=sum(len(o) for o in outs) / max(t_roll, 1e-9),
                    mem_mb=memory_mb(device))
         if ref is not None:
             row["kl"] = all_reduce_sum(stats["kl"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from model import ModelConfig, Transformer, generate, load_model, save_model
+from model import ModelConfig, Transformer, generate, load_model, prefill_buckets, save_model
 
 
 def hf_model(kind, tied, tmp_path, seed=0):
@@ -132,6 +132,23 @@ def test_greedy_batch_matches_transformers_alone(kind, tmp_path):
         want = ref.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                             pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):]
         assert o == want.tolist() and r == "length"
+
+
+def test_bucketed_prefill(tmp_path):
+    """Prefill in length buckets gives the same tokens as one left-padded (B, P) prefill; buckets cover every
+    row once and keep their padding within the allowed share (or hold a single row)."""
+    _, path = hf_model("qwen3", True, tmp_path, seed=21)
+    m = load_model(path)
+    lens = [3, 20, 4, 18, 9, 19, 1]
+    prompts = ragged_batch(97, lens, seed=22)
+    buckets = prefill_buckets(lens, waste=0.15)
+    assert sorted(i for rows, _ in buckets for i in rows) == list(range(len(lens))) and len(buckets) > 1
+    for rows, longest in buckets:
+        assert longest == max(lens[i] for i in rows)
+        assert len(rows) == 1 or len(rows) * longest <= 1.15 * sum(lens[i] for i in rows)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5)):
+        one = generate(m, prompts, max_new_tokens=10, waste=1e9, **kw)   # a single bucket: the plain padded prefill
+        assert generate(m, prompts, max_new_tokens=10, **kw) == one
 
 
 def test_stop_tokens_and_finish_reasons(tmp_path):

@@ -54,6 +54,20 @@ def test_grpo_resume_is_exact(tiny):
             assert x.get(k) == y.get(k), (k, x, y)
 
 
+def test_grpo_step_with_no_signal_leaves_weights_alone(tiny):
+    """Zero reward weights: every group is all-equal, --skip-zero-var leaves nothing to train on. The step must
+    be skipped, not taken: with 2 ranks the collective empty-weight pass divides by a 0 normaliser, and before
+    this guard that put NaN into every weight."""
+    from safetensors.torch import load_file
+    grpo(tiny, tiny / "nosignal", nproc=2, extra=["--skip-zero-var", "--w-correct", "0", "--w-format", "0", "--steps", "2"])
+    before, after = load_file(str(tiny / "sft" / "model.safetensors")), load_file(str(tiny / "nosignal" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert after[k].isfinite().all() and after[k].equal(before[k]), k
+    rows = [r for r in metrics(tiny / "nosignal" / "metrics.jsonl") if "reward" in r]
+    assert [r["skipped_update"] for r in rows] == [True, True] and all(r["zero_var_frac"] == 1.0 for r in rows)
+
+
 def test_evaluate_shared_samples_one_and_two_ranks(tiny):
     args = ["evaluate.py", "--model", str(tiny / "sft"), "--benchmarks", "medqa,medbullets,medxpertqa",
             "--file", f"medqa={FIX}/medqa_5opt_sample.jsonl", "--file", f"medbullets={FIX}/medbullets_op4_sample.jsonl",
