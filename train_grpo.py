@@ -436,7 +436,8 @@ def main(argv=None):
                    truncated_frac=all_reduce_sum(sum(r == "length" for r in reasons)) / n_all,
                    response_len=all_reduce_sum(sum(len(o) for o in outs)) / n_all,
                    entropy=all_reduce_sum(stats["entropy"]), loss=all_reduce_sum(stats["loss"]), grad_norm=gnorm,
-                   skipped_update=skipped, rollout_s=t_roll, ref_s=t_ref, train_s=t_train, rollout_tok_s=sum(len(o) for o in outs) / max(t_roll, 1e-9),
+                   skipped_update=skipped, rollout_s=t_roll, ref_s=t_ref, train_s=t_train,
+                   rollout_tok_s=sum(len(o) for o in outs) / max(t_roll, 1e-9),
                    mem_mb=memory_mb(device))
         if ref is not None:
             row["kl"] = all_reduce_sum(stats["kl"])
