@@ -374,26 +374,37 @@ STAGES = [("base", "Base (random init)"), ("sft", "+CoT cold start"), ("grpo_sta
 
 
 def stage_table(run_dir, bench="kg"):
-    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh."""
+    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh, and for each later
+    stage its gain over the cold start of the same seed (mean +- std of the paired differences): the seeds
+    share the test items, so the paired gain is the comparison that the seed-to-seed spread does not swamp."""
     import glob
     import statistics
-    rows = ["| stage | accuracy (%) mean +- std | per seed | format-failure / unanswered (%) |", "|---|---|---|---|"]
+    rows = ["| stage | accuracy (%) mean +- std | per seed | gain over cold start, same seed (points) | "
+            "format-failure / unanswered (%) |", "|---|---|---|---|---|"]
     seeds = sorted(glob.glob(os.path.join(run_dir, "seed*")))
+    acc = {}   # (stage, seed dir) -> accuracy
     means = {}
+
+    def mean_sd(xs):
+        return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
     for key, label in STAGES:
-        accs, unans = [], []
+        accs, unans, gains = [], [], []
         for sd in seeds:
             p = os.path.join(sd, f"eval_{key}", "results.json")
             if os.path.exists(p):
                 r = json.load(open(p))[bench]
+                acc[key, sd] = r["accuracy"]
                 accs.append(r["accuracy"])
                 unans.append(r["unanswered"])
+                if key not in ("base", "sft") and ("sft", sd) in acc:
+                    gains.append(r["accuracy"] - acc["sft", sd])
         if not accs:
             continue
-        sd_ = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        means[key] = (statistics.mean(accs), sd_)
-        rows.append(f"| {label} | {statistics.mean(accs):.1f} +- {sd_:.1f} | " + ", ".join(f"{a:.1f}" for a in accs) +
-                    f" | {statistics.mean(unans):.1f} |")
+        means[key] = mean_sd(accs)
+        gain = "-" if not gains else "{:+.1f} +- {:.1f} ({})".format(*mean_sd(gains), ", ".join(f"{g:+.1f}" for g in gains))
+        rows.append(f"| {label} | {means[key][0]:.1f} +- {means[key][1]:.1f} | " + ", ".join(f"{a:.1f}" for a in accs) +
+                    f" | {gain} | {statistics.mean(unans):.1f} |")
     return "\n".join(rows), means
 
 

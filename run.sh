@@ -37,7 +37,7 @@ else
   DATA="--kg-questions 6000 --sft-frac 0.6"
   SFT="--steps 300 --eval-every 100"
   GRPO="--steps 40 --stage2-at 20 --questions-per-step 8 --group-size 8 --stage2-group-size 12 --lr 1e-4 \
-        --temperature 0.7 --skip-zero-var --micro-batch 64 --mine-max 96 --mine-every 10 --eval-every 20 --val-size 64"
+        --temperature 0.7 --skip-zero-var --micro-batch 64 --mine-max 512 --mine-every 10 --eval-every 20 --val-size 64"
   EVAL=""
 fi
 NEW=128   # completion budget: the short KG rationales plus the answer text are ~60 tokens, at most ~100

@@ -5,6 +5,8 @@ Our KV-cached generate() vs transformers generate() on the same weights, prompts
     python bench/generate.py --device cuda --dtype bfloat16 --batch 64 --new 256
 
 Prints tokens/s for both and the ratio (ours / transformers); the reference runs in the same process.
+By default fp32, then bf16 where it is native (a CPU with AVX512-BF16/AMX, or CUDA): both models hold
+their weights in that dtype.
 """
 import argparse
 import os
@@ -15,6 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import cpu_has_native_bf16  # noqa: E402
 from model import ModelConfig, Transformer, generate, save_model  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,22 +26,17 @@ ap.add_argument("--batch", type=int, default=16, help="distinct prompts in the b
 ap.add_argument("--group", type=int, default=8, help="G for the one-prompt-G-samples case")
 ap.add_argument("--new", type=int, default=64, help="new tokens per row (no stop token, so every row runs to the end)")
 ap.add_argument("--device", default="cpu", help="cpu or cuda")
-ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+ap.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (float32, then bfloat16 where native)")
 ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
 ap.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
 args = ap.parse_args()
 
 import transformers  # noqa: E402
 
-dtype = getattr(torch, args.dtype)
 torch.manual_seed(args.seed)
 cfg = ModelConfig.from_name(args.preset)
-ours = Transformer(cfg).init_weights(args.seed)
 tmp = tempfile.mkdtemp()
-save_model(ours, tmp)
-ours = ours.to(args.device, dtype).eval()
-ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
-n_params = sum(p.numel() for p in ours.parameters())
+save_model(Transformer(cfg).init_weights(args.seed), tmp)
 g = torch.Generator().manual_seed(args.seed)
 prompts = [torch.randint(10, cfg.vocab_size, (int(n),), generator=g).tolist()
            for n in torch.randint(16, 96, (args.batch,), generator=g)]
@@ -61,7 +59,7 @@ def best_of(fn):
     return min(times)
 
 
-def hf_batch(ps, **kw):
+def hf_batch(ref, ps, **kw):
     P = max(map(len, ps))
     ids = torch.zeros(len(ps), P, dtype=torch.long)
     am = torch.zeros_like(ids)
@@ -73,18 +71,33 @@ def hf_batch(ps, **kw):
                             min_new_tokens=args.new, eos_token_id=None, pad_token_id=0, **kw)
 
 
-print(f"model {args.preset}: {n_params / 1e6:.1f}M params, device {args.device}, dtype {args.dtype}, "
-      f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-rows = []
-# case 1: a batch of ragged prompts, greedy
-t_ours = best_of(lambda: generate(ours, prompts, args.new, temperature=0.0))
-t_ref = best_of(lambda: hf_batch(prompts, do_sample=False))
-rows.append((f"batch {args.batch} ragged prompts, greedy", args.batch * args.new, t_ours, t_ref))
-# case 2: one prompt, G samples (GRPO rollouts)
-t_ours = best_of(lambda: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group, seed=1))
-t_ref = best_of(lambda: hf_batch(prompts[:1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 num_return_sequences=args.group))
-rows.append((f"1 prompt x G={args.group} samples", args.group * args.new, t_ours, t_ref))
-print(f"{'case':<36}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}")
-for name, ntok, a, b in rows:
-    print(f"{name:<36}{ntok / a:>12.0f}{ntok / b:>12.0f}{b / a:>7.2f}x")
+def run(dtype):
+    ours = Transformer(cfg).init_weights(args.seed).to(args.device, dtype).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"model {args.preset}: {n_params / 1e6:.1f}M params, device {args.device}, dtype {dtype}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    rows = []
+    # case 1: a batch of ragged prompts, greedy
+    t_ours = best_of(lambda: generate(ours, prompts, args.new, temperature=0.0))
+    t_ref = best_of(lambda: hf_batch(ref, prompts, do_sample=False))
+    rows.append((f"batch {args.batch} ragged prompts, greedy", args.batch * args.new, t_ours, t_ref))
+    # case 2: one prompt, G samples (GRPO rollouts)
+    t_ours = best_of(lambda: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group, seed=1))
+    t_ref = best_of(lambda: hf_batch(ref, prompts[:1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                     num_return_sequences=args.group))
+    rows.append((f"1 prompt x G={args.group} samples", args.group * args.new, t_ours, t_ref))
+    print(f"{'case':<36}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}")
+    for name, ntok, a, b in rows:
+        print(f"{name:<36}{ntok / a:>12.0f}{ntok / b:>12.0f}{b / a:>7.2f}x")
+
+
+if args.dtype == "auto":
+    native = args.device.startswith("cuda") or cpu_has_native_bf16()
+    dtypes = [torch.float32] + ([torch.bfloat16] if native else [])
+    if not native:
+        print("bf16: skipped (this CPU has no native bf16)")
+else:
+    dtypes = [getattr(torch, args.dtype)]
+for dt in dtypes:
+    run(dt)

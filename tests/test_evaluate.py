@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import evaluate
 from evaluate import (BENCHMARKS, build_messages, extract_answer, format_ok, load_benchmark, macro_average,
                       results_table, score_items)
 
@@ -164,3 +165,20 @@ def test_responses_rescoring_cli(tmp_path):
     assert "| ours |" in out
     lines = [json.loads(l) for l in open(tmp_path / "ev" / "responses.jsonl")]
     assert {"id", "prompt", "response", "extracted", "gold", "correct"} <= set(lines[0])
+
+
+def test_stage_table_paired_gain(tmp_path):
+    # two seeds; the gain column pairs each RL stage with the cold start of the same seed
+    accs = {"seed0": dict(base=0.0, sft=50.0, grpo_stage1=52.0, grpo_stage2=55.0),
+            "seed1": dict(base=0.0, sft=60.0, grpo_stage1=61.0)}   # seed1 has no stage-2 result
+    for sd, per in accs.items():
+        for stage, a in per.items():
+            d = tmp_path / sd / f"eval_{stage}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": a, "unanswered": 100 - a}}))
+    text, means = evaluate.stage_table(str(tmp_path))
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert means["sft"] == (55.0, pytest.approx(7.0710678))
+    assert "+1.5 +- 0.7 (+2.0, +1.0)" in rows["+RL stage 1"]
+    assert "+5.0 +- 0.0 (+5.0)" in rows["+RL stage 2"]
+    assert rows["+CoT cold start"].split(" | ")[3] == "-"
