@@ -483,6 +483,9 @@ def main():
         write_outputs(args.out, recs, summaries, args.label)
         print(results_table(summaries, args.label))
         print(f"wrote {args.out}/responses.jsonl and {args.out}/results.md")
+    if not args.responses:
+        from common import close_distributed
+        close_distributed()
 
 
 if __name__ == "__main__":

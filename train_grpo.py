@@ -23,8 +23,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, init_distributed, load_trainer_state,
-                    memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
+                    load_trainer_state, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
 from model import generate, load_model, load_tokenizer, save_model
 
@@ -477,8 +477,7 @@ def main(argv=None):
         plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"),
                      ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len"], "GRPO")
         print0(f"saved {args.out} (HF layout) and {args.out}/curves.png")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    close_distributed()
 
 
 def all_gather_max(x, world):

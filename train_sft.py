@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, init_distributed, load_trainer_state,
-                    lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
+                    load_trainer_state, lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model, train_tokenizer
 
 
@@ -288,8 +288,7 @@ def main(argv=None):
         plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png"),
                      ["loss", "val_loss", "lr", "grad_norm"], "SFT")
         print0(f"saved {args.out} (HF layout) and {args.out}/loss.png")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":
