@@ -13,10 +13,10 @@ Hugging Face checkpoint I/O, and KV-cached batched generation.
     python model.py --path runs/demo/sft --prompt "A patient presents with"
 
 Weight names are the Hugging Face ones (model.embed_tokens, model.layers.N.self_attn.o_proj, ..., lm_head)
-except two fused projections, as vLLM and gpt-fast do: self_attn.qkv_proj = [q_proj; k_proj; v_proj] and
-mlp.gate_up_proj = [gate_proj; up_proj] (one matmul instead of three, and of two: fewer, larger ops, which is
-what a small-batch decode step on CPU is short of). load_model / save_model split and join them
-(hf_to_ours / ours_to_hf), so the files on disk are exactly the Hugging Face layout.
+except two fused projections, as vLLM has them (gpt-fast fuses q/k/v too): self_attn.qkv_proj = [q_proj; k_proj;
+v_proj] and mlp.gate_up_proj = [gate_proj; up_proj]. One matmul instead of three, and of two: a small-batch bf16
+matmul on CPU has a large fixed cost, and bf16 decoding got ~10 % faster (bench/RESULTS.md). load_model /
+save_model split and join them (hf_to_ours / ours_to_hf), so the files on disk are the Hugging Face layout.
 """
 import argparse
 import json
@@ -257,7 +257,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, seed=0):
-        """GPT-2 style init, drawn per Hugging Face tensor (q, k, v, gate, up separately) in that order."""
+        """GPT-2 style init, drawn per Hugging Face tensor (q, k, v, gate, up separately, in that order), so a seed
+        gives the same weights as it did before the projections were fused."""
         g = torch.Generator().manual_seed(seed)
         hf = ours_to_hf(self.state_dict(), self.config)
         for name, p in hf.items():
