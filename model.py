@@ -341,40 +341,39 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def fused_projections(cfg):
+    """Our fused projection -> (the Hugging Face tensors it stacks along dim 0, their sizes)."""
+    H, Hkv, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    return {"qkv_proj": (("q_proj", "k_proj", "v_proj"), [H * D, Hkv * D, Hkv * D]),
+            "gate_up_proj": (("gate_proj", "up_proj"), [I, I])}
+
+
 def ours_to_hf(state, cfg):
-    """Our state dict -> Hugging Face names: qkv_proj split into q/k/v_proj, gate_up_proj into gate/up_proj.
-    A tied lm_head is left out (it is the embedding)."""
-    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    """Our state dict -> Hugging Face names (fused projections split). A tied lm_head is left out (it is the
+    embedding)."""
     out = {}
     for k, v in state.items():
         if cfg.tie_word_embeddings and k == "lm_head.weight":
             continue
-        if ".qkv_proj." in k:
-            for name, part in zip("qkv", v.split([H * D, Hkv * D, Hkv * D], dim=0)):
-                out[k.replace("qkv_proj", f"{name}_proj")] = part
-        elif ".gate_up_proj." in k:
-            gate, up = v.chunk(2, dim=0)
-            out[k.replace("gate_up_proj", "gate_proj")], out[k.replace("gate_up_proj", "up_proj")] = gate, up
-        else:
+        fused = [f for f in fused_projections(cfg).items() if f".{f[0]}." in k]
+        if not fused:
             out[k] = v
+            continue
+        name, (parts, sizes) = fused[0]
+        for part, t in zip(parts, v.split(sizes, dim=0)):
+            out[k.replace(name, part)] = t
     return out
 
 
 def hf_to_ours(state, cfg):
-    """Hugging Face names -> ours (the inverse of ours_to_hf). Tensors that are not there stay missing, so
-    load_model's check names them with their Hugging Face names."""
-    out, seen = {}, set()
-    for k in state:
-        if ".q_proj." in k or ".gate_proj." in k:
-            parts = [k.replace("q_proj", n) for n in ("q_proj", "k_proj", "v_proj")] if ".q_proj." in k else \
-                [k.replace("gate_proj", n) for n in ("gate_proj", "up_proj")]
-            if all(p in state for p in parts):
-                fused = k.replace("q_proj", "qkv_proj") if ".q_proj." in k else k.replace("gate_proj", "gate_up_proj")
-                out[fused] = torch.cat([state[p] for p in parts], dim=0)
-                seen.update(parts)
-    for k, v in state.items():
-        if k not in seen:
-            out[k] = v
+    """Hugging Face names -> ours (the inverse of ours_to_hf). A projection with a part missing stays unfused,
+    so load_model's check names what is missing with its Hugging Face name."""
+    out = dict(state)
+    for name, (parts, _) in fused_projections(cfg).items():
+        for k in [k for k in state if f".{parts[0]}." in k]:
+            keys = [k.replace(parts[0], p) for p in parts]
+            if all(x in out for x in keys):
+                out[k.replace(parts[0], name)] = torch.cat([out.pop(x) for x in keys], dim=0)
     return out
 
 

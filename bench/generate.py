@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import cpu_has_native_bf16  # noqa: E402
-from model import ModelConfig, Transformer, generate, save_model  # noqa: E402
+from model import ModelConfig, Transformer, generate, load_model, save_model  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="20m", help="model preset (20m ~ 20M parameters)")
@@ -72,7 +72,7 @@ def hf_batch(ref, ps, **kw):
 
 
 def run(dtype):
-    ours = Transformer(cfg).init_weights(args.seed).to(args.device, dtype).eval()
+    ours = load_model(tmp, device=args.device, dtype=dtype).eval()   # the very weights transformers loads
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"model {args.preset}: {n_params / 1e6:.1f}M params, device {args.device}, dtype {dtype}, "

@@ -4,9 +4,8 @@ import os
 
 import pytest
 
-import evaluate
 from evaluate import (BENCHMARKS, build_messages, extract_answer, format_ok, load_benchmark, macro_average,
-                      results_table, score_items)
+                      results_table, score_items, stage_table)
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures", "benchmarks")
 OPTS4 = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Clopidogrel"}
@@ -176,7 +175,7 @@ def test_stage_table_paired_gain(tmp_path):
             d = tmp_path / sd / f"eval_{stage}"
             d.mkdir(parents=True)
             (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": a, "unanswered": 100 - a}}))
-    text, means = evaluate.stage_table(str(tmp_path))
+    text, means = stage_table(str(tmp_path))
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
     assert means["sft"] == (55.0, pytest.approx(7.0710678))
     assert "+1.5 +- 0.7 (+2.0, +1.0)" in rows["+RL stage 1"]
