@@ -117,6 +117,9 @@ PRESETS = {
     "tiny":  dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2),
     "20m":   dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2, vocab_size=8192),
+    # the shape of Qwen2.5-0.5B (random weights): GPU benchmarks at a real model's size without the hub
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768),
 }
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/demo}
-NPROC=${NPROC:-2}
 QUICK=${QUICK:-0}
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   if [ ! -x .venv/bin/python ]; then
@@ -22,8 +21,10 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS when that is set
-# bf16 autocast only where the CPU has it in hardware (AVX512-BF16/AMX); elsewhere it is emulated and far slower
-BF16=$(python -c "from common import cpu_has_native_bf16 as f; print('--bf16' if f() else '')")
+# ranks: one per GPU where there are GPUs (every script defaults to cuda then), else 2 CPU ranks
+NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
+# bf16 on CUDA, and on CPUs that have it in hardware (AVX512-BF16/AMX); elsewhere it is emulated and far slower
+BF16=$(python -c "import torch; from common import cpu_has_native_bf16 as f; print('--bf16' if torch.cuda.is_available() or f() else '')")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
 
 if [ "$QUICK" = 1 ]; then
@@ -51,7 +52,7 @@ for s in $SEEDS; do
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
   OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/base" --seed "$s" $SFT --steps 0
   OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --seed "$s" $BF16 $SFT
-  echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC CPU ranks"
+  echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
     --out "$R/grpo" --seed "$s" $BF16 --max-new-tokens $NEW $GRPO
   for stage in base:base sft:sft grpo_stage1:grpo/stage1 grpo_stage2:grpo; do

@@ -32,7 +32,7 @@ ap.add_argument("--seed", type=int, default=0, help="seed")
 args = ap.parse_args()
 
 tmp = tempfile.mkdtemp(prefix="bench_grpo_")
-env = {**os.environ, "PYTHONPATH": ROOT}
+env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
 
 
 def run(cmd, nproc=1):
