@@ -3,6 +3,7 @@ Our KV-cached generate() vs transformers generate() on the same weights, prompts
 
     python bench/generate.py                      # CPU defaults: ~20M params, batch 16, 64 new tokens
     python bench/generate.py --device cuda --dtype bfloat16 --batch 64 --new 256
+    python bench/generate.py --dtype bfloat16 --profile 15     # and where ours spends its time
 
 Prints tokens/s for both and the ratio (ours / transformers); the reference runs in the same process.
 By default fp32, then bf16 where it is native (a CPU with AVX512-BF16/AMX, or CUDA): both models hold
@@ -29,6 +30,8 @@ ap.add_argument("--device", default="cpu", help="cpu or cuda")
 ap.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (float32, then bfloat16 where native)")
 ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
 ap.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
+ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N ops of one call of ours per "
+                "case (torch.profiler; on CUDA by GPU time, then by CPU time, which shows a launch-bound loop)")
 args = ap.parse_args()
 
 import transformers  # noqa: E402
@@ -77,19 +80,32 @@ def run(dtype):
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"model {args.preset}: {n_params / 1e6:.1f}M params, device {args.device}, dtype {dtype}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-    rows = []
-    # case 1: a batch of ragged prompts, greedy
-    t_ours = best_of(lambda: generate(ours, prompts, args.new, temperature=0.0))
-    t_ref = best_of(lambda: hf_batch(ref, prompts, do_sample=False))
-    rows.append((f"batch {args.batch} ragged prompts, greedy", args.batch * args.new, t_ours, t_ref))
-    # case 2: one prompt, G samples (GRPO rollouts)
-    t_ours = best_of(lambda: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group, seed=1))
-    t_ref = best_of(lambda: hf_batch(ref, prompts[:1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                     num_return_sequences=args.group))
-    rows.append((f"1 prompt x G={args.group} samples", args.group * args.new, t_ours, t_ref))
+    cases = [  # (name, tokens, ours, transformers)
+        (f"batch {args.batch} ragged prompts, greedy", args.batch * args.new,   # many prompts, as in evaluation
+         lambda: generate(ours, prompts, args.new, temperature=0.0),
+         lambda: hf_batch(ref, prompts, do_sample=False)),
+        (f"1 prompt x G={args.group} samples", args.group * args.new,            # GRPO rollouts
+         lambda: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group, seed=1),
+         lambda: hf_batch(ref, prompts[:1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          num_return_sequences=args.group))]
+    rows = [(name, ntok, best_of(ours_fn), best_of(ref_fn)) for name, ntok, ours_fn, ref_fn in cases]
     print(f"{'case':<36}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}")
     for name, ntok, a, b in rows:
         print(f"{name:<36}{ntok / a:>12.0f}{ntok / b:>12.0f}{b / a:>7.2f}x")
+    if args.profile:
+        profile_ours(cases, dtype)
+
+
+def profile_ours(cases, dtype):
+    from torch.profiler import ProfilerActivity, profile
+    cuda = args.device.startswith("cuda")
+    for name, _, ours_fn, _ in cases:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            ours_fn()
+            sync()
+        print(f"profile of ours, {name}, {dtype}:")
+        for key in (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+            print(prof.key_averages().table(sort_by=key, row_limit=args.profile))
 
 
 if args.dtype == "auto":
