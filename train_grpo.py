@@ -184,6 +184,9 @@ def get_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (longer is truncated: no reward)")
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     ap.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts and evals one "
+                    "CUDA graph replay (4-5x faster generation measured on an H200 by bench/generate.py); ignored on "
+                    "CPU and under FSDP (its hooks gather parameters inside the forward)")
     # --- reward (correctness + format only; no length term, by design)
     ap.add_argument("--w-correct", type=float, default=1.0, help="reward for the right final answer")
     ap.add_argument("--w-format", type=float, default=0.1, help="reward for the required format")
@@ -255,7 +258,8 @@ def sample_groups(model, tok, items, G, args, seeds, device):
     stop = [tok.convert_tokens_to_ids("<|im_end|>")]
     with autocast(device, args.bf16 and device.type == "cpu"):
         outs, reasons = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, stop_ids=stop, num_samples=G, seed=seeds, pad_id=tok.pad_token_id or 0)
+                                 top_p=args.top_p, stop_ids=stop, num_samples=G, seed=seeds, pad_id=tok.pad_token_id or 0,
+                                 cuda_graph=args.use_graph)
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
     return outs, texts, reasons, prompts
 
@@ -283,7 +287,7 @@ def evaluate_policy(model, tok, val, args, rank, world, device):
     from evaluate import run_items
     with Rollout(model), torch.no_grad(), autocast(device, args.bf16 and device.type == "cpu"):
         resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, batch_size=32, temperature=0.0,
-                         rank=rank, world=world, progress=False)
+                         rank=rank, world=world, progress=False, cuda_graph=args.use_graph)
     if world > 1:
         parts = [None] * world
         torch.distributed.all_gather_object(parts, resp)
@@ -297,6 +301,9 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
     check_bf16(args.bf16, device)
+    args.use_graph = args.cuda_graph and device.type == "cuda" and world == 1
+    if args.cuda_graph and not args.use_graph:
+        print0(f"--cuda-graph ignored: it needs one CUDA process, not {world} rank(s) on {device.type}")
     if args.questions_per_step % world:
         raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
     set_seed(args.seed)

@@ -30,6 +30,8 @@ ap.add_argument("--device", default="cpu", help="cpu or cuda")
 ap.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (float32, then bfloat16 where native)")
 ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
 ap.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
+ap.add_argument("--cuda-graph", action="store_true", help="also time ours with generate(cuda_graph=True): fixed "
+                "shapes, and on CUDA one graph replay per decode step")
 ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N ops of one call of ours per "
                 "case (torch.profiler; on CUDA by GPU time, then by CPU time, which shows a launch-bound loop)")
 args = ap.parse_args()
@@ -80,18 +82,24 @@ def run(dtype):
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"model {args.preset}: {n_params / 1e6:.1f}M params, device {args.device}, dtype {dtype}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-    cases = [  # (name, tokens, ours, transformers)
+    cases = [  # (name, tokens, ours (cuda_graph=False/True), transformers)
         (f"batch {args.batch} ragged prompts, greedy", args.batch * args.new,   # many prompts, as in evaluation
-         lambda: generate(ours, prompts, args.new, temperature=0.0),
+         lambda graph=False: generate(ours, prompts, args.new, temperature=0.0, cuda_graph=graph),
          lambda: hf_batch(ref, prompts, do_sample=False)),
         (f"1 prompt x G={args.group} samples", args.group * args.new,            # GRPO rollouts
-         lambda: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group, seed=1),
+         lambda graph=False: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group, seed=1,
+                                      cuda_graph=graph),
          lambda: hf_batch(ref, prompts[:1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                           num_return_sequences=args.group))]
-    rows = [(name, ntok, best_of(ours_fn), best_of(ref_fn)) for name, ntok, ours_fn, ref_fn in cases]
-    print(f"{'case':<36}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}")
-    for name, ntok, a, b in rows:
-        print(f"{name:<36}{ntok / a:>12.0f}{ntok / b:>12.0f}{b / a:>7.2f}x")
+    rows = [(name, ntok, best_of(ours_fn), best_of(ref_fn), best_of(lambda: ours_fn(True)) if args.cuda_graph else 0)
+            for name, ntok, ours_fn, ref_fn in cases]
+    print(f"{'case':<36}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}" +
+          (f"{'ours+graph tok/s':>18}{'ratio':>8}" if args.cuda_graph else ""))
+    for name, ntok, a, b, c in rows:
+        print(f"{name:<36}{ntok / a:>12.0f}{ntok / b:>12.0f}{b / a:>7.2f}x" + (f"{ntok / c:>18.0f}{b / c:>7.2f}x" if c else ""))
+    if args.cuda_graph:
+        same = [ours_fn() == ours_fn(True) for _, _, ours_fn, _ in cases]
+        print(f"cuda_graph=True gives the same tokens as the default path: {same}")
     if args.profile:
         profile_ours(cases, dtype)
 

@@ -22,11 +22,11 @@ step() {   # step SECONDS NAME CMD...: run with a limit, log output, record time
 'transformers', transformers.__version__, 'flash-attn', model.HAVE_FLASH, 'cpu bf16', torch.cpu._is_avx512_bf16_supported())"
 } 2>&1 | tee "$OUT/summary.txt" >>"$LOG"
 step 120 "cuda_check (parity, greedy, packed)" python bench/cuda_check.py
-step 120 "generate 20m fp32+bf16"          python bench/generate.py --device cuda
+step 120 "generate 20m fp32+bf16"          python bench/generate.py --device cuda --cuda-graph
 step 120 "train 20m fp32+bf16 16x1024"     python bench/train.py --device cuda --batch 16 --seq 1024
 step 240 "QUICK pipeline (run.sh, 1 GPU)"  env QUICK=1 OUT=runs/gpu_quick VIRTUAL_ENV=${VIRTUAL_ENV:-system} bash run.sh
 step 120 "grpo bench tiny bf16"            python bench/grpo.py --device cuda --bf16
-step 180 "generate qwen2.5-0.5b bf16 b64"  python bench/generate.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16 --batch 64 --new 128 --repeats 2
+step 180 "generate qwen2.5-0.5b bf16 b64"  python bench/generate.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16 --batch 64 --new 128 --repeats 2 --cuda-graph
 step 180 "train qwen2.5-0.5b 4x2048"       python bench/train.py --device cuda --preset qwen2.5-0.5b --batch 4 --seq 2048 --steps 3
 cp runs/gpu_quick/stage_table.md runs/gpu_quick/curves.png "$OUT/" 2>/dev/null
 echo; grep -E "max \||greedy|packed|ratio|^\[|tok/s|rollout|reference|train  |total  |MFU|kg |\| " "$LOG" | grep -v "^   " | head -80
