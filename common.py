@@ -71,9 +71,14 @@ def shard_model(model, device, world, bf16=False, reshard_after_forward=True):
     return model
 
 
-def autocast(device, bf16):
-    """bf16 autocast where FSDP's mixed precision does not already cover it (CPU, single GPU)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+def wants_autocast(bf16, device, world):
+    """--bf16 means autocast except where FSDP's mixed precision does it already (several GPUs): on CPU, and on a
+    single GPU (one process is not sharded, so there is no MixedPrecisionPolicy)."""
+    return bf16 and not (device.type == "cuda" and world > 1)
+
+
+def autocast(device, enabled):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def cpu_has_native_bf16():

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    load_trainer_state, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+                    load_trainer_state, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model,
+                    wants_autocast)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
 from model import generate, load_model, load_tokenizer, save_model
 
@@ -176,7 +177,8 @@ def get_args(argv=None):
     ap.add_argument("--init", default="runs/sft", help="policy checkpoint (HF layout), usually train_sft.py's output")
     ap.add_argument("--data", default="data/kg/rl_train.jsonl", help="RL items from make_data.py (with difficulty)")
     ap.add_argument("--val-size", type=int, default=128, help="items held out of --data for periodic evaluation")
-    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU; FSDP mixed precision on GPU)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
+                    "precision on several GPUs)")
     # --- rollouts
     ap.add_argument("--questions-per-step", type=int, default=8, help="questions per step (global)")
     ap.add_argument("--group-size", type=int, default=8, help="k: completions per question in stage 1")
@@ -256,7 +258,7 @@ def sample_groups(model, tok, items, G, args, seeds, device):
     """G completions per item -> (token lists, texts, finish reasons, prompt id lists). seeds: one per item."""
     prompts = [prompt_ids(tok, it) for it in items]
     stop = [tok.convert_tokens_to_ids("<|im_end|>")]
-    with autocast(device, args.bf16 and device.type == "cpu"):
+    with autocast(device, args.autocast):
         outs, reasons = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_p=args.top_p, stop_ids=stop, num_samples=G, seed=seeds, pad_id=tok.pad_token_id or 0,
                                  cuda_graph=args.use_graph)
@@ -285,7 +287,7 @@ def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
 def evaluate_policy(model, tok, val, args, rank, world, device):
     """Greedy accuracy and format rate on the held-out items."""
     from evaluate import run_items
-    with Rollout(model), torch.no_grad(), autocast(device, args.bf16 and device.type == "cpu"):
+    with Rollout(model), torch.no_grad(), autocast(device, args.autocast):
         resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, batch_size=32, temperature=0.0,
                          rank=rank, world=world, progress=False, cuda_graph=args.use_graph)
     if world > 1:
@@ -302,6 +304,7 @@ def main(argv=None):
     rank, world, device = init_distributed(args.device)
     check_bf16(args.bf16, device)
     args.use_graph = args.cuda_graph and device.type == "cuda" and world == 1
+    args.autocast = wants_autocast(args.bf16, device, world)   # one GPU with --bf16 used to run in fp32
     if args.cuda_graph and not args.use_graph:
         print0(f"--cuda-graph ignored: it needs one CUDA process, not {world} rank(s) on {device.type}")
     if args.questions_per_step % world:
@@ -381,7 +384,7 @@ def main(argv=None):
             with torch.no_grad():
                 for m0 in range(0, len(keep), args.micro_batch):
                     mb = keep[m0:m0 + args.micro_batch]
-                    with autocast(device, args.bf16 and device.type == "cpu"):
+                    with autocast(device, args.autocast):
                         if ref is not None:
                             refl[m0] = completion_logprobs(ref, [seqs[j] for j in mb], [plens[j] for j in mb], device, pad)[0]
                         if args.ppo_epochs > 1:
@@ -407,7 +410,7 @@ def main(argv=None):
                     mb, weight = [0], 0.0
                 else:
                     weight = 1.0
-                with autocast(device, args.bf16 and device.type == "cpu"):
+                with autocast(device, args.autocast):
                     logp, mask, ent = completion_logprobs(model, [seqs[j] for j in mb], [plens[j] for j in mb], device, pad,
                                                           want_entropy=epoch == 0)
                 a = adv[mb].to(device)

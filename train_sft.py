@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    load_trainer_state, lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model)
+                    load_trainer_state, lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model,
+                    wants_autocast)
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model, train_tokenizer
 
 
@@ -126,7 +127,8 @@ def get_args(argv=None):
     ap.add_argument("--preset", default="tiny", help="from scratch: model preset (see model.PRESETS)")
     ap.add_argument("--vocab-size", type=int, default=4096, help="from scratch: BPE vocabulary to train")
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block (saves memory)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU; FSDP mixed precision on GPU)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
+                    "precision on several GPUs)")
     # --- optimisation
     ap.add_argument("--steps", type=int, default=250, help="optimizer steps")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -200,7 +202,7 @@ def main(argv=None):
         start, _ = load_trainer_state(ckpt, model, opt)
         print0(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=args.resume and start > 0)
-    use_autocast = args.bf16 and not (world > 1 and device.type == "cuda")
+    use_autocast = wants_autocast(args.bf16, device, world)
 
     def val_loss():
         # every rank runs the same number of forwards (FSDP all-gathers are collective): the last round
