@@ -201,10 +201,6 @@ class Attention(nn.Module):
             cache.k[layer_idx].index_copy_(2, cache.slot, k)
             cache.v[layer_idx].index_copy_(2, cache.slot, v)
             k, v = cache.k[layer_idx], cache.v[layer_idx]
-        elif cache is not None and cache.slot is not None:
-            assert T == 1, "fixed-shape decoding takes one token per row"
-            cache.valid.index_fill_(1, cache.slot, True)
-            mask = cache.valid[:, None, None, :]   # the filled slots, this token's included: causal by construction
         elif cache is not None:
             s = cache.length
             cache.k[layer_idx, :, :, s:s + T] = k
