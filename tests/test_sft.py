@@ -81,3 +81,13 @@ def test_bad_data_names_line(tmp_path):
     from train_sft import read_chat_jsonl
     with pytest.raises(ValueError, match="bad.jsonl:2: field 'messages'"):
         read_chat_jsonl(str(p))
+
+
+def test_bf16_autocast_rule():
+    """--bf16 means autocast wherever FSDP mixed precision does not apply: CPU (any ranks) and one GPU (one
+    process is not sharded). train_grpo once ran a single GPU in fp32 by tying autocast to the CPU."""
+    from common import wants_autocast
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert wants_autocast(True, cpu, 1) and wants_autocast(True, cpu, 2)
+    assert wants_autocast(True, gpu, 1) and not wants_autocast(True, gpu, 8)
+    assert not any(wants_autocast(False, d, w) for d in (cpu, gpu) for w in (1, 2))
