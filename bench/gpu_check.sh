@@ -26,6 +26,11 @@ step 120 "generate 20m fp32+bf16"          python bench/generate.py --device cud
 step 120 "train 20m fp32+bf16 16x1024"     python bench/train.py --device cuda --batch 16 --seq 1024
 step 240 "QUICK pipeline (run.sh, 1 GPU)"  env QUICK=1 OUT=runs/gpu_quick VIRTUAL_ENV=${VIRTUAL_ENV:-system} bash run.sh
 step 120 "grpo bench tiny bf16"            python bench/grpo.py --device cuda --bf16
+step 120 "grpo bench tiny bf16 cuda graph" python bench/grpo.py --device cuda --bf16 --cuda-graph
+Q=runs/gpu_quick/seed0
+step 120 "evaluate eager vs --cuda-graph"  bash -c "for g in '' --cuda-graph; do python evaluate.py --model $Q/sft \
+  --benchmarks kg --file kg=runs/gpu_quick/data/test.jsonl --max-new-tokens 128 --out $Q/eval_cg\$g \$g; done &&
+  cmp $Q/eval_cg/responses.jsonl $Q/eval_cg--cuda-graph/responses.jsonl && echo same responses"
 step 180 "generate qwen2.5-0.5b bf16 b64"  python bench/generate.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16 --batch 64 --new 128 --repeats 2 --cuda-graph
 step 180 "train qwen2.5-0.5b 4x2048"       python bench/train.py --device cuda --preset qwen2.5-0.5b --batch 4 --seq 2048 --steps 3
 cp runs/gpu_quick/stage_table.md runs/gpu_quick/curves.png "$OUT/" 2>/dev/null

@@ -28,6 +28,7 @@ ap.add_argument("--kl-beta", type=float, default=0.01, help="> 0 so the referenc
 ap.add_argument("--nproc", type=int, default=1, help="ranks (torchrun, gloo on CPU)")
 ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
 ap.add_argument("--device", default=None, help="cpu / cuda")
+ap.add_argument("--cuda-graph", action="store_true", help="rollouts with generate(cuda_graph=True) (one GPU)")
 ap.add_argument("--seed", type=int, default=0, help="seed")
 args = ap.parse_args()
 
@@ -58,6 +59,7 @@ cmd = ["train_grpo.py", "--init", init, "--data", data, "--out", f"{tmp}/grpo", 
        "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed)]
 cmd += ["--bf16"] if args.bf16 else []
 cmd += ["--device", args.device] if args.device else []
+cmd += ["--cuda-graph"] if args.cuda_graph else []
 run(cmd, args.nproc)
 rows = [json.loads(l) for l in open(f"{tmp}/grpo/metrics.jsonl")]
 rows = [r for r in rows if "rollout_s" in r][1:]
@@ -65,7 +67,7 @@ mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
 roll, ref, train = mean("rollout_s"), mean("ref_s"), mean("train_s")
 total = roll + ref + train
 print(f"GRPO step ({len(rows)} timed steps, {args.questions_per_step} questions x {args.group_size} samples, "
-      f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, init {init if args.init else 'random tiny'})")
+      f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, cuda graph {args.cuda_graph}, init {init if args.init else 'random tiny'})")
 print(f"  rollout   {roll:7.2f} s  ({roll / total:.0%})   {mean('rollout_tok_s'):,.0f} rollout tok/s per rank, "
       f"mean completion {mean('response_len'):.0f} tokens")
 print(f"  reference {ref:7.2f} s  ({ref / total:.0%})")
