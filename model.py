@@ -668,16 +668,16 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
             tok_in.copy_(tok[:, None])
             pos_in.copy_(next_pos[:, None])
             cache.slot.fill_(P + step)
-            fixed_step = fixed_step or fixed_shape_step(model, tok_in, pos_in, cache)
+            if fixed_step is None:
+                fixed_step = fixed_shape_step(model, tok_in, pos_in, cache)
             logits = fixed_step()
-            next_pos = next_pos + 1
-            continue
-        # finished rows decode throwaway tokens until enough of them can be dropped in one gather
-        if 1 - n_live / len(rows) >= compact_frac:
-            keep = (rows >= 0).nonzero().flatten()
-            cache.select_rows(keep)
-            rows, tok, next_pos, row_seeds = rows[keep], tok[keep], next_pos[keep], row_seeds[keep]
-        logits = model(tok[:, None], position_ids=next_pos[:, None], cache=cache)[:, -1].float()
+        else:
+            # finished rows decode throwaway tokens until enough of them can be dropped in one gather
+            if 1 - n_live / len(rows) >= compact_frac:
+                keep = (rows >= 0).nonzero().flatten()
+                cache.select_rows(keep)
+                rows, tok, next_pos, row_seeds = rows[keep], tok[keep], next_pos[keep], row_seeds[keep]
+            logits = model(tok[:, None], position_ids=next_pos[:, None], cache=cache)[:, -1].float()
         next_pos = next_pos + 1
     out = out.tolist()
     completions = [[t for t in row if t != -1] for row in out]

@@ -20,7 +20,8 @@ def write_toy_sft(path, n=120, seed=0):
 
 def run(args, nproc=1, timeout=300):
     """Run a script as a user would: python, or torchrun with nproc CPU ranks."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))   # keep the caller's entries
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     if nproc == 1:
         cmd = [sys.executable] + args
     else:
