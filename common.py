@@ -12,6 +12,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from model import cpu_has_native_bf16
+
 
 def init_distributed(device=None):
     """Under torchrun: init the process group (gloo on CPU, NCCL on CUDA). Returns (rank, world, device)."""
@@ -79,13 +81,6 @@ def wants_autocast(bf16, device, world):
 
 def autocast(device, enabled):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def cpu_has_native_bf16():
-    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (e.g. AVX2-only CPUs) bf16
-    autocast is emulated: an SFT step of the tiny model took ~30 s vs ~2.4 s in fp32 on a 2-core AVX2 EPYC.
-    run.sh passes --bf16 only where this is True."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def check_bf16(bf16, device):

@@ -1,4 +1,5 @@
 """model.py against transformers: logits parity, checkpoint round trips, generation."""
+import contextlib
 import json
 import os
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+import model as model_mod
 from model import ModelConfig, Transformer, generate, load_model, prefill_buckets, save_model
 
 
@@ -203,3 +205,29 @@ def test_top_k_one_is_greedy(tmp_path):
     m = load_model(path)
     prompts = ragged_batch(97, [6, 3], seed=14)
     assert generate(m, prompts, 6, temperature=0.7, top_k=1, seed=0)[0] == generate(m, prompts, 6, temperature=0.0)[0]
+
+
+@pytest.mark.skipif(not model_mod.cpu_has_native_bf16(), reason="packing is used only on CPUs with native bf16")
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_packed_bf16_decoding_matches(kind, tmp_path, monkeypatch):
+    """In bf16 on CPU, generate() decodes through weights pre-packed for oneDNN (model.packed_linears). The packed
+    matmul must equal F.linear bit for bit, and generation must give the tokens it gives without packing, with bf16
+    weights and with fp32 weights under bf16 autocast (the GRPO rollout case, whose KV cache is then bf16)."""
+    _, path = hf_model(kind, False, tmp_path, seed=17)
+    prompts = ragged_batch(97, [3, 14, 7, 9], seed=18)
+    lin = model_mod.Linear(24, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(5, 1, 24, dtype=torch.bfloat16)
+    with model_mod.packed_linears(lin, 5):
+        assert lin.packed is not None
+        packed = lin(x)
+    assert lin.packed is None and torch.equal(packed, lin(x))
+    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20)))
+    runs = []
+    for dtype, amp in ((torch.bfloat16, False), (torch.float32, True)):
+        m = load_model(path, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            runs.append([generate(m, prompts, max_new_tokens=12, **kw) for kw in kws])
+            with monkeypatch.context() as mp:
+                mp.setattr(model_mod, "packed_linears", lambda model, rows: contextlib.nullcontext())
+                assert [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws] == runs[-1]
+    assert "stop" in runs[0][1][1] and "length" in runs[0][1][1]
