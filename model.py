@@ -160,8 +160,8 @@ class Linear(nn.Linear):
 def packed_linears(model, rows):
     """Pack every Linear's weight for rows-row bf16 matmuls on CPU while the block runs, then drop the copies
     (weights change between GRPO rollouts). A no-op on GPU, in fp32, on CPUs without native bf16 (emulated bf16
-    gains nothing) or without oneDNN. Packing the 20m model
-    takes ~10 ms, against ~0.4 s for 64 decode steps of 16 rows."""
+    gains nothing) or without oneDNN. Packing the 20m model takes ~10 ms, against ~0.4 s for 64 decode steps of
+    16 rows."""
     p = next(model.parameters())
     bf16 = p.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     mods = [m for m in model.modules() if isinstance(m, Linear) and type(m.weight) is nn.Parameter]
