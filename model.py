@@ -142,18 +142,18 @@ def cpu_has_native_bf16():
 
 
 class Linear(nn.Linear):
-    """nn.Linear, plus an optional bf16 copy of the weight in oneDNN's blocked layout for CPU decoding (set by
-    packed_linears for the decode loop of one generate call). F.linear in bf16 re-lays-out the weight on every
+    """nn.Linear, plus an optional bf16 copy of the weight in oneDNN's blocked layout for CPU generation (set by
+    packed_linears for one generate call, prefill and decode). F.linear in bf16 re-lays-out the weight on every
     call; packed once, a 16-row matmul is ~1.5x faster (2-core Zen 5: (384 -> 2048) 51 vs 75 us, the (384 -> 8192)
     lm_head 170 vs 269 us). fp32 gains nothing from packing (86 vs 90 us), so it is bf16 only."""
     packed = None
 
     def forward(self, x):
-        if self.packed is None or x.dim() != 3 or x.shape[1] != 1:
+        if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         w, b = self.packed
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(x.shape[0], -1).to(torch.bfloat16), w, b, "none", [], "")
-        return y.view(x.shape[0], 1, -1)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w, b, "none", [], "")
+        return y.view(*x.shape[:-1], -1)
 
 
 @contextmanager
@@ -190,17 +190,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """positions: (B, T) integer tensor -> cos, sin of shape (B, 1, T, head_dim)."""
+    """positions: (B, T) integer tensor -> cos, sin of shape (B, 1, T, head_dim). sin comes with its first half
+    negated, so that apply_rope is two products and a roll (fewer small ops per layer, which is most of a CPU
+    decode step) and equal bit for bit to the usual x * cos + rotate_half(x) * sin."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq            # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]           # (B, 1, T, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    return emb.cos().to(dtype), torch.cat([-sin[..., :head_dim // 2], sin[..., head_dim // 2:]], dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x (B, heads, T, D) rotated by position; sin as rope_cos_sin returns it (first half negated)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache(nn.Module):
@@ -238,12 +240,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, layer_idx, cache, cu_seqlens):
         B, T, _ = x.shape
         H, Hkv, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)   # heads: H of q, then Hkv of k, then Hkv of v
         if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qkv = torch.cat([self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + Hkv]), qkv[:, :, H + Hkv:]], dim=2)
+        qkv = qkv.transpose(1, 2)                                # (B, heads, T, D)
+        qk = apply_rope(qkv[:, :H + Hkv], cos, sin)              # q and k rotated in one go
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if cache is not None and cache.slot is not None:   # one token into a device-side slot (fixed shapes)
             cache.k[layer_idx].index_copy_(2, cache.slot, k.to(cache.k.dtype))
             cache.v[layer_idx].index_copy_(2, cache.slot, v.to(cache.v.dtype))
@@ -681,31 +683,31 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
     row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(G)], dtype=torch.long, device=dev)
     cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev, dtype)
-    logits = torch.empty(B, cfg.vocab_size, device=dev)
-    for rows_, Pc in prefill_buckets(lens.tolist(), waste):
-        # each bucket of similar lengths is prefilled padded only to its own longest prompt, into the right
-        # end of the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are mostly saved
-        r = torch.tensor(rows_, device=dev)
-        part = KVCache(cfg.num_hidden_layers, len(rows_), cfg.num_key_value_heads, Pc, cfg.head_dim, dev, dtype)
-        logits[r] = model(ids[r, P - Pc:], position_ids=positions[r, P - Pc:], cache=part,
-                          attention_mask=amask[r, P - Pc:], last_only=True)[:, -1].float()
-        cache.k[:, r, :, P - Pc:P], cache.v[:, r, :, P - Pc:P] = part.k, part.v
-        cache.valid[r, P - Pc:P] = part.valid
-    cache.length = P
-    if G > 1:   # prefill once, then G copies of each prompt's cache
-        rep = torch.arange(B, device=dev).repeat_interleave(G)
-        cache.select_rows(rep)
-        logits, lens = logits[rep], lens[rep]
-    N = B * G
-    out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)   # -1 = not generated
-    stopped = torch.zeros(N, dtype=torch.bool, device=dev)
-    rows = torch.arange(N, device=dev)   # output row of each batch row; -1 once finished (until dropped)
-    next_pos = lens.clone()
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
-    if cuda_graph:
-        cache.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        tok_in, pos_in, fixed_step = torch.zeros(N, 1, dtype=torch.long, device=dev), next_pos[:, None].clone(), None
-    with packed_linears(model, N):   # bf16 on CPU: weights pre-packed for the decode matmuls
+    with packed_linears(model, B * G):   # bf16 on CPU: weights packed once for all the matmuls of this call
+        logits = torch.empty(B, cfg.vocab_size, device=dev)
+        for rows_, Pc in prefill_buckets(lens.tolist(), waste):
+            # each bucket of similar lengths is prefilled padded only to its own longest prompt, into the right
+            # end of the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are mostly saved
+            r = torch.tensor(rows_, device=dev)
+            part = KVCache(cfg.num_hidden_layers, len(rows_), cfg.num_key_value_heads, Pc, cfg.head_dim, dev, dtype)
+            logits[r] = model(ids[r, P - Pc:], position_ids=positions[r, P - Pc:], cache=part,
+                              attention_mask=amask[r, P - Pc:], last_only=True)[:, -1].float()
+            cache.k[:, r, :, P - Pc:P], cache.v[:, r, :, P - Pc:P] = part.k, part.v
+            cache.valid[r, P - Pc:P] = part.valid
+        cache.length = P
+        if G > 1:   # prefill once, then G copies of each prompt's cache
+            rep = torch.arange(B, device=dev).repeat_interleave(G)
+            cache.select_rows(rep)
+            logits, lens = logits[rep], lens[rep]
+        N = B * G
+        out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)   # -1 = not generated
+        stopped = torch.zeros(N, dtype=torch.bool, device=dev)
+        rows = torch.arange(N, device=dev)   # output row of each batch row; -1 once finished (until dropped)
+        next_pos = lens.clone()
+        stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+        if cuda_graph:
+            cache.slot = torch.zeros(1, dtype=torch.long, device=dev)
+            tok_in, pos_in, fixed_step = torch.zeros(N, 1, dtype=torch.long, device=dev), next_pos[:, None].clone(), None
         for step in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, row_seeds, step)
             live = rows >= 0
