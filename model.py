@@ -30,7 +30,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

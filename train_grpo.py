@@ -13,7 +13,6 @@ Eq. (1)-(3) of the paper: L = -E[1/k sum_i log pi(y_i|x) A_i], A_i = r_i - mean_
 log-likelihood is normalised per token over the batch (--loss-agg token-mean); seq-sum is eq. (1) literally.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -21,7 +20,6 @@ import time
 from collections import deque
 
 import torch
-import torch.nn.functional as F
 
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
                     load_trainer_state, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model,

