@@ -254,7 +254,8 @@ class Attention(nn.Module):
             cache.k[layer_idx, :, :, s:s + T] = k
             cache.v[layer_idx, :, :, s:s + T] = v
             k, v = cache.k[layer_idx, :, :, :s + T], cache.v[layer_idx, :, :, :s + T]
-        if mask is None and HAVE_FLASH and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        # packed rows keep their mask as well: flash-attn runs only in fp16/bf16, and SDPA needs the mask otherwise
+        if HAVE_FLASH and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (mask is None or cu_seqlens is not None):
             # flash-attn wants (B, T, H, D); it handles GQA itself
             qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cu_seqlens is not None:   # packed documents: B == 1, attention stays inside each document
@@ -358,10 +359,9 @@ class Transformer(nn.Module):
                 starts = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
                 idx = torch.arange(T, device=dev).expand(B, T)
                 position_ids = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 1).values
-            if HAVE_FLASH and input_ids.is_cuda and B == 1:
-                bounds = torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1
+            if HAVE_FLASH and input_ids.is_cuda and B == 1:   # flash-attn varlen uses these instead of the mask
+                bounds = torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1   # (only in fp16/bf16)
                 cu_seqlens = torch.cat([bounds.new_zeros(1), bounds, bounds.new_tensor([T])]).to(torch.int32)
-                mask = None
         elif cache is not None and cache.slot is not None:
             assert T == 1, "fixed-shape decoding takes one token per row"
             cache.valid.index_fill_(1, cache.slot, True)

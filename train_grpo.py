@@ -174,6 +174,7 @@ def get_args(argv=None):
     # --- data and model
     ap.add_argument("--init", default="runs/sft", help="policy checkpoint (HF layout), usually train_sft.py's output")
     ap.add_argument("--data", default="data/kg/rl_train.jsonl", help="RL items from make_data.py (with difficulty)")
+    ap.add_argument("--exclude", default=None, help="JSONL whose ids are left out of --data (e.g. the SFT file)")
     ap.add_argument("--val-size", type=int, default=128, help="items held out of --data for periodic evaluation")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
                     "precision on several GPUs)")
@@ -319,6 +320,9 @@ def main(argv=None):
         for p in ref.parameters():
             p.requires_grad_(False)
     rows = read_records(args.data)
+    if args.exclude:   # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
+        seen = {str(r.get("id")) for r in read_records(args.exclude)}
+        rows = [it for it in rows if str(it.get("id")) not in seen]
     for i, it in enumerate(rows):
         if it.get("answer") not in (it.get("options") or {}):
             raise SystemExit(f"{args.data}:{i + 1}: field 'answer' is not one of the options")

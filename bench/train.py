@@ -6,9 +6,12 @@ in the same run; and parameter + gradient + optimizer-state bytes per rank, 1 pr
     python bench/train.py                        # CPU: fp32 (+ bf16 where native), then the 2-rank FSDP memory part
     python bench/train.py --device cuda --batch 16 --seq 2048 --preset small
 
-Two losses: "full" (every position, a pretraining step: both sides do the same work) and "sft" (loss on the
-last --loss-frac of each sequence, as SFT masks the prompt: ours computes logits for those positions only,
-which is what train_sft.py does; transformers gets labels=-100 on the rest, its standard SFT usage).
+Three cases: "full" (every position, a pretraining step: both sides do the same work); "sft" (one example per
+row, loss on its last --loss-frac, as SFT masks the prompt: ours computes logits for those positions only,
+which is what train_sft.py does; transformers gets labels=-100 on the rest, its standard SFT usage); "packed"
+(train_sft.py's real rows: several examples of --doc-len tokens on average packed into each row, a pad tail,
+loss on the last --loss-frac of each; ours gets doc_ids, transformers the block-diagonal causal mask as a 4D
+boolean attention_mask with positions restarting per example, which gives the same logits).
 bf16 autocast runs only where the CPU has bf16 in hardware (or on CUDA): elsewhere it is emulated and slow.
 """
 import argparse
@@ -33,6 +36,8 @@ ap.add_argument("--batch", type=int, default=4, help="sequences per step")
 ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
 ap.add_argument("--loss-frac", type=float, default=0.35, help="sft case: share of positions with loss (the "
                 "embedded default's assistant share is about 0.35)")
+ap.add_argument("--doc-len", type=int, default=170, help="packed case: mean example length (the embedded "
+                "default's prompt + trace is about 170 tokens)")
 ap.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up)")
 ap.add_argument("--device", default="cpu", help="cpu or cuda")
 ap.add_argument("--fsdp-part", action="store_true", help="(internal) the torchrun memory measurement")
@@ -54,16 +59,22 @@ def state_bytes(model, opt):
     return n
 
 
-def step_fn(model, opt, ids, bf16, hf, loss_mask=None):
-    """One training step. loss_mask None: loss on every position. Else (B, T) 0/1: loss on those targets only."""
+def step_fn(model, opt, ids, bf16, hf, loss_mask=None, docs=None):
+    """One training step. loss_mask None: loss on every position. Else (B, T) 0/1: loss on those targets only.
+    docs (B, T): the example each token belongs to (packed rows); None: one per row."""
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
         if loss_mask is None:
             logits = model(input_ids=ids).logits if hf else model(ids)
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         elif hf:   # the usual transformers SFT step: labels -100 where there is no loss
-            loss = model(input_ids=ids, labels=ids.masked_fill(loss_mask == 0, -100)).loss
-        else:      # train_sft.py's step: one document per row
-            s, n = masked_loss_sum(model, ids, loss_mask, torch.zeros_like(ids))
+            kw = {}
+            if docs is not None:   # packed: block-diagonal causal mask, positions restart per example
+                T = ids.shape[1]
+                kw = dict(attention_mask=((docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=dev).tril())[:, None],
+                          position_ids=packed_positions(docs))
+            loss = model(input_ids=ids, labels=ids.masked_fill(loss_mask == 0, -100), **kw).loss
+        else:      # train_sft.py's step
+            s, n = masked_loss_sum(model, ids, loss_mask, torch.zeros_like(ids) if docs is None else docs)
             loss = s / n
     loss.backward()
     opt.step()
@@ -104,6 +115,32 @@ n_emb = cfg.vocab_size * cfg.hidden_size
 flops_tok = 6 * (n_params - n_emb + n_emb) + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
 
 
+def packed_positions(docs):
+    idx = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 1).values
+
+
+def packed_rows():
+    """Rows of args.seq tokens filled with examples of random length around args.doc_len (next-fit, as
+    train_sft.pack), a pad tail as its own document; loss on the last loss_frac of each example."""
+    g = torch.Generator().manual_seed(args.seed)
+    docs = torch.full((args.batch, args.seq), -1, dtype=torch.long)
+    mask = torch.zeros(args.batch, args.seq, dtype=torch.long)
+    d = 0
+    for r in range(args.batch):
+        t = 0
+        while True:
+            n = int(torch.randint(args.doc_len // 2, args.doc_len * 3 // 2 + 1, (1,), generator=g))
+            if t + n > args.seq:
+                break
+            docs[r, t:t + n] = d
+            mask[r, t + int(n * (1 - args.loss_frac)):t + n] = 1
+            t, d = t + n, d + 1
+    return mask.to(dev), docs.to(dev)
+
+
 def sync():
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -121,15 +158,15 @@ def matmul_rate(dtype):
     return 3 * 2 * n ** 3 / (time.perf_counter() - t)
 
 
-def bench(model, hf, bf16, loss_mask):
+def bench(model, hf, bf16, loss_mask, docs=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step_fn(model, opt, ids, bf16, hf, loss_mask)   # warm-up (also allocates optimizer state)
+    step_fn(model, opt, ids, bf16, hf, loss_mask, docs)   # warm-up (also allocates optimizer state)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
     t = time.perf_counter()
     for _ in range(args.steps):
-        step_fn(model, opt, ids, bf16, hf, loss_mask)
+        step_fn(model, opt, ids, bf16, hf, loss_mask, docs)
     sync()
     dt = (time.perf_counter() - t) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
@@ -140,15 +177,17 @@ print(f"model {args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch} x 
       f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
 sft_mask = torch.zeros_like(ids)
 sft_mask[:, int(args.seq * (1 - args.loss_frac)):] = 1
+pack_mask, pack_docs = packed_rows()
 precisions = [False] + ([True] if dev.type == "cuda" or cpu_has_native_bf16() else [])
 if len(precisions) == 1:
     print("bf16: skipped (this CPU has no native bf16; autocast would be emulated)")
 for bf16 in precisions:
     name = "bf16 autocast" if bf16 else "fp32"
     rate = matmul_rate(torch.bfloat16 if bf16 else torch.float32)
-    for case, mask in (("full loss", None), (f"sft loss on {args.loss_frac:.0%}", sft_mask)):
-        a_tps, a_peak, a_state = bench(ours, False, bf16, mask)
-        b_tps, b_peak, _ = bench(ref, True, bf16, mask)
+    for case, mask, docs in (("full loss", None, None), (f"sft loss on {args.loss_frac:.0%}", sft_mask, None),
+                             (f"packed sft rows, ~{args.doc_len}-token examples", pack_mask, pack_docs)):
+        a_tps, a_peak, a_state = bench(ours, False, bf16, mask, docs)
+        b_tps, b_peak, _ = bench(ref, True, bf16, mask, docs)
         mem = f", peak GPU memory ours {a_peak:.0f} MiB vs HF {b_peak:.0f} MiB" if a_peak else ""
         print(f"[{name}, {case}] ours {a_tps:,.0f} tok/s vs transformers {b_tps:,.0f} tok/s: ratio {a_tps / b_tps:.2f}x{mem}")
         if mask is None:
