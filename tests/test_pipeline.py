@@ -43,6 +43,16 @@ def test_grpo_two_ranks_match_one_and_stages(tiny):
         assert os.path.exists(tiny / "g1" / f), f
 
 
+def test_grpo_exclude_leaves_out_the_sft_questions(tiny):
+    """--exclude sft.jsonl (run.sh): RL only on the training questions that got no cold-start trace."""
+    rows = [json.loads(line) for line in open(tiny / "data" / "rl_train.jsonl")]
+    sft_ids = {str(json.loads(line)["id"]) for line in open(tiny / "data" / "sft.jsonl")}
+    n_left = sum(str(r["id"]) not in sft_ids for r in rows)
+    assert 8 < n_left < len(rows)
+    out = grpo(tiny, tiny / "ex", extra=["--exclude", str(tiny / "data" / "sft.jsonl"), "--steps", "1"])
+    assert f"GRPO: {n_left - 8} train items" in out   # 8 more held out for --val-size
+
+
 def test_grpo_resume_is_exact(tiny):
     grpo(tiny, tiny / "r", extra=["--stop-after", "3", "--save-every", "100"])
     grpo(tiny, tiny / "r", extra=["--resume"])
