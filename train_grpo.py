@@ -320,12 +320,12 @@ def main(argv=None):
         for p in ref.parameters():
             p.requires_grad_(False)
     rows = read_records(args.data)
-    if args.exclude:   # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
-        seen = {str(r.get("id")) for r in read_records(args.exclude)}
-        rows = [it for it in rows if str(it.get("id")) not in seen]
     for i, it in enumerate(rows):
         if it.get("answer") not in (it.get("options") or {}):
             raise SystemExit(f"{args.data}:{i + 1}: field 'answer' is not one of the options")
+    if args.exclude:   # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
+        seen = {str(r.get("id")) for r in read_records(args.exclude)}
+        rows = [it for it in rows if str(it.get("id")) not in seen]
     rng = random.Random(args.seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
