@@ -204,6 +204,22 @@ def apply_rope(x, cos, sin):
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def doc_attention_mask(doc_ids):
+    """Packed rows: doc_ids (B, T) -> (B, 1, T, T) boolean, True where a token may attend (earlier tokens of its
+    own document). Also the 4D attention_mask that transformers takes for the same rows."""
+    T = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril())[:, None]
+
+
+def doc_positions(doc_ids):
+    """Packed rows: doc_ids (B, T) -> position of each token within its document (B, T)."""
+    B, T = doc_ids.shape
+    starts = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 1).values
+
+
 class KVCache(nn.Module):
     """Static per-layer cache: (B, Hkv, Tmax, D) buffers written in place, plus which slots hold a real
     token (left padding of ragged prompts leaves holes that must never be attended)."""
@@ -352,15 +368,11 @@ class Transformer(nn.Module):
         dev = input_ids.device
         mask, cu_seqlens = None, None
         if doc_ids is not None:
-            same = doc_ids[:, :, None] == doc_ids[:, None, :]
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-            mask = (same & causal)[:, None]
-            if position_ids is None:   # position = index within its document
-                starts = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=dev), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
-                idx = torch.arange(T, device=dev).expand(B, T)
-                position_ids = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 1).values
-            if HAVE_FLASH and input_ids.is_cuda and B == 1:   # flash-attn varlen uses these instead of the mask
-                bounds = torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1   # (only in fp16/bf16)
+            mask = doc_attention_mask(doc_ids)
+            if position_ids is None:
+                position_ids = doc_positions(doc_ids)
+            if HAVE_FLASH and input_ids.is_cuda and B == 1:   # for flash-attn varlen (fp16/bf16), in place of the mask
+                bounds = torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1
                 cu_seqlens = torch.cat([bounds.new_zeros(1), bounds, bounds.new_tensor([T])]).to(torch.int32)
         elif cache is not None and cache.slot is not None:
             assert T == 1, "fixed-shape decoding takes one token per row"

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import cpu_has_native_bf16  # noqa: E402
-from model import ModelConfig, Transformer, save_model  # noqa: E402
-from train_sft import masked_loss_sum  # noqa: E402
+from model import ModelConfig, Transformer, doc_attention_mask, doc_positions, save_model  # noqa: E402
+from train_sft import masked_loss_sum, pack  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="20m", help="model preset")
@@ -69,7 +69,7 @@ def step_fn(model, opt, ids, bf16, hf, loss_mask=None, docs=None):
         elif hf:   # the usual transformers SFT step: labels -100 where there is no loss
             kw = {}
             if docs is not None:   # packed: block-diagonal causal mask, positions restart per example
-                kw = dict(attention_mask=packed_mask(docs), position_ids=packed_positions(docs))
+                kw = dict(attention_mask=doc_attention_mask(docs), position_ids=doc_positions(docs))
             loss = model(input_ids=ids, labels=ids.masked_fill(loss_mask == 0, -100), **kw).loss
         else:      # train_sft.py's step
             s, n = masked_loss_sum(model, ids, loss_mask, torch.zeros_like(ids) if docs is None else docs)
@@ -113,36 +113,17 @@ n_emb = cfg.vocab_size * cfg.hidden_size
 flops_tok = 6 * (n_params - n_emb + n_emb) + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
 
 
-def packed_mask(docs):
-    """(B, 1, T, T) boolean: a token sees the earlier tokens of its own example (transformers' 4D mask form)."""
-    T = docs.shape[1]
-    return ((docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=docs.device).tril())[:, None]
-
-
-def packed_positions(docs):
-    idx = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
-    starts = torch.ones_like(docs, dtype=torch.bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 1).values
-
-
 def packed_rows():
-    """Rows of args.seq tokens filled with examples of random length around args.doc_len (next-fit, as
-    train_sft.pack), a pad tail as its own document; loss on the last loss_frac of each example."""
+    """train_sft.pack's rows (next-fit, a pad tail as document -1) of examples of random length around
+    args.doc_len, loss on the last loss_frac of each -> (loss mask, doc ids), args.batch rows."""
     g = torch.Generator().manual_seed(args.seed)
-    docs = torch.full((args.batch, args.seq), -1, dtype=torch.long)
-    mask = torch.zeros(args.batch, args.seq, dtype=torch.long)
-    d = 0
-    for r in range(args.batch):
-        t = 0
-        while True:
-            n = int(torch.randint(args.doc_len // 2, args.doc_len * 3 // 2 + 1, (1,), generator=g))
-            if t + n > args.seq:
-                break
-            docs[r, t:t + n] = d
-            mask[r, t + int(n * (1 - args.loss_frac)):t + n] = 1
-            t, d = t + n, d + 1
-    return mask.to(dev), docs.to(dev)
+    examples = []
+    for _ in range(args.batch * args.seq // (args.doc_len // 2)):   # more than enough for args.batch rows
+        n = int(torch.randint(args.doc_len // 2, args.doc_len * 3 // 2 + 1, (1,), generator=g))
+        k = int(n * (1 - args.loss_frac))
+        examples.append(([0] * n, [0] * k + [1] * (n - k)))
+    rows = pack(examples, args.seq, 0)[0][:args.batch]
+    return (torch.tensor([r[1] for r in rows], device=dev), torch.tensor([r[2] for r in rows], device=dev))
 
 
 def sync():
@@ -183,8 +164,8 @@ sft_mask = torch.zeros_like(ids)
 sft_mask[:, int(args.seq * (1 - args.loss_frac)):] = 1
 pack_mask, pack_docs = packed_rows()
 with torch.no_grad():   # the packed case is only a fair race if both sides compute the same thing
-    diff = (ours(ids, doc_ids=pack_docs) - ref(input_ids=ids, attention_mask=packed_mask(pack_docs),
-                                              position_ids=packed_positions(pack_docs)).logits).abs().max()
+    diff = (ours(ids, doc_ids=pack_docs) - ref(input_ids=ids, attention_mask=doc_attention_mask(pack_docs),
+                                              position_ids=doc_positions(pack_docs)).logits).abs().max()
 print(f"packed rows: {int(pack_docs.max()) + 1} examples in {args.batch} rows; max |logit diff| ours vs transformers {diff:.1e} (fp32)")
 precisions = [False] + ([True] if dev.type == "cuda" or cpu_has_native_bf16() else [])
 if len(precisions) == 1:
