@@ -386,6 +386,8 @@ class Transformer(nn.Module):
             diag = torch.zeros(T, s + T, dtype=torch.bool, device=dev)
             diag[:, s:] = torch.eye(T, dtype=torch.bool, device=dev)   # a pad query sees itself: no empty rows, no NaN
             mask = (keys_ok & causal) | diag
+        elif attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
         elif attention_mask is not None:
             am = attention_mask.bool()
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()

@@ -1,7 +1,9 @@
 """
 Where a GRPO step's time goes: rollout (KV-cached generation) / reference forward (KL) / policy update, and
 rollout tokens/s. Runs train_grpo.py for a few steps with a KL reference so all three parts are timed, then
-summarises its metrics.jsonl (the first step is left out as warm-up).
+summarises its metrics.jsonl (the first step is left out as warm-up). With --share-prompt N > 1 (default 4) it
+runs a second time with each question's completions scored N to a row behind one copy of the prompt, and prints
+the reference + train time of that run against the first (same seed, same settings, same process count).
 
     python bench/grpo.py                                   # builds a tiny KG set and a from-scratch tiny policy
     python bench/grpo.py --init runs/demo/seed0/sft --data runs/demo/data/rl_train.jsonl
@@ -29,6 +31,8 @@ ap.add_argument("--nproc", type=int, default=1, help="ranks (torchrun, gloo on C
 ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
 ap.add_argument("--device", default=None, help="cpu / cuda")
 ap.add_argument("--cuda-graph", action="store_true", help="rollouts with generate(cuda_graph=True) (one GPU)")
+ap.add_argument("--share-prompt", type=int, default=4, help="second run with train_grpo.py --share-prompt N "
+                "(1: only the first run)")
 ap.add_argument("--seed", type=int, default=0, help="seed")
 args = ap.parse_args()
 
@@ -53,23 +57,36 @@ if init is None:
         sys.exit("--init is needed with --data")
     run(["train_sft.py", "--data", f"{tmp}/data/sft.jsonl", "--out", f"{tmp}/base", "--steps", "0", "--seed", str(args.seed)])
     init = f"{tmp}/base"
-cmd = ["train_grpo.py", "--init", init, "--data", data, "--out", f"{tmp}/grpo", "--steps", str(args.steps),
-       "--questions-per-step", str(args.questions_per_step), "--group-size", str(args.group_size),
-       "--max-new-tokens", str(args.max_new_tokens), "--kl-beta", str(args.kl_beta), "--val-size", "8",
-       "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed)]
-cmd += ["--bf16"] if args.bf16 else []
-cmd += ["--device", args.device] if args.device else []
-cmd += ["--cuda-graph"] if args.cuda_graph else []
-run(cmd, args.nproc)
-rows = [json.loads(l) for l in open(f"{tmp}/grpo/metrics.jsonl")]
-rows = [r for r in rows if "rollout_s" in r][1:]
-mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-roll, ref, train = mean("rollout_s"), mean("ref_s"), mean("train_s")
-total = roll + ref + train
-print(f"GRPO step ({len(rows)} timed steps, {args.questions_per_step} questions x {args.group_size} samples, "
-      f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, cuda graph {args.cuda_graph}, init {init if args.init else 'random tiny'})")
-print(f"  rollout   {roll:7.2f} s  ({roll / total:.0%})   {mean('rollout_tok_s'):,.0f} rollout tok/s per rank, "
-      f"mean completion {mean('response_len'):.0f} tokens")
-print(f"  reference {ref:7.2f} s  ({ref / total:.0%})")
-print(f"  train     {train:7.2f} s  ({train / total:.0%})")
-print(f"  total     {total:7.2f} s per step")
+
+
+def bench(share):
+    out = f"{tmp}/grpo_share{share}"
+    cmd = ["train_grpo.py", "--init", init, "--data", data, "--out", out, "--steps", str(args.steps),
+           "--questions-per-step", str(args.questions_per_step), "--group-size", str(args.group_size),
+           "--max-new-tokens", str(args.max_new_tokens), "--kl-beta", str(args.kl_beta), "--val-size", "8",
+           "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed), "--share-prompt", str(share)]
+    cmd += ["--bf16"] if args.bf16 else []
+    cmd += ["--device", args.device] if args.device else []
+    cmd += ["--cuda-graph"] if args.cuda_graph else []
+    run(cmd, args.nproc)
+    rows = [json.loads(l) for l in open(f"{out}/metrics.jsonl")]
+    rows = [r for r in rows if "rollout_s" in r][1:]
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    roll, ref, train = mean("rollout_s"), mean("ref_s"), mean("train_s")
+    total = roll + ref + train
+    print(f"GRPO step ({len(rows)} timed steps, {args.questions_per_step} questions x {args.group_size} samples, "
+          f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, cuda graph {args.cuda_graph}, "
+          f"share-prompt {share}, init {init if args.init else 'random tiny'})")
+    print(f"  rollout   {roll:7.2f} s  ({roll / total:.0%})   {mean('rollout_tok_s'):,.0f} rollout tok/s per rank, "
+          f"mean completion {mean('response_len'):.0f} tokens")
+    print(f"  reference {ref:7.2f} s  ({ref / total:.0%})")
+    print(f"  train     {train:7.2f} s  ({train / total:.0%})")
+    print(f"  total     {total:7.2f} s per step")
+    return ref + train
+
+
+base = bench(1)
+if args.share_prompt > 1:
+    shared = bench(args.share_prompt)
+    print(f"reference + train per step: {base:.2f} s (one row per completion) vs {shared:.2f} s ({args.share_prompt} "
+          f"completions per prompt copy): {base / shared:.2f}x")

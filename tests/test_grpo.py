@@ -144,20 +144,45 @@ def test_curriculum_switch_and_mining():
 
 
 def test_completion_logprobs_match_naive_per_row():
-    """Ragged prompts and completions in one padded batch give each row's log-probs and entropies as scoring it
-    alone with a full forward does."""
+    """Ragged prompts and completions give each completion's log-probs and entropies as scoring prompt + completion
+    alone with a full forward does: one padded row each (share=1), and with the completions of a prompt packed
+    behind one copy of it (share=2, 3, 8: full, partial and single-completion rows)."""
     from model import ModelConfig, Transformer
     from train_grpo import completion_logprobs
     m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0).eval()
     g = torch.Generator().manual_seed(0)
-    plens, clens = [5, 9, 7], [6, 2, 4]
-    seqs = [torch.randint(3, 97, (p + c,), generator=g).tolist() for p, c in zip(plens, clens)]
-    with torch.no_grad():
-        lp, mask, ent = completion_logprobs(m, seqs, plens, torch.device("cpu"), 0, want_entropy=True)
-        for i, (s, p, c) in enumerate(zip(seqs, plens, clens)):
-            full = torch.log_softmax(m(torch.tensor([s]))[0].float(), -1)
-            want = full[p - 1:p - 1 + c].gather(-1, torch.tensor(s[p:])[:, None]).squeeze(-1)
-            want_ent = -(full.exp() * full).sum(-1)[p - 1:p - 1 + c]
+    prompt_of = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    which, clens = [0, 0, 0, 1, 2, 2], [6, 2, 4, 3, 1, 5]
+    prompts = [prompt_of[w] for w in which]
+    outs = [torch.randint(3, 97, (c,), generator=g).tolist() for c in clens]
+    for share in (1, 2, 3, 8):
+        with torch.no_grad():
+            lp, mask, ent = completion_logprobs(m, prompts, outs, torch.device("cpu"), 0, share, want_entropy=True)
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            full = torch.log_softmax(m(torch.tensor([p + o]))[0].float(), -1)
+            c = len(o)
+            want = full[len(p) - 1:len(p) - 1 + c].gather(-1, torch.tensor(o)[:, None]).squeeze(-1)
+            want_ent = -(full.exp() * full).sum(-1)[len(p) - 1:len(p) - 1 + c]
             assert mask[i].sum() == c and mask[i, c:].sum() == 0
-            assert torch.allclose(lp[i, :c], want, atol=1e-5) and torch.allclose(ent[i, :c], want_ent, atol=1e-5)
+            assert torch.allclose(lp[i, :c], want, atol=1e-5), share
+            assert torch.allclose(ent[i, :c], want_ent, atol=1e-5), share
             assert lp[i, c:].abs().sum() == 0
+
+
+def test_shared_prompt_rows_give_the_same_gradient():
+    """Packing a group's completions behind one copy of the prompt changes the work, not the GRPO gradient."""
+    from model import ModelConfig, Transformer
+    from train_grpo import completion_logprobs
+    g = torch.Generator().manual_seed(1)
+    prompt_of = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (11, 8)]
+    prompts = [prompt_of[0]] * 4 + [prompt_of[1]] * 4
+    outs = [torch.randint(3, 97, (c,), generator=g).tolist() for c in (3, 7, 1, 5, 6, 2, 4, 4)]
+    adv = torch.randn(8, generator=g)
+    grads = []
+    for share in (1, 4):
+        m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0)
+        lp, mask, _ = completion_logprobs(m, prompts, outs, torch.device("cpu"), 0, share)
+        (-(adv[:, None] * lp * mask).sum() / mask.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)

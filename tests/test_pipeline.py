@@ -30,7 +30,7 @@ def grpo(tiny, out, nproc=1, extra=()):
 
 def test_grpo_two_ranks_match_one_and_stages(tiny):
     grpo(tiny, tiny / "g1")
-    grpo(tiny, tiny / "g2", nproc=2)
+    grpo(tiny, tiny / "g2", nproc=2, extra=["--share-prompt", "4"])   # and each group's prompt scored once
     a, b = metrics(tiny / "g1" / "metrics.jsonl"), metrics(tiny / "g2" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
     for x, y in zip(a[1:], b[1:]):
@@ -39,6 +39,7 @@ def test_grpo_two_ranks_match_one_and_stages(tiny):
         assert abs(x["loss"] - y["loss"]) <= 1e-4 * max(1e-3, abs(x["loss"])) + 1e-6, (x["loss"], y["loss"])
     assert [r.get("stage") for r in a[1:]] == [1, 1, 2, 2]
     assert "mined_pool" in a[2] and a[3]["group_size"] == 6
+    assert "mined_pool" not in a[4]   # no re-mining for a pool that no step would use
     for f in ("config.json", "model.safetensors", "curves.png", "stage1/config.json"):
         assert os.path.exists(tiny / "g1" / f), f
 
