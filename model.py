@@ -360,6 +360,8 @@ class Transformer(nn.Module):
         doc_ids (B, T): packed training; attention stays within equal ids and positions restart per document.
         cache + position_ids: incremental decoding; cache.valid says which key slots are real tokens.
         attention_mask (B, T) of 1/0: left-padded prompts without a cache (pads are never attended).
+        attention_mask (B, 1, T, T) bool: used as given, True where query t may attend key s (with position_ids:
+        several completions behind one shared prompt, as train_grpo.py --share-prompt scores them).
         last_only: logits of the last position only (generation needs no more; saves a (B, T, vocab) matmul).
         logits_from: logits of positions >= this one only (RL scores completions, not prompts).
         logits_at (B, T) bool: logits of those positions only, as (N, vocab) (SFT: only assistant tokens carry
