@@ -4,6 +4,7 @@ evaluate.py: the paper's nine-benchmark suite (4.1) with auditable per-item outp
     python evaluate.py --model runs/demo/seed0/grpo --benchmarks kg --file kg=runs/demo/data/test.jsonl
     python evaluate.py --model Qwen2.5-7B-dir --data-dir benchmarks/ --limit 200        # local files
     torchrun --nproc_per_node=2 evaluate.py --model runs/demo/sft --benchmarks kg --file kg=data/kg/test.jsonl
+    python evaluate.py --model runs/a runs/b --out runs/eval_a runs/eval_b --label a b --benchmarks kg --file ...
     python evaluate.py --responses vllm_out.jsonl --out runs/rescored                 # re-score, no model
 
 Each benchmark is read from a local file ({data-dir}/{name}.jsonl|.json|.parquet|.csv, or --file NAME=PATH)
@@ -412,7 +413,8 @@ def stage_table(run_dir, bench="kg"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- what to evaluate
-    ap.add_argument("--model", default=None, help="HF-layout checkpoint directory (ours or a real Qwen)")
+    ap.add_argument("--model", nargs="+", default=None, help="HF-layout checkpoint directory (ours or a real Qwen); "
+                    "several: each in turn in this one launch, with one --out and one --label each")
     ap.add_argument("--benchmarks", default=",".join(BENCHMARKS),
                     help="comma list; the nine: " + ",".join(BENCHMARKS) + "; any other name needs --file")
     ap.add_argument("--data-dir", default=None, help="folder of local files named {benchmark}.jsonl/.json/.parquet/.csv")
@@ -432,8 +434,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     # --- output
     ap.add_argument("--lenient", action="store_true", help="also report a lenient extraction ('the answer is C')")
-    ap.add_argument("--out", default="runs/eval", help="output folder (responses.jsonl, results.md, results.json)")
-    ap.add_argument("--label", default="ours", help="row label in the table")
+    ap.add_argument("--out", nargs="+", default=["runs/eval"], help="output folder (responses.jsonl, results.md, "
+                    "results.json); one per --model")
+    ap.add_argument("--label", nargs="+", default=None, help="row label in the table, one per --model (default: "
+                    "ours, or each model folder's name)")
     ap.add_argument("--stage-table", default=None, help="print the stage table of a run.sh folder (seed*/eval_*) and exit")
     args = ap.parse_args()
     if args.stage_table:
@@ -468,28 +472,35 @@ def main():
                 rr, s = score_items(items, saved[n], n, args.lenient)
                 recs += rr
                 summaries[n] = s
-        rank = 0
-    else:
-        if not args.model:
-            sys.exit("give --model (or --responses to re-score)")
-        import torch
-        from common import init_distributed
-        from model import load_model, load_tokenizer
-        rank, world, device = init_distributed(args.device)
-        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = load_model(args.model, device=device, dtype=dtype).eval()
-        tok = load_tokenizer(args.model)
+        write_outputs(args.out[0], recs, summaries, (args.label or ["ours"])[0])
+        print(results_table(summaries, (args.label or ["ours"])[0]))
+        print(f"wrote {args.out[0]}/responses.jsonl and {args.out[0]}/results.md")
+        return
+
+    if not args.model:
+        sys.exit("give --model (or --responses to re-score)")
+    labels = args.label or (["ours"] if len(args.model) == 1 else [os.path.basename(os.path.normpath(m)) for m in args.model])
+    if not len(args.model) == len(args.out) == len(labels):
+        sys.exit(f"--model has {len(args.model)} paths: give as many --out folders ({len(args.out)}) and --label "
+                 f"names ({len(labels)})")
+    import torch
+    from common import close_distributed, init_distributed
+    from model import load_model, load_tokenizer
+    rank, world, device = init_distributed(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # several models in one launch: the process start-up (torch, tokenizers, the process group) is paid once
+    for path, out, label in zip(args.model, args.out, labels):
+        model = load_model(path, device=device, dtype=dtype).eval()
+        tok = load_tokenizer(path)
         recs, summaries = evaluate_model(model, tok, benches, rank, world, args.lenient,
                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                          temperature=args.temperature, n_samples=args.n_samples, seed=args.seed,
                                          cuda_graph=args.cuda_graph and device.type == "cuda")
-    if rank == 0:
-        write_outputs(args.out, recs, summaries, args.label)
-        print(results_table(summaries, args.label))
-        print(f"wrote {args.out}/responses.jsonl and {args.out}/results.md")
-    if not args.responses:
-        from common import close_distributed
-        close_distributed()
+        if rank == 0:
+            write_outputs(out, recs, summaries, label)
+            print(results_table(summaries, label))
+            print(f"wrote {out}/responses.jsonl and {out}/results.md")
+    close_distributed()
 
 
 if __name__ == "__main__":

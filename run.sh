@@ -54,18 +54,17 @@ for s in $SEEDS; do
   R="$OUT/seed$s"
   echo "== seed $s: base (random init) and CoT cold-start SFT"
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
-  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/base" --seed "$s" $SFT --steps 0
-  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --seed "$s" $BF16 $SFT
+  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --save-init "$R/base" \
+    --seed "$s" $BF16 $SFT
   echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
     --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --seed "$s" $BF16 --max-new-tokens $NEW $GRPO
-  for stage in base:base sft:sft grpo_stage1:grpo/stage1 grpo_stage2:grpo; do
-    name=${stage%%:*}; path=$R/${stage#*:}
-    echo "== seed $s: evaluate $name"
-    torchrun --standalone --nproc_per_node="$NPROC" evaluate.py --model "$path" --benchmarks kg \
-      --file kg="$OUT/data/test.jsonl" --max-new-tokens $NEW --batch-size 32 --out "$R/eval_$name" --label "$name" $EVAL \
-      | grep -E "^\| kg" || true
-  done
+  echo "== seed $s: evaluate base, sft, grpo_stage1, grpo_stage2 (one launch)"
+  torchrun --standalone --nproc_per_node="$NPROC" evaluate.py --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \
+    --out "$R/eval_base" "$R/eval_sft" "$R/eval_grpo_stage1" "$R/eval_grpo_stage2" \
+    --label base sft grpo_stage1 grpo_stage2 --benchmarks kg --file kg="$OUT/data/test.jsonl" \
+    --max-new-tokens $NEW --batch-size 32 $EVAL > "$R/eval.log"   # a failure stops the script (set -e)
+  grep -E "^\| kg" "$R/eval.log" | paste -d ' ' <(printf '%-12s\n' base sft grpo_stage1 grpo_stage2) -
 done
 echo "== stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s))"
 python evaluate.py --stage-table "$OUT"

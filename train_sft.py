@@ -124,6 +124,8 @@ def get_args(argv=None):
     ap.add_argument("--micro-rows", type=int, default=4, help="rows per forward/backward on one rank (grad accumulation)")
     # --- model
     ap.add_argument("--init", default=None, help="HF checkpoint directory to fine-tune; default: from scratch")
+    ap.add_argument("--save-init", default=None, help="also write the model as initialised (before any step) to this "
+                    "directory, HF layout: the untrained baseline, without a second run")
     ap.add_argument("--preset", default="tiny", help="from scratch: model preset (see model.PRESETS)")
     ap.add_argument("--vocab-size", type=int, default=4096, help="from scratch: BPE vocabulary to train")
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block (saves memory)")
@@ -154,7 +156,8 @@ def main(argv=None):
     convs = read_chat_jsonl(args.data)
 
     # --- tokenizer and model
-    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+    resuming = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    if resuming:
         tok, model = load_tokenizer(ckpt), load_model(ckpt)
     elif args.init:
         tok, model = load_tokenizer(args.init), load_model(args.init)
@@ -169,6 +172,9 @@ def main(argv=None):
         cfg = ModelConfig.from_name(args.preset, vocab_size=len(tok), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                                     pad_token_id=tok.pad_token_id, bos_token_id=None)
         model = Transformer(cfg).init_weights(args.seed)
+    if args.save_init and rank == 0 and not resuming:   # the untrained model (the stage table's "Base" row)
+        save_model(model, args.save_init)
+        tok.save_pretrained(args.save_init)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -198,7 +204,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     start = 0
-    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+    if resuming:
         start, _ = load_trainer_state(ckpt, model, opt)
         print0(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=args.resume and start > 0)

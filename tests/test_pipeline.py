@@ -84,7 +84,9 @@ def test_evaluate_shared_samples_one_and_two_ranks(tiny):
             "--file", f"medqa={FIX}/medqa_5opt_sample.jsonl", "--file", f"medbullets={FIX}/medbullets_op4_sample.jsonl",
             "--file", f"medxpertqa={FIX}/medxpertqa_text_sample.jsonl", "--max-new-tokens", "16", "--batch-size", "8"]
     out = run(args + ["--out", str(tiny / "e1")])
-    run(args + ["--out", str(tiny / "e2")], nproc=2)
+    # two ranks, and two models in one launch (run.sh's four evaluations per seed): each as if run alone
+    run(args[:3] + [str(tiny / "sft")] + args[3:] + ["--out", str(tiny / "e2"), str(tiny / "e3"), "--label", "ours",
+                                                     "again"], nproc=2)
     assert "| ours |" in out and "Fleming-R1-7B (paper)" in out
     r1 = json.load(open(tiny / "e1" / "results.json"))
     r2 = json.load(open(tiny / "e2" / "results.json"))
@@ -92,3 +94,5 @@ def test_evaluate_shared_samples_one_and_two_ranks(tiny):
     rows1 = sorted(open(tiny / "e1" / "responses.jsonl").read().splitlines())
     rows2 = sorted(open(tiny / "e2" / "responses.jsonl").read().splitlines())
     assert rows1 == rows2 and len(rows1) == 60
+    assert json.load(open(tiny / "e3" / "results.json")) == r1
+    assert sorted(open(tiny / "e3" / "responses.jsonl").read().splitlines()) == rows1

@@ -67,12 +67,17 @@ def test_two_ranks_match_one_and_checkpoint_loads(toy):
 
 def test_resume_is_exact(toy):
     data = ["--data", str(toy / "sft.jsonl")]
-    run(COMMON + data + ["--out", str(toy / "full")])
+    run(COMMON + data + ["--out", str(toy / "full"), "--save-init", str(toy / "init")])
     run(COMMON + data + ["--out", str(toy / "cut"), "--stop-after", "3", "--save-every", "100"])
-    run(COMMON + data + ["--out", str(toy / "cut"), "--resume"])
+    run(COMMON + data + ["--out", str(toy / "cut"), "--resume", "--save-init", str(toy / "not_init")])
     a, b = metrics(toy / "full" / "metrics.jsonl"), metrics(toy / "cut" / "metrics.jsonl")
     assert [r["step"] for r in b] == [r["step"] for r in a]
     assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+    # --save-init wrote the untrained model, as a run of 0 steps does (run.sh's "Base" row); a resumed run does not
+    run(COMMON + data + ["--out", str(toy / "zero"), "--steps", "0"])
+    x, y = load_model(str(toy / "init")).state_dict(), load_model(str(toy / "zero")).state_dict()
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert not os.path.exists(toy / "not_init")
 
 
 def test_bad_data_names_line(tmp_path):
