@@ -479,7 +479,8 @@ def main():
 
     if not args.model:
         sys.exit("give --model (or --responses to re-score)")
-    labels = args.label or (["ours"] if len(args.model) == 1 else [os.path.basename(os.path.normpath(m)) for m in args.model])
+    names = [os.path.basename(os.path.normpath(m)) for m in args.model]
+    labels = args.label or (["ours"] if len(args.model) == 1 else names)
     if not len(args.model) == len(args.out) == len(labels):
         sys.exit(f"--model has {len(args.model)} paths: give as many --out folders ({len(args.out)}) and --label "
                  f"names ({len(labels)})")

@@ -100,12 +100,12 @@ def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entr
     """Score completions: prompts[i] + outs[i] -> (log-prob of each completion token (N, Lc), mask (N, Lc), entropy).
 
     share: how many completions of the same prompt go into one row behind a single copy of it, e.g.
-    [prompt, c1, c2, c3, c4]: each c_k attends to the prompt and to itself, not to the other c's, and restarts its
-    positions where the prompt ends, so its log-probs are the ones of [prompt, c_k] alone. A GRPO group shares its
-    prompt, and KG prompts are ~2x longer than the answers, so this does ~half the forward/backward work
-    (measured on the demo's policy in bf16: 1.35 vs 2.48 s for 8 groups of 12). The cost is a dense (T, T) mask
-    per row, which rules out flash-attn and grows with share: for long completions on a GPU, keep share=1.
-    share=1 is one padded row per completion with the plain causal mask (no mask tensor at all).
+    [prompt, c1, c2, c3, c4]: each c_k attends to the prompt and to itself, not to the other c's, and restarts
+    its positions where the prompt ends, so its log-probs are the ones of [prompt, c_k] alone. A GRPO group
+    shares its prompt, and KG prompts are ~2x longer than the answers, so this does ~half the forward/backward
+    work (bench/grpo.py prints the ratio: 1.82x for reference + train on the demo's policy with share=4). The
+    cost is a dense (T, T) mask per row, which rules out flash-attn and grows with share: for long completions
+    on a GPU, keep share=1, one padded row per completion with the plain causal mask (no mask tensor at all).
     Logits are computed only where a completion token is predicted: the prompt positions carry no loss, and the
     lm_head + log-softmax over them would be most of the cost."""
     rows = []   # (prompt, [completion indices])
@@ -431,9 +431,11 @@ def main(argv=None):
                     mb = keep[m0:m0 + args.micro_batch]
                     with autocast(device, args.autocast):
                         if ref is not None:
-                            refl[m0] = completion_logprobs(ref, [pr[j] for j in mb], [outs[j] for j in mb], device, pad, args.share_prompt)[0]
+                            refl[m0] = completion_logprobs(ref, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
+                                                           args.share_prompt)[0]
                         if args.ppo_epochs > 1:
-                            old[m0] = completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device, pad, args.share_prompt)[0]
+                            old[m0] = completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
+                                                          args.share_prompt)[0]
         t_ref = time.time() - t1
 
         # --- policy update(s)
