@@ -355,6 +355,13 @@ def write_outputs(out_dir, recs, summaries, label):
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
 
 
+def report(out, recs, summaries, label):
+    """Write the outputs and print the table (rank 0)."""
+    write_outputs(out, recs, summaries, label)
+    print(results_table(summaries, label))
+    print(f"wrote {out}/responses.jsonl and {out}/results.md")
+
+
 def evaluate_model(model, tok, benches, rank=0, world=1, lenient=False, **gen):
     """benches: {name: items}. Returns (records, summaries) on every rank (responses gathered)."""
     import torch.distributed as dist
@@ -472,9 +479,7 @@ def main():
                 rr, s = score_items(items, saved[n], n, args.lenient)
                 recs += rr
                 summaries[n] = s
-        write_outputs(args.out[0], recs, summaries, (args.label or ["ours"])[0])
-        print(results_table(summaries, (args.label or ["ours"])[0]))
-        print(f"wrote {args.out[0]}/responses.jsonl and {args.out[0]}/results.md")
+        report(args.out[0], recs, summaries, (args.label or ["ours"])[0])
         return
 
     if not args.model:
@@ -498,9 +503,7 @@ def main():
                                          temperature=args.temperature, n_samples=args.n_samples, seed=args.seed,
                                          cuda_graph=args.cuda_graph and device.type == "cuda")
         if rank == 0:
-            write_outputs(out, recs, summaries, label)
-            print(results_table(summaries, label))
-            print(f"wrote {out}/responses.jsonl and {out}/results.md")
+            report(out, recs, summaries, label)
     close_distributed()
 
 
