@@ -82,10 +82,19 @@ def test_packed_documents_match_separate(tmp_path):
             off += len(d)
 
 
-def test_packed_attention_gradients_match_separate():
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_packed_attention_gradients_match_separate(bucketed, monkeypatch):
     """Packed rows (several documents each, as train_sft.py makes them): the gradients must be those of each
-    document run alone."""
-    lens = [[5, 7, 4], [9, 7], [3, 3, 3, 3, 4]]
+    document run alone, through the CPU's per-document attention (model_mod.DocBuckets) and through the masked SDPA
+    it falls back to for long documents. Row 1 is one document with the same id as the documents that end row 0
+    and start row 2: a row boundary must end a document."""
+    attends = []
+    if bucketed:
+        real = model_mod.DocBuckets.attend
+        monkeypatch.setattr(model_mod.DocBuckets, "attend", lambda self, *a: attends.append(1) or real(self, *a))
+    else:
+        monkeypatch.setattr(model_mod.DocBuckets, "MAX_LEN", 0)
+    lens = [[5, 7, 4], [16], [9, 7], [3, 3, 3, 3, 4]]
     cfg = ModelConfig.from_name("nano", vocab_size=61, model_type="qwen3", qk_norm=True, attention_bias=False)
     m = Transformer(cfg).init_weights(2)
     g = torch.Generator().manual_seed(0)
@@ -105,6 +114,7 @@ def test_packed_attention_gradients_match_separate():
     total.backward()
     for n, p in m.named_parameters():
         assert (packed[n] - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+    assert len(attends) == (cfg.num_hidden_layers if bucketed else 0)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
