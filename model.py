@@ -21,6 +21,11 @@ save_model split and join them (hf_to_ours / ours_to_hf), so the files on disk a
 In bf16 on a CPU, generate() decodes through weights pre-packed once per call in oneDNN's layout (Linear,
 packed_linears): the same numbers as F.linear, and ~1.2x faster generation (bench/RESULTS.md).
 
+Packed training rows (doc_ids) on CPU attend per document, not over whole rows under a block-diagonal mask
+(DocBuckets): the documents are regrouped by length and attend with plain matmuls, ~2x less attention time in
+train_sft.py's step (bench/RESULTS.md). On CUDA they keep the mask (SDPA), or, for a single packed row with
+flash-attn installed, its varlen kernel.
+
 On a GPU, generate(..., cuda_graph=True) replays each decode step as one CUDA graph: a small model's step is
 hundreds of kernel launches, and on an H200 that made generation 4-5x faster than the eager loop (and than
 transformers' generate), with the same tokens (bench/RESULTS.md).
@@ -238,8 +243,10 @@ class DocBuckets:
         new_doc[::T] = True                                          # a row's first token starts a document
         starts = torch.nonzero(new_doc).flatten()
         lens = torch.diff(starts, append=starts.new_tensor([B * T]))
-        self.n_tokens, self.ok = B * T, int(lens.max()) <= self.MAX_LEN
         self.index, self.causal = [], []   # per bucket: (n, L) token indices (B * T = a zero pad row); (L, L) tril
+        self.ok = int(lens.max()) <= self.MAX_LEN
+        if not self.ok:
+            return
         slot_of = torch.empty(B * T, dtype=torch.long)                 # token -> its row in the bucket outputs
         offset = 0
         for docs, L in prefill_buckets(lens.tolist(), waste):
@@ -266,9 +273,9 @@ class DocBuckets:
         outs = []
         for idx, causal in zip(self.index, self.causal):
             n, L = idx.shape
-            # the G query heads that share a KV head are stacked along the query axis: one matmul per KV head
             # index_select, not x[idx]: its backward is an index_add, several times faster on CPU than the
-            # index_put that advanced indexing takes
+            # index_put that advanced indexing takes. The G query heads that share a KV head are stacked along
+            # the query axis: one matmul per KV head
             flat = idx.flatten()
             qb = qt.index_select(0, flat).view(n, L, H, D).permute(0, 2, 1, 3).reshape(n, Hkv, G * L, D)
             kb = kt.index_select(0, flat).view(n, L, Hkv, D).permute(0, 2, 1, 3)   # (n, Hkv, L, D)
