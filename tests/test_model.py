@@ -86,13 +86,12 @@ def test_packed_documents_match_separate(tmp_path):
 def test_packed_attention_gradients_match_separate(bucketed, monkeypatch):
     """Packed rows (several documents each, as train_sft.py makes them): the gradients must be those of each
     document run alone, through the CPU's per-document attention (model_mod.DocBuckets) and through the masked SDPA
-    it falls back to for long documents. Row 1 is one document with the same id as the documents that end row 0
-    and start row 2: a row boundary must end a document."""
-    attends = []
-    if bucketed:
-        real = model_mod.DocBuckets.attend
-        monkeypatch.setattr(model_mod.DocBuckets, "attend", lambda self, *a: attends.append(1) or real(self, *a))
-    else:
+    it falls back to for long documents. Row 1 is one document with the same id (0) as the document that starts
+    row 2: a row boundary must end a document."""
+    attends = []   # calls of the per-document path
+    real = model_mod.DocBuckets.attend
+    monkeypatch.setattr(model_mod.DocBuckets, "attend", lambda self, *a: attends.append(1) or real(self, *a))
+    if not bucketed:
         monkeypatch.setattr(model_mod.DocBuckets, "MAX_LEN", 0)
     lens = [[5, 7, 4], [16], [9, 7], [3, 3, 3, 3, 4]]
     cfg = ModelConfig.from_name("nano", vocab_size=61, model_type="qwen3", qk_norm=True, attention_bias=False)
