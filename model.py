@@ -217,10 +217,16 @@ def doc_attention_mask(doc_ids):
     return (same & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril())[:, None]
 
 
+def doc_starts(doc_ids):
+    """Packed rows: doc_ids (B, T) -> (B, T) bool, True where a document starts (a row's first token always)."""
+    B = doc_ids.shape[0]
+    return torch.cat([torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+
+
 def doc_positions(doc_ids):
     """Packed rows: doc_ids (B, T) -> position of each token within its document (B, T)."""
     B, T = doc_ids.shape
-    starts = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    starts = doc_starts(doc_ids)
     idx = torch.arange(T, device=doc_ids.device).expand(B, T)
     return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 1).values
 
@@ -237,11 +243,7 @@ class DocBuckets:
 
     def __init__(self, doc_ids, waste=0.15):
         B, T = doc_ids.shape
-        flat = doc_ids.flatten()
-        new_doc = torch.ones_like(flat, dtype=torch.bool)
-        new_doc[1:] = flat[1:] != flat[:-1]
-        new_doc[::T] = True                                          # a row's first token starts a document
-        starts = torch.nonzero(new_doc).flatten()
+        starts = torch.nonzero(doc_starts(doc_ids).flatten()).flatten()   # in the (B * T) flattened rows
         lens = torch.diff(starts, append=starts.new_tensor([B * T]))
         self.index, self.causal = [], []   # per bucket: (n, L) token indices (B * T = a zero pad row); (L, L) tril
         self.ok = int(lens.max()) <= self.MAX_LEN
@@ -448,8 +450,8 @@ class Transformer(nn.Module):
             if position_ids is None:
                 position_ids = doc_positions(doc_ids)
             if HAVE_FLASH and input_ids.is_cuda and B == 1:   # for flash-attn varlen (fp16/bf16), in place of the mask
-                bounds = torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1
-                cu_seqlens = torch.cat([bounds.new_zeros(1), bounds, bounds.new_tensor([T])]).to(torch.int32)
+                starts = torch.nonzero(doc_starts(doc_ids)[0]).flatten()
+                cu_seqlens = torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
         elif cache is not None and cache.slot is not None:
             assert T == 1, "fixed-shape decoding takes one token per row"
             cache.valid.index_fill_(1, cache.slot, True)
