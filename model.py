@@ -23,7 +23,8 @@ packed_linears): the same numbers as F.linear, and ~1.2x faster generation (benc
 
 Packed training rows (doc_ids) on CPU attend per document, not over whole rows under a block-diagonal mask
 (DocBuckets): the documents are regrouped by length and attend with plain matmuls, ~2x less attention time in
-train_sft.py's step (bench/RESULTS.md). On CUDA they keep the mask (SDPA), or, for a single packed row with
+train_sft.py's step (bench/RESULTS.md). GRPO's rows of several completions behind one shared prompt go the same
+way (each completion attends to the prompt and itself). On CUDA they keep the mask (SDPA), or, for a single packed row with
 flash-attn installed, its varlen kernel.
 
 On a GPU, generate(..., cuda_graph=True) replays each decode step as one CUDA graph: a small model's step is
@@ -232,35 +233,78 @@ def doc_positions(doc_ids):
 
 
 class DocBuckets:
-    """Packed rows on CPU: attention per document instead of over whole rows. The documents (runs of equal
-    doc_ids within a row) are regrouped into buckets of similar length (prefill_buckets), each a right-padded
-    (n, L) batch, and attend causally inside it with plain matmuls; one gather puts the outputs back in place.
-    Why: over a whole row, SDPA's CPU kernel computes every (query, key) pair the block-diagonal mask throws away,
-    and its backward is slow; per document there is ~3x less work at the demo's ~170-token examples in 512-token
-    rows (one attention layer, forward + backward, 4 x 512 tokens: 30 -> 15 ms in bf16, 33 -> 25 ms in fp32;
-    bench/RESULTS.md). Same numbers as the masked SDPA up to rounding (tests/test_model.py)."""
-    MAX_LEN = 1024   # longer documents keep the masked SDPA: the scores here are a full (L, L) matrix per head
+    """Packed rows on CPU: attention per sequence instead of over whole rows under a mask. Each attention
+    sequence is a run of query tokens that attend causally to themselves and, optionally, to a shared prefix
+    elsewhere in the row (a GRPO prompt that several completions sit behind). The sequences are regrouped into
+    buckets of similar length (prefill_buckets), each a right-padded (n, L) batch, and attend with plain matmuls;
+    one gather puts the outputs back in place.
+    Why: over a whole row, SDPA's CPU kernel computes every (query, key) pair the mask throws away, and its
+    backward is slow; per document there is ~3x less work at the demo's ~170-token examples in 512-token rows
+    (one attention layer, forward + backward, 4 x 512 tokens: 30 -> 15 ms in bf16, 33 -> 25 ms in fp32;
+    bench/RESULTS.md). Same numbers as the masked SDPA up to rounding (tests/test_model.py, tests/test_grpo.py).
+    Built by from_doc_ids (packed SFT documents) or from a list of sequences (train_grpo.completion_logprobs)."""
+    MAX_LEN = 1024   # longer sequences keep the masked SDPA: the scores here are a full (Lq, L) matrix per head
 
-    def __init__(self, doc_ids, waste=0.15):
-        B, T = doc_ids.shape
-        starts = torch.nonzero(doc_starts(doc_ids).flatten()).flatten()   # in the (B * T) flattened rows
-        lens = torch.diff(starts, append=starts.new_tensor([B * T]))
-        self.index, self.causal = [], []   # per bucket: (n, L) token indices (B * T = a zero pad row); (L, L) tril
-        self.ok = int(lens.max()) <= self.MAX_LEN
+    def __init__(self, seqs, n_tokens, device, waste=0.15):
+        """seqs: (prefix_start, prefix_len, start, length) per sequence, as indices into the flattened (B * T)
+        tokens: tokens start .. start + length - 1 are the queries, and attend causally to themselves after the
+        prefix_len tokens from prefix_start (prefix_len 0: a plain document). Every token is the query of exactly
+        one sequence (padding too: make it a document of its own)."""
+        self.buckets = []   # (query index (n, Lq), key index (n, L), prefix lengths (n,) or None); B * T = a zero row
+        self.ok = max(p + n for _, p, _, n in seqs) <= self.MAX_LEN
         if not self.ok:
             return
-        slot_of = torch.empty(B * T, dtype=torch.long)                 # token -> its row in the bucket outputs
+        slot_of = torch.empty(n_tokens, dtype=torch.long)   # token -> its row in the concatenated bucket outputs
         offset = 0
-        for docs, L in prefill_buckets(lens.tolist(), waste):
-            docs = torch.tensor(docs)
-            pos = torch.arange(L)
-            real = pos < lens[docs, None]
-            idx = torch.where(real, starts[docs, None] + pos, B * T)
-            slot_of[idx[real]] = offset + torch.nonzero(real.flatten()).flatten()
-            offset += idx.numel()
-            self.index.append(idx.to(doc_ids.device))
-            self.causal.append(torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril())
-        self.slot_of = slot_of.to(doc_ids.device)
+        plain = [s for s in seqs if s[1] == 0]
+        prefixed = [s for s in seqs if s[1] > 0]
+        for group in (plain, prefixed):   # apart: a plain document's queries are all of its keys, the others' not
+            if not group:
+                continue
+            ps, pl, st, ln = (torch.tensor(c) for c in zip(*group))
+            for rows, L in prefill_buckets((pl + ln).tolist(), waste):
+                rows = torch.tensor(rows)
+                P, S, N = pl[rows, None], st[rows, None], ln[rows, None]
+                Lq = int(N.max())
+                u = torch.arange(Lq)
+                q_real = u < N
+                qidx = torch.where(q_real, S + u, n_tokens)
+                j = torch.arange(L)
+                kidx = torch.where(j < P, ps[rows, None] + j, torch.where(j < P + N, S + j - P, n_tokens))
+                slot_of[qidx[q_real]] = offset + torch.nonzero(q_real.flatten()).flatten()
+                offset += qidx.numel()
+                self.buckets.append((qidx.to(device), kidx.to(device), P.flatten().to(device) if group is prefixed else None))
+        self.slot_of = slot_of.to(device)
+        self._bias = {}
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids):
+        """Packed documents: doc_ids (B, T), each run of equal ids a document that attends only to itself."""
+        B, T = doc_ids.shape
+        starts = torch.nonzero(doc_starts(doc_ids).flatten()).flatten().cpu()   # a row's start always ends a document
+        lens = torch.diff(starts, append=starts.new_tensor([B * T]))
+        return cls([(0, 0, s, n) for s, n in zip(starts.tolist(), lens.tolist())], B * T, doc_ids.device)
+
+    def bias(self, b, dtype, G, n_heads_kv):
+        """Additive causal bias of bucket b: (G * L, L) shared by a bucket of plain documents, else (n * Hkv,
+        G * Lq, L) (query u of a sequence with a prefix of P sees keys <= P + u). Built once per forward and
+        dtype, then reused by every layer."""
+        key = (b, dtype)
+        if key not in self._bias:
+            qidx, kidx, P = self.buckets[b]
+            (n, Lq), L = qidx.shape, kidx.shape[1]
+            u = torch.arange(Lq, device=qidx.device)
+            j = torch.arange(L, device=qidx.device)
+            off = P[:, None, None] if P is not None else 0
+            see = j[None, None, :] <= u[None, :, None] + off            # (n or 1, Lq, L)
+            t = torch.zeros(see.shape, dtype=dtype, device=qidx.device).masked_fill_(~see, float("-inf"))
+            t = t.repeat(1, G, 1)                                       # the G query heads of a KV head are stacked
+            if P is None:
+                t = t[0]
+            else:
+                t = t[:, None].expand(n, n_heads_kv, G * Lq, L).reshape(n * n_heads_kv, G * Lq, L)
+            self._bias[key] = t
+        return self._bias[key]
 
     def attend(self, q, k, v):
         """q (B, H, T, D), k and v (B, Hkv, T, D) -> attention output (B, T, H * D)."""
@@ -273,22 +317,20 @@ class DocBuckets:
             return torch.cat([x, x.new_zeros(1, x.shape[1], D)])
         qt, kt, vt = tokens(q), tokens(k), tokens(v)
         outs = []
-        for idx, causal in zip(self.index, self.causal):
-            n, L = idx.shape
+        for b, (qidx, kidx, _) in enumerate(self.buckets):
+            (n, Lq), L = qidx.shape, kidx.shape[1]
             # index_select, not x[idx]: its backward is an index_add, several times faster on CPU than the
             # index_put that advanced indexing takes. The G query heads that share a KV head are stacked along
             # the query axis: one matmul per KV head
-            flat = idx.flatten()
-            qb = qt.index_select(0, flat).view(n, L, H, D).permute(0, 2, 1, 3).reshape(n, Hkv, G * L, D)
-            kb = kt.index_select(0, flat).view(n, L, Hkv, D).permute(0, 2, 1, 3)   # (n, Hkv, L, D)
-            vb = vt.index_select(0, flat).view(n, L, Hkv, D).permute(0, 2, 1, 3)
+            qb = qt.index_select(0, qidx.flatten()).view(n, Lq, H, D).permute(0, 2, 1, 3).reshape(n, Hkv, G * Lq, D)
+            kb = kt.index_select(0, kidx.flatten()).view(n, L, Hkv, D).permute(0, 2, 1, 3)   # (n, Hkv, L, D)
+            vb = vt.index_select(0, kidx.flatten()).view(n, L, Hkv, D).permute(0, 2, 1, 3)
             # scores = causal bias + scale * q k^T in one baddbmm (a separate scale and masked_fill cost ~10 %)
-            bias = torch.zeros(L, L, dtype=qb.dtype, device=qb.device).masked_fill_(~causal, float("-inf"))
-            s = torch.baddbmm(bias.repeat(G, 1), qb.reshape(n * Hkv, G * L, D), kb.reshape(n * Hkv, L, D).transpose(1, 2),
-                              alpha=D ** -0.5)
+            s = torch.baddbmm(self.bias(b, qb.dtype, G, Hkv), qb.reshape(n * Hkv, G * Lq, D),
+                              kb.reshape(n * Hkv, L, D).transpose(1, 2), alpha=D ** -0.5)
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(vb.dtype)      # fp32 softmax, as SDPA does
-            y = p.view(n, Hkv, G * L, L) @ vb                                   # (n, Hkv, G * L, D)
-            outs.append(y.view(n, H, L, D).transpose(1, 2).reshape(n * L, H * D))
+            y = p.view(n, Hkv, G * Lq, L) @ vb                                  # (n, Hkv, G * Lq, D)
+            outs.append(y.view(n, H, Lq, D).transpose(1, 2).reshape(n * Lq, H * D))
         return torch.cat(outs).index_select(0, self.slot_of).view(B, T, H * D)
 
 
@@ -435,7 +477,9 @@ class Transformer(nn.Module):
         cache + position_ids: incremental decoding; cache.valid says which key slots are real tokens.
         attention_mask (B, T) of 1/0: left-padded prompts without a cache (pads are never attended).
         attention_mask (B, 1, T, T) bool: used as given, True where query t may attend key s (with position_ids:
-        several completions behind one shared prompt, as train_grpo.py --share-prompt scores them).
+        several completions behind one shared prompt, as train_grpo.py --share-prompt scores them on a GPU);
+        attention_mask a DocBuckets: attention per sequence as it describes (train_grpo.py scores completions
+        behind a shared prompt so on CPU).
         last_only: logits of the last position only (generation needs no more; saves a (B, T, vocab) matmul).
         logits_from: logits of positions >= this one only (RL scores completions, not prompts).
         logits_at (B, T) bool: logits of those positions only, as (N, vocab) (SFT: only assistant tokens carry
@@ -444,7 +488,7 @@ class Transformer(nn.Module):
         dev = input_ids.device
         mask, cu_seqlens = None, None
         if doc_ids is not None:
-            mask = None if input_ids.is_cuda else DocBuckets(doc_ids)
+            mask = None if input_ids.is_cuda else DocBuckets.from_doc_ids(doc_ids)
             if mask is None or not mask.ok:
                 mask = doc_attention_mask(doc_ids)
             if position_ids is None:
@@ -464,7 +508,7 @@ class Transformer(nn.Module):
             diag = torch.zeros(T, s + T, dtype=torch.bool, device=dev)
             diag[:, s:] = torch.eye(T, dtype=torch.bool, device=dev)   # a pad query sees itself: no empty rows, no NaN
             mask = (keys_ok & causal) | diag
-        elif attention_mask is not None and attention_mask.dim() == 4:
+        elif isinstance(attention_mask, DocBuckets) or (attention_mask is not None and attention_mask.dim() == 4):
             mask = attention_mask
         elif attention_mask is not None:
             am = attention_mask.bool()

@@ -25,7 +25,7 @@ from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_b
                     load_trainer_state, lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model,
                     wants_autocast)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
-from model import generate, load_model, load_tokenizer, save_model
+from model import DocBuckets, generate, load_model, load_tokenizer, save_model
 
 # -----------------------------------------------------------------------------
 # reward: correctness + format, nothing else
@@ -103,9 +103,12 @@ def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entr
     [prompt, c1, c2, c3, c4]: each c_k attends to the prompt and to itself, not to the other c's, and restarts
     its positions where the prompt ends, so its log-probs are the ones of [prompt, c_k] alone. A GRPO group
     shares its prompt, and KG prompts are ~2x longer than the answers, so this does ~half the forward/backward
-    work (bench/grpo.py prints the ratio: 1.82x for reference + train on the demo's policy with share=4). The
-    cost is a dense (T, T) mask per row, which rules out flash-attn and grows with share: for long completions
-    on a GPU, keep share=1, one padded row per completion with the plain causal mask (no mask tensor at all).
+    work (bench/grpo.py prints the ratio against share=1).
+    On CPU the rows are laid end to end in a single row with no padding (padding to the longest row was ~20 % of
+    the tokens) and each prompt and each completion attends as its own short sequence (model.DocBuckets; SDPA
+    under a dense mask computed every (query, key) pair of the row). On a GPU the rows are padded and attend with
+    SDPA under a dense (T, T) mask per row, which rules out flash-attn and grows with share: for long
+    completions there, keep share=1, one padded row per completion with the plain causal mask (no mask at all).
     Logits are computed only where a completion token is predicted: the prompt positions carry no loss, and the
     lm_head + log-softmax over them would be most of the cost."""
     rows = []   # (prompt, [completion indices])
@@ -114,30 +117,41 @@ def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entr
             rows[-1][1].append(i)
         else:
             rows.append((p, [i]))
-    T = max(len(p) + sum(len(outs[i]) for i in idx) for p, idx in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    pos = torch.zeros(len(rows), T, dtype=torch.long)
-    seg = torch.full((len(rows), T), -1, dtype=torch.long)   # -1 pad, 0 prompt, k >= 1 the row's k-th completion
-    where = []   # per completion: (row, [row position predicting each of its tokens])
-    for r, (p, idx) in enumerate(rows):
-        ids[r, :len(p)] = torch.tensor(p)
-        pos[r, :len(p)] = torch.arange(len(p))
-        seg[r, :len(p)] = 0
-        s = len(p)
+    lens = [len(p) + sum(len(outs[i]) for i in idx) for p, idx in rows]
+    packed = torch.device(device).type == "cpu" and max(len(p) + len(o) for p, o in zip(prompts, outs)) <= DocBuckets.MAX_LEN
+    if packed:   # (batch row, start) of each row
+        place, B, T = [(0, sum(lens[:r])) for r in range(len(rows))], 1, sum(lens)
+    else:
+        place, B, T = [(r, 0) for r in range(len(rows))], len(rows), max(lens)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)   # -1 pad, 0 prompt, k >= 1 the row's k-th completion
+    seqs = []    # packed: (prefix start, prefix length, start, length) of each attention sequence (DocBuckets)
+    where = []   # per completion: (batch row, [position predicting each of its tokens])
+    for (p, idx), (r, s0) in zip(rows, place):
+        P = len(p)
+        ids[r, s0:s0 + P] = torch.tensor(p)
+        pos[r, s0:s0 + P] = torch.arange(P)
+        seg[r, s0:s0 + P] = 0
+        seqs.append((0, 0, s0, P))
+        s = s0 + P
         for k, i in enumerate(idx):
             n = len(outs[i])
             ids[r, s:s + n] = torch.tensor(outs[i], dtype=torch.long)
-            pos[r, s:s + n] = torch.arange(len(p), len(p) + n)
+            pos[r, s:s + n] = torch.arange(P, P + n)
             seg[r, s:s + n] = k + 1
+            seqs.append((s0, P, s, n))
             # token 0 is predicted by the prompt's last position, token j > 0 by the completion's token j - 1
-            where.append((r, ([len(p) - 1] + list(range(s, s + n - 1)))[:n]))
+            where.append((r, ([s0 + P - 1] + list(range(s, s + n - 1)))[:n]))
             s += n
     mask = None
-    if share > 1:
+    if packed:
+        mask = DocBuckets(seqs, T, device)
+    elif share > 1:
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
         mask = ((same & causal) | torch.eye(T, dtype=torch.bool))[:, None].to(device)   # a pad sees itself: no NaN
-    at = torch.zeros(len(rows), T, dtype=torch.bool)
+    at = torch.zeros(B, T, dtype=torch.bool)
     for r, js in where:
         at[r, js] = True
     flat = (at.flatten().cumsum(0) - 1).view(at.shape)        # row position -> index among the computed logits
@@ -314,8 +328,8 @@ def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
     mine = idx[rank::world]
     rates = {}
     with Rollout(model), torch.no_grad():
-        for b in range(0, len(mine), 16):
-            chunk = mine[b:b + 16]
+        for b in range(0, len(mine), 32):   # 32 items x k samples a generate call (16 was ~10 % slower)
+            chunk = mine[b:b + 32]
             _, texts, reasons, _ = sample_groups(model, tok, [items[i] for i in chunk], k, args,
                                                  [seed * 1_000_003 + i for i in chunk], device)
             for j, i in enumerate(chunk):
@@ -422,49 +436,49 @@ def main(argv=None):
         n_tok_g = all_reduce_sum(sum(len(outs[j]) for j in keep))
         denom = grpo_denominator(args.loss_agg, n_tok_g, n_seq_g, args.max_new_tokens)
 
+        # every rank walks the same number of micro-batches: FSDP forwards are collective, so a rank with fewer
+        # completions kept runs empty-weight passes (on completion 0) until the others are done
+        n_micro = math.ceil(len(keep) / args.micro_batch)
+        n_micro = int(max(all_gather_max(n_micro, world), 1)) if world > 1 else n_micro
+        micro = [(keep[m0:m0 + args.micro_batch] or [0], 1.0 if keep[m0:m0 + args.micro_batch] else 0.0)
+                 for m0 in range(0, n_micro * args.micro_batch, args.micro_batch)]
+
+        # every group all-equal and skipped (on all ranks): nothing to learn, and the 0/0 normaliser would put NaN
+        # into every weight, so there is no update this step
+        skipped = n_seq_g == 0
+
         # --- reference and old log-probs (only when used)
         t1 = time.time()
-        old, refl = {}, {}
-        if ref is not None or args.ppo_epochs > 1:
+        old, refl = [], []
+        if (ref is not None or args.ppo_epochs > 1) and not skipped:
             with torch.no_grad():
-                for m0 in range(0, len(keep), args.micro_batch):
-                    mb = keep[m0:m0 + args.micro_batch]
+                for mb, _ in micro:
                     with autocast(device, args.autocast):
                         if ref is not None:
-                            refl[m0] = completion_logprobs(ref, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
-                                                           args.share_prompt)[0]
+                            refl.append(completion_logprobs(ref, [pr[j] for j in mb], [outs[j] for j in mb], device,
+                                                            pad, args.share_prompt)[0])
                         if args.ppo_epochs > 1:
-                            old[m0] = completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
-                                                          args.share_prompt)[0]
+                            old.append(completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device,
+                                                           pad, args.share_prompt)[0])
         t_ref = time.time() - t1
 
         # --- policy update(s)
         t2 = time.time()
         stats = dict(loss=0.0, kl=0.0, entropy=0.0)
-        # every group all-equal and skipped (on all ranks): nothing to learn, and the 0/0 normaliser would put NaN
-        # into every weight, so there is no update this step
-        gnorm, skipped = 0.0, n_seq_g == 0
-        n_micro = math.ceil(len(keep) / args.micro_batch)
-        n_micro = int(max(all_gather_max(n_micro, world), 1)) if world > 1 else n_micro
+        gnorm = 0.0
         lr = lr_at(step, args.steps, args.lr, args.lr if args.min_lr is None else args.min_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         for epoch in range(0 if skipped else args.ppo_epochs):
-            for mi in range(n_micro):
-                m0 = mi * args.micro_batch
-                mb = keep[m0:m0 + args.micro_batch]
-                if not mb:   # FSDP forwards are collective: a rank with nothing left runs an empty-weight pass
-                    mb, weight = [0], 0.0
-                else:
-                    weight = 1.0
+            for mi, (mb, weight) in enumerate(micro):
                 with autocast(device, args.autocast):
                     logp, mask, ent = completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
                                                           args.share_prompt, want_entropy=epoch == 0)
                 a = adv[mb].to(device)
-                old_lp = old.get(m0, logp.detach())
+                old_lp = old[mi] if old else logp.detach()
                 per_tok = token_objective(logp, old_lp, a, args.clip_low, args.clip_high, args.ppo_epochs > 1)
                 if ref is not None:
-                    kl = kl_k3(logp, refl[m0])
+                    kl = kl_k3(logp, refl[mi])
                     per_tok = per_tok + args.kl_beta * kl
                     stats["kl"] += weight * float((kl.detach() * mask).sum()) / max(n_tok_g, 1) * (epoch == 0)
                 loss = aggregate(per_tok, mask, args.loss_agg, denom) * world * weight

@@ -143,12 +143,18 @@ def test_curriculum_switch_and_mining():
     assert forced.pool == [1, 2, 5]
 
 
-def test_completion_logprobs_match_naive_per_row():
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_completion_logprobs_match_naive_per_row(bucketed, monkeypatch):
     """Ragged prompts and completions give each completion's log-probs and entropies as scoring prompt + completion
     alone with a full forward does: one padded row each (share=1), and with the completions of a prompt packed
-    behind one copy of it (share=2, 3, 8: full, partial and single-completion rows)."""
+    behind one copy of it (share=2, 3, 8: full, partial and single-completion rows), through the CPU's
+    unpadded row with per-sequence attention (DocBuckets) and through the padded rows (dense mask) it falls back
+    to for long sequences."""
+    import model as model_mod
     from model import ModelConfig, Transformer
     from train_grpo import completion_logprobs
+    if not bucketed:
+        monkeypatch.setattr(model_mod.DocBuckets, "MAX_LEN", 0)
     m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0).eval()
     g = torch.Generator().manual_seed(0)
     prompt_of = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 7)]
@@ -169,10 +175,18 @@ def test_completion_logprobs_match_naive_per_row():
             assert lp[i, c:].abs().sum() == 0
 
 
-def test_shared_prompt_rows_give_the_same_gradient():
-    """Packing a group's completions behind one copy of the prompt changes the work, not the GRPO gradient."""
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_shared_prompt_rows_give_the_same_gradient(bucketed, monkeypatch):
+    """Packing a group's completions behind one copy of the prompt changes the work, not the GRPO gradient
+    (per-sequence attention on CPU, and the dense-mask fallback)."""
+    import model as model_mod
     from model import ModelConfig, Transformer
     from train_grpo import completion_logprobs
+    attends = []
+    real = model_mod.DocBuckets.attend
+    monkeypatch.setattr(model_mod.DocBuckets, "attend", lambda self, *a: attends.append(1) or real(self, *a))
+    if not bucketed:
+        monkeypatch.setattr(model_mod.DocBuckets, "MAX_LEN", 0)
     g = torch.Generator().manual_seed(1)
     prompt_of = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (11, 8)]
     prompts = [prompt_of[0]] * 4 + [prompt_of[1]] * 4
@@ -186,3 +200,4 @@ def test_shared_prompt_rows_give_the_same_gradient():
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    assert len(attends) == (2 * ModelConfig.from_name("nano").num_hidden_layers if bucketed else 0)

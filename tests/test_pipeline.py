@@ -20,12 +20,15 @@ def tiny(tmp_path_factory):
     return d
 
 
+def grpo_args(tiny, out):
+    return ["--init", str(tiny / "sft"), "--data", str(tiny / "data" / "rl_train.jsonl"),
+            "--out", str(out), "--steps", "4", "--questions-per-step", "4", "--group-size", "4",
+            "--stage2-group-size", "6", "--stage2-at", "2", "--mine-max", "8", "--mine-samples", "2",
+            "--mine-every", "2", "--val-size", "8", "--eval-every", "2", "--max-new-tokens", "40", "--micro-batch", "8"]
+
+
 def grpo(tiny, out, nproc=1, extra=()):
-    return run(["train_grpo.py", "--init", str(tiny / "sft"), "--data", str(tiny / "data" / "rl_train.jsonl"),
-                "--out", str(out), "--steps", "4", "--questions-per-step", "4", "--group-size", "4",
-                "--stage2-group-size", "6", "--stage2-at", "2", "--mine-max", "8", "--mine-samples", "2",
-                "--mine-every", "2", "--val-size", "8", "--eval-every", "2", "--max-new-tokens", "40",
-                "--micro-batch", "8"] + list(extra), nproc=nproc)
+    return run(["train_grpo.py"] + grpo_args(tiny, out) + list(extra), nproc=nproc)
 
 
 def test_grpo_two_ranks_match_one_and_stages(tiny):
@@ -42,6 +45,28 @@ def test_grpo_two_ranks_match_one_and_stages(tiny):
     assert "mined_pool" not in a[4]   # no re-mining for a pool that no step would use
     for f in ("config.json", "model.safetensors", "curves.png", "stage1/config.json"):
         assert os.path.exists(tiny / "g1" / f), f
+
+
+def test_grpo_kl_and_skipped_groups_two_ranks_match_one(tiny):
+    """The KL term and --skip-zero-var on 2 ranks, as on 1. The tiny policy never answers right, so a stand-in
+    reward (the parity of the completion's length, for questions of odd length) gives some groups variance and
+    leaves others all-equal; the ranks then keep different
+    numbers of completions, and the one with fewer micro-batches runs empty-weight passes to keep the collective
+    FSDP forwards in step. Those passes once looked up reference log-probs that had not been computed for them."""
+    runner = tiny / "odd_reward_grpo.py"
+    runner.write_text("import sys\nimport train_grpo\n"
+                      "train_grpo.reward_parts = lambda text, item, reason, *a: "
+                      "(float(len(text) % 2 * len(item['question']) % 2), 1.0)\n"
+                      "train_grpo.main(sys.argv[1:])\n")
+    extra = ["--kl-beta", "0.05", "--skip-zero-var", "--micro-batch", "2", "--steps", "3", "--warmup", "0"]
+    out1 = tiny / "kl1"
+    run([str(runner)] + grpo_args(tiny, out1) + extra)
+    run([str(runner)] + grpo_args(tiny, tiny / "kl2") + extra, nproc=2)
+    a, b = metrics(out1 / "metrics.jsonl"), metrics(tiny / "kl2" / "metrics.jsonl")
+    assert len(a) == len(b) == 4 and a[3]["kl"] > 0 and 0 < a[1]["zero_var_frac"] + a[2]["zero_var_frac"] < 2
+    for x, y in zip(a[1:], b[1:]):
+        for k in ("reward", "zero_var_frac", "loss", "kl"):
+            assert abs(x[k] - y[k]) <= 1e-4 * abs(x[k]) + 1e-7, (k, x, y)
 
 
 def test_grpo_exclude_leaves_out_the_sft_questions(tiny):
