@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 
 import torch
@@ -34,13 +35,17 @@ def init_distributed(device=None):
 
 
 def close_distributed():
-    """End of a torchrun script: wait for every rank (rank 0 may still be writing files), then tear the process
-    group down explicitly. Left to interpreter exit, or done while the other rank is still busy, gloo's threads
-    can abort the process (SIGABRT, "terminate called without an active exception": seen once in a CI run of
-    the 2-rank GRPO test)."""
+    """End of a torchrun script: wait for every rank (rank 0 may still be writing files), tear the process group
+    down, and leave the process at once. Even after destroy_process_group, gloo's threads can abort a rank while
+    the interpreter shuts down (SIGABRT, "terminate called without an active exception": seen in a CI run of the
+    2-rank GRPO test and, in session 11, after a 2-rank evaluate.py had written all of its results), which fails
+    the whole launch. Every file here is written and closed by then, so os._exit skips that shutdown."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def print0(*a, **k):
