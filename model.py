@@ -23,8 +23,8 @@ packed_linears): the same numbers as F.linear, and ~1.2x faster generation (benc
 
 Packed training rows (doc_ids) on CPU attend per document, not over whole rows under a block-diagonal mask
 (DocBuckets): the documents are regrouped by length and attend with plain matmuls, ~2x less attention time in
-train_sft.py's step (bench/RESULTS.md). GRPO's rows of several completions behind one shared prompt go the same
-way (each completion attends to the prompt and itself). On CUDA they keep the mask (SDPA), or, for a single packed row with
+train_sft.py's step (bench/RESULTS.md). GRPO's completions behind one shared prompt go the same way (each
+completion attends to the prompt and itself). On CUDA they keep the mask (SDPA), or, for a single packed row with
 flash-attn installed, its varlen kernel.
 
 On a GPU, generate(..., cuda_graph=True) replays each decode step as one CUDA graph: a small model's step is
@@ -273,7 +273,8 @@ class DocBuckets:
                 kidx = torch.where(j < P, ps[rows, None] + j, torch.where(j < P + N, S + j - P, n_tokens))
                 slot_of[qidx[q_real]] = offset + torch.nonzero(q_real.flatten()).flatten()
                 offset += qidx.numel()
-                self.buckets.append((qidx.to(device), kidx.to(device), P.flatten().to(device) if group is prefixed else None))
+                P = P.flatten().to(device) if group is prefixed else None
+                self.buckets.append((qidx.to(device), kidx.to(device), P))
         self.slot_of = slot_of.to(device)
         self._bias = {}
 

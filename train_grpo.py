@@ -118,7 +118,8 @@ def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entr
         else:
             rows.append((p, [i]))
     lens = [len(p) + sum(len(outs[i]) for i in idx) for p, idx in rows]
-    packed = torch.device(device).type == "cpu" and max(len(p) + len(o) for p, o in zip(prompts, outs)) <= DocBuckets.MAX_LEN
+    longest = max(len(p) + len(o) for p, o in zip(prompts, outs))
+    packed = torch.device(device).type == "cpu" and longest <= DocBuckets.MAX_LEN
     if packed:   # (batch row, start) of each row
         place, B, T = [(0, sum(lens[:r])) for r in range(len(rows))], 1, sum(lens)
     else:
