@@ -50,9 +50,9 @@ def test_grpo_two_ranks_match_one_and_stages(tiny):
 def test_grpo_kl_and_skipped_groups_two_ranks_match_one(tiny):
     """The KL term and --skip-zero-var on 2 ranks, as on 1. The tiny policy never answers right, so a stand-in
     reward (the parity of the completion's length, for questions of odd length) gives some groups variance and
-    leaves others all-equal; the ranks then keep different
-    numbers of completions, and the one with fewer micro-batches runs empty-weight passes to keep the collective
-    FSDP forwards in step. Those passes once looked up reference log-probs that had not been computed for them."""
+    leaves others all-equal; the ranks then keep different numbers of completions, and the one with fewer
+    micro-batches runs empty-weight passes to keep the collective FSDP forwards in step. Those passes once looked
+    up reference log-probs that had not been computed for them."""
     runner = tiny / "odd_reward_grpo.py"
     runner.write_text("import sys\nimport train_grpo\n"
                       "train_grpo.reward_parts = lambda text, item, reason, *a: "
