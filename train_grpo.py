@@ -183,8 +183,7 @@ class Curriculum:
     def __init__(self, items, stage1_tiers, threshold, window, stage2_at, mix_right, hard_below, seed):
         self.items = items
         self.stage = 1
-        self.tiers = [i for i, it in enumerate(items) if it.get("difficulty", "Moderate") in stage1_tiers] or list(range(len(items)))
-        self.pool = self.tiers
+        self.pool = [i for i, it in enumerate(items) if it.get("difficulty", "Moderate") in stage1_tiers] or list(range(len(items)))
         self.threshold, self.window, self.stage2_at = threshold, window, stage2_at
         self.mix_right, self.hard_below, self.seed = mix_right, hard_below, seed
         self.sparsity = deque(maxlen=window)
@@ -197,15 +196,6 @@ class Curriculum:
         if self.stage2_at is not None and step >= self.stage2_at:
             return True
         return len(self.sparsity) == self.window and sum(self.sparsity) / self.window >= self.threshold
-
-    def learnable(self, pass_rates):
-        """Stage 1 pool from the policy's own pass rates (--stage1-mine), over a sample of the tier items: those
-        it sometimes solves and sometimes not (0 < p < 1). An all-right or all-wrong group has no advantage to
-        learn from; when most of the tier pool is like that from step 1, the sparsity rule fires before
-        anything was learned."""
-        keep = sorted(i for i, p in pass_rates.items() if 0.0 < p < 1.0)
-        self.pool = keep or self.pool
-        return dict(scored=len(pass_rates), learnable=len(keep), pool=len(self.pool))
 
     def mine(self, pass_rates, step):
         """pass_rates: {item index: fraction of k samples correct} over the full set. The new pool: items it
@@ -279,9 +269,6 @@ def get_args(argv=None):
     ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     # --- curriculum
     ap.add_argument("--stage1-tiers", default="Easy,Moderate", help="tiers in the stage 1 pool")
-    ap.add_argument("--stage1-mine", type=int, default=0, help="stage 1 pool: score N random tier items "
-                    "(--mine-samples each) before step 1 and every --mine-every steps, keeping those the policy "
-                    "solves sometimes (0 < pass rate < 1); 0 = the whole tier pool")
     ap.add_argument("--sparsity-threshold", type=float, default=0.5, help="stage 2 when the zero-variance-group "
                     "fraction averages at least this over --sparsity-window steps")
     ap.add_argument("--sparsity-window", type=int, default=8, help="steps in that average")
@@ -416,19 +403,6 @@ def main(argv=None):
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=resuming)
     pad = tok.pad_token_id or 0
     print0(f"GRPO: {len(items)} train items ({len(cur.pool)} in the stage-1 pool), {len(val)} val | world {world} on {device}")
-
-    def refresh_pool(done, stage1):
-        """Score a random sample (seeded by the step) and rebuild the pool: stage 1 from the tier items
-        (--stage1-mine), stage 2 by hard-sample mining over the full set (--mine-max)."""
-        idx, n = (cur.tiers, args.stage1_mine) if stage1 else (list(range(len(items))), args.mine_max)
-        if n and len(idx) > n:
-            idx = sorted(random.Random(args.seed + done - 1).sample(idx, n))
-        rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + done - 1)
-        return cur.learnable(rates) if stage1 else cur.mine(rates, done)
-
-    if start == 0 and args.stage1_mine:
-        print0(f"stage 1 pool: {refresh_pool(0, True)}")
-        last_mine = 0
     if start == 0:
         s = evaluate_policy(model, tok, val, args, rank, world, device)
         log.log(step=0, val_accuracy=s["accuracy"], val_format=s["format"], stage=1)
@@ -547,11 +521,14 @@ def main(argv=None):
             if rank == 0:
                 save_model(model, os.path.join(args.out, "stage1"), state_dict=msd)
                 tok.save_pretrained(os.path.join(args.out, "stage1"))
-        remine = (last_mine is not None and step + 1 - last_mine >= args.mine_every
+        remine = (cur.stage == 2 and last_mine is not None and step + 1 - last_mine >= args.mine_every
                   and args.steps - (step + 1) >= args.mine_every)
         if switch or remine:
-            stage1 = cur.stage == 1 and not switch   # a stage-1 re-mine (--stage1-mine)
-            info = refresh_pool(step + 1, stage1)
+            idx = list(range(len(items)))
+            if args.mine_max and len(idx) > args.mine_max:
+                idx = sorted(random.Random(args.seed + step).sample(idx, args.mine_max))
+            rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + step)
+            info = cur.mine(rates, step + 1)
             last_mine = step + 1
             row.update({f"mined_{k}": v for k, v in info.items()})
             print0(f"\nstep {step + 1}: {'stage 2 begins' if switch else 're-mined'}: {info}")

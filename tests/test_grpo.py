@@ -143,15 +143,6 @@ def test_curriculum_switch_and_mining():
     assert forced.pool == [1, 2, 5]
 
 
-def test_stage1_pool_keeps_what_the_policy_sometimes_solves():
-    items = [dict(difficulty=d) for d in ["Easy", "Moderate", "Difficult", "Easy", "Moderate"]]
-    cur = Curriculum(items, {"Easy", "Moderate"}, 0.5, 3, None, 0.25, 0.5, seed=0)
-    info = cur.learnable({0: 1.0, 1: 0.5, 3: 0.0, 4: 0.25})
-    assert cur.pool == [1, 4] and info == dict(scored=4, learnable=2, pool=2) and cur.stage == 1
-    cur.learnable({0: 1.0, 1: 0.0})   # nothing learnable: keep the pool rather than train on nothing
-    assert cur.pool == [1, 4]
-
-
 @pytest.mark.parametrize("bucketed", [True, False])
 def test_completion_logprobs_match_naive_per_row(bucketed, monkeypatch):
     """Ragged prompts and completions give each completion's log-probs and entropies as scoring prompt + completion
