@@ -148,33 +148,34 @@ def cpu_has_native_bf16():
 
 
 class Linear(nn.Linear):
-    """nn.Linear, plus an optional bf16 copy of the weight in oneDNN's blocked layout for CPU generation (set by
-    packed_linears for one generate call, prefill and decode). F.linear in bf16 re-lays-out the weight on every
-    call; packed once, a 16-row matmul is ~1.5x faster (2-core Zen 5: (384 -> 2048) 51 vs 75 us, the (384 -> 8192)
-    lm_head 170 vs 269 us). fp32 gains nothing from packing (86 vs 90 us), so it is bf16 only."""
+    """nn.Linear, plus an optional copy of the weight in oneDNN's blocked layout for CPU generation (set by
+    packed_linears for one generate call, prefill and decode). Two reasons, measured on a 2-core Zen 5 with
+    16-row inputs: F.linear in bf16 re-lays-out the weight on every call ((384 -> 2048) 75 -> 51 us packed), and
+    fp32 F.linear goes to MKL, which runs at ~120 GFLOP/s there against oneDNN's 230-430 ((384 -> 8192) lm_head
+    894 -> 233 us). Same math, another summation order (fp32: ~1e-4 on the outputs)."""
     packed = None
 
     def forward(self, x):
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        w, b = self.packed
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w, b, "none", [], "")
+        w, b, dtype = self.packed
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype), w, b, "none", [], "")
         return y.view(*x.shape[:-1], -1)
 
 
 @contextmanager
 def packed_linears(model, rows, dtype):
-    """Pack every Linear's weight for rows-row bf16 matmuls on CPU while the block runs, then drop the copies
-    (weights change between GRPO rollouts). dtype: the compute dtype (the weights', or autocast's). A no-op on GPU,
-    in fp32, on CPUs without native bf16 (emulated bf16 gains nothing) or without oneDNN. Packing the 20m model
-    takes ~10 ms, against ~0.4 s for 64 decode steps of 16 rows."""
-    on = (next(model.parameters()).device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16()
-          and torch.backends.mkldnn.is_available())
+    """Pack every Linear's weight for rows-row matmuls on CPU while the block runs, then drop the copies
+    (weights change between GRPO rollouts). dtype: the compute dtype (the weights', or autocast's). Packs fp32,
+    and bf16 on CPUs with native bf16 (emulated bf16 gains nothing); a no-op on GPU and without oneDNN. Packing
+    the 20m model takes ~10 ms, against ~0.4 s for 64 decode steps of 16 rows."""
+    on = (next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available()
+          and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())))
     # under FSDP2 outside a Rollout the weights are DTensor shards: left alone by the type check
     mods = [m for m in model.modules() if isinstance(m, Linear) and type(m.weight) is nn.Parameter] if on else []
     for m in mods:
-        bias = None if m.bias is None else m.bias.detach().to(torch.bfloat16)
-        m.packed = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(torch.bfloat16), rows), bias)
+        bias = None if m.bias is None else m.bias.detach().to(dtype)
+        m.packed = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows), bias, dtype)
     try:
         yield
     finally:
@@ -190,7 +191,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 like the reference, then cast back (matters in bf16); the weight goes inside the
-        # fused op: on CPU that is one pass instead of two (about 2x faster on a (T, hidden) activation)
+        # fused op: on CPU that is one pass instead of two (about 2x faster on a (T, hidden) activation).
+        # When x and the weight share a dtype the fused op does that fp32 math itself (same bits): no casts,
+        # which in a bf16 decode step are 3 of the ~20 kernels per norm call
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 

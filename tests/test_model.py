@@ -265,3 +265,24 @@ def test_packed_bf16_decoding_matches(kind, tmp_path, monkeypatch):
                 mp.setattr(model_mod, "packed_linears", lambda *args: contextlib.nullcontext())
                 assert [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws] == runs[-1]
     assert "stop" in runs[0][1][1] and "length" in runs[0][1][1]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_packed_fp32_decoding_matches(kind, tmp_path, monkeypatch):
+    """In fp32 on CPU, generate() also decodes through oneDNN-packed weights (MKL's fp32 matmul is 2-4x slower
+    on some CPUs). Another summation order, so not bit-equal: close outputs, and the same tokens as without."""
+    _, path = hf_model(kind, False, tmp_path, seed=19)
+    prompts = ragged_batch(97, [3, 14, 7, 9], seed=20)
+    lin = model_mod.Linear(24, 40, bias=True)
+    x = torch.randn(5, 1, 24)
+    with model_mod.packed_linears(lin, 5, torch.float32):
+        assert lin.packed is not None and lin.packed[0].dtype == torch.float32
+        packed = lin(x)
+    assert lin.packed is None and torch.allclose(packed, lin(x), atol=1e-5, rtol=1e-5)
+    m = load_model(path)
+    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20)))
+    runs = [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws]
+    with monkeypatch.context() as mp:
+        mp.setattr(model_mod, "packed_linears", lambda *args: contextlib.nullcontext())
+        assert [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws] == runs
