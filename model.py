@@ -18,8 +18,9 @@ v_proj] and mlp.gate_up_proj = [gate_proj; up_proj]. One matmul instead of three
 matmul on CPU has a large fixed cost, and bf16 decoding got ~10 % faster (bench/RESULTS.md). load_model /
 save_model split and join them (hf_to_ours / ours_to_hf), so the files on disk are the Hugging Face layout.
 
-In bf16 on a CPU, generate() decodes through weights pre-packed once per call in oneDNN's layout (Linear,
-packed_linears): the same numbers as F.linear, and ~1.2x faster generation (bench/RESULTS.md).
+On a CPU, generate() decodes through weights pre-packed once per call in oneDNN's layout (Linear,
+packed_linears): in bf16 the same numbers as F.linear and ~1.2x faster generation; in fp32 another summation
+order (~1e-4) and ~1.8x faster, where F.linear's MKL runs slowly (a Zen 5 box; bench/RESULTS.md).
 
 Packed training rows (doc_ids) on CPU attend per document, not over whole rows under a block-diagonal mask
 (DocBuckets): the documents are regrouped by length and attend with plain matmuls, ~2x less attention time in
@@ -193,7 +194,7 @@ class RMSNorm(nn.Module):
         # normalise in fp32 like the reference, then cast back (matters in bf16); the weight goes inside the
         # fused op: on CPU that is one pass instead of two (about 2x faster on a (T, hidden) activation).
         # When x and the weight share a dtype the fused op does that fp32 math itself (same bits): no casts,
-        # which in a bf16 decode step are 3 of the ~20 kernels per norm call
+        # which in a bf16 decode step are 3 of the 11 kernels a norm call runs
         if x.dtype == self.weight.dtype:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
