@@ -255,16 +255,23 @@ def test_packed_bf16_decoding_matches(kind, tmp_path, monkeypatch):
         assert lin.packed is not None
         packed = lin(x)
     assert lin.packed is None and torch.equal(packed, lin(x))
-    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20)))
     runs = []
     for dtype, amp in ((torch.bfloat16, False), (torch.float32, True)):
         m = load_model(path, dtype=dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            runs.append([generate(m, prompts, max_new_tokens=12, **kw) for kw in kws])
-            with monkeypatch.context() as mp:
-                mp.setattr(model_mod, "packed_linears", lambda *args: contextlib.nullcontext())
-                assert [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws] == runs[-1]
+            runs.append(same_tokens_without_packing(m, prompts, monkeypatch))
     assert "stop" in runs[0][1][1] and "length" in runs[0][1][1]
+
+
+def same_tokens_without_packing(m, prompts, monkeypatch):
+    """Greedy and sampled generate() through the packed weights, then again with packing off: the same
+    completions and finish reasons. Returns the runs."""
+    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20)))
+    runs = [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws]
+    with monkeypatch.context() as mp:
+        mp.setattr(model_mod, "packed_linears", lambda *args: contextlib.nullcontext())
+        assert [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws] == runs
+    return runs
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
@@ -280,9 +287,4 @@ def test_packed_fp32_decoding_matches(kind, tmp_path, monkeypatch):
         assert lin.packed is not None and lin.packed[0].dtype == torch.float32
         packed = lin(x)
     assert lin.packed is None and torch.allclose(packed, lin(x), atol=1e-5, rtol=1e-5)
-    m = load_model(path)
-    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20)))
-    runs = [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws]
-    with monkeypatch.context() as mp:
-        mp.setattr(model_mod, "packed_linears", lambda *args: contextlib.nullcontext())
-        assert [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws] == runs
+    same_tokens_without_packing(load_model(path), prompts, monkeypatch)
