@@ -26,6 +26,10 @@ CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS whe
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
 # bf16 on CUDA, and on CPUs that have it in hardware (AVX512-BF16/AMX); elsewhere it is emulated and far slower
 BF16=$(python -c "import torch; from common import cpu_has_native_bf16 as f; print('--bf16' if torch.cuda.is_available() or f() else '')")
+# one GPU: each decode step of the rollouts and evaluations as one CUDA graph replay (same tokens; rollouts 7.5x
+# faster on an H100, bench/RESULTS.md). train_grpo.py can use it only as a single process (no FSDP)
+GRAPH_EVAL=$(python -c "import torch; print('--cuda-graph' if torch.cuda.is_available() else '')")
+GRAPH_GRPO=$([ "$NPROC" = 1 ] && echo "$GRAPH_EVAL" || true)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
 
 if [ "$QUICK" = 1 ]; then
@@ -63,12 +67,12 @@ for s in $SEEDS; do
     --seed "$s" $BF16 $SFT
   echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
-    --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --seed "$s" $BF16 --max-new-tokens $NEW $GRPO
+    --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --seed "$s" $BF16 $GRAPH_GRPO --max-new-tokens $NEW $GRPO
   echo "== seed $s: evaluate base, sft, grpo_stage1, grpo_stage2 (one launch)"
   torchrun --standalone --nproc_per_node="$NPROC" evaluate.py --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \
     --out "$R/eval_base" "$R/eval_sft" "$R/eval_grpo_stage1" "$R/eval_grpo_stage2" \
     --label base sft grpo_stage1 grpo_stage2 --benchmarks kg --file kg="$OUT/data/test.jsonl" \
-    --max-new-tokens $NEW --batch-size 64 $EVAL > "$R/eval.log"   # a failure stops the script (set -e)
+    --max-new-tokens $NEW --batch-size 64 $GRAPH_EVAL $EVAL > "$R/eval.log"   # a failure stops the script (set -e)
   grep -E "^\| kg" "$R/eval.log" | paste -d ' ' <(printf '%-12s\n' base sft grpo_stage1 grpo_stage2) -
 done
 echo "== stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s))"

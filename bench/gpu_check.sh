@@ -31,8 +31,17 @@ Q=runs/gpu_quick/seed0
 step 120 "evaluate eager vs --cuda-graph"  bash -c "for g in '' --cuda-graph; do python evaluate.py --model $Q/sft \
   --benchmarks kg --file kg=runs/gpu_quick/data/test.jsonl --max-new-tokens 128 --out $Q/eval_cg\$g \$g; done &&
   cmp $Q/eval_cg/responses.jsonl $Q/eval_cg--cuda-graph/responses.jsonl && echo same responses"
+# train_grpo.py --cuda-graph (rollouts, mining and checks through the graph path) on the QUICK run's cold start and
+# GRPO flags: rewards by step beside the eager run's (same tokens up to GPU float noise in the training step)
+G=$(sed -n 's/^  GRPO="\(.*\)"$/\1/p' run.sh | head -1)
+step 120 "train_grpo QUICK --cuda-graph"   bash -c "python train_grpo.py --init $Q/sft --data runs/gpu_quick/data/rl_train.jsonl \
+  --exclude runs/gpu_quick/data/sft.jsonl --out $Q/grpo_cg --seed 0 --bf16 --max-new-tokens 128 $G --cuda-graph &&
+  python -c \"import json
+for n in ('grpo', 'grpo_cg'):
+    r = [json.loads(l) for l in open('$Q/' + n + '/metrics.jsonl')]
+    print(n, 'reward by step', [round(x['reward'], 3) for x in r if 'reward' in x])\""
 step 180 "generate qwen2.5-0.5b bf16 b64"  python bench/generate.py --device cuda --preset qwen2.5-0.5b --dtype bfloat16 --batch 64 --new 128 --repeats 2 --cuda-graph
 step 180 "train qwen2.5-0.5b 4x2048"       python bench/train.py --device cuda --preset qwen2.5-0.5b --batch 4 --seq 2048 --steps 3
 cp runs/gpu_quick/stage_table.md runs/gpu_quick/curves.png "$OUT/" 2>/dev/null
-echo; grep -E "max \||greedy|packed|ratio|^\[|tok/s|rollout|reference|train  |total  |MFU|kg |\| " "$LOG" | grep -v "^   " | head -80
+echo; grep -E "reward by step|max \||greedy|packed|ratio|^\[|tok/s|rollout|reference|train  |total  |MFU|kg |\| " "$LOG" | grep -v "^   " | head -80
 echo; cat "$OUT/summary.txt"
