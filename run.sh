@@ -26,8 +26,8 @@ CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS whe
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
 # bf16 on CUDA, and on CPUs that have it in hardware (AVX512-BF16/AMX); elsewhere it is emulated and far slower
 BF16=$(python -c "import torch; from common import cpu_has_native_bf16 as f; print('--bf16' if torch.cuda.is_available() or f() else '')")
-# on CUDA: each decode step of the rollouts and evaluations as one CUDA graph replay (same tokens; a GRPO step
-# ~10x faster on an H100, bench/RESULTS.md). train_grpo.py can use it only as a single process (no FSDP)
+# on CUDA: each decode step of the rollouts and evaluations as one CUDA graph replay (same tokens; generation
+# 3.5-8.7x transformers' on an H100, bench/generate.py). train_grpo.py can use it only as one process (no FSDP)
 GRAPH_EVAL=$(python -c "import torch; print('--cuda-graph' if torch.cuda.is_available() else '')")
 GRAPH_GRPO=$([ "$NPROC" = 1 ] && echo "$GRAPH_EVAL" || true)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
