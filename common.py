@@ -1,12 +1,11 @@
 """
-common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun / FSDP2 setup,
-full-state checkpoints with exact resume, the LR schedule, JSONL metrics and PNG curves.
+common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun setup, the LR schedule,
+JSONL metrics and PNG curves. FSDP2 sharding, sharded loading and checkpoints are in fsdp.py.
 """
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -62,22 +61,6 @@ def all_reduce_sum(x):
     return t.item()
 
 
-def shard_model(model, device, world, bf16=False, reshard_after_forward=True):
-    """FSDP2: fully_shard each decoder block, then the root (embeddings, norm, head). One process: no-op.
-    On GPU with bf16, parameters are gathered in bf16 and gradients reduced in fp32."""
-    if world <= 1:
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and device.type == "cuda" \
-        else MixedPrecisionPolicy()
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    return model
-
-
 def wants_autocast(bf16, device, world):
     """--bf16 means autocast except where FSDP's mixed precision does it already (several GPUs): on CPU, and on a
     single GPU (one process is not sharded, so there is no MixedPrecisionPolicy)."""
@@ -104,56 +87,6 @@ def lr_at(step, total, lr, min_lr, warmup):
 def set_seed(seed):
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: the model in the HF layout (loadable by load_model / transformers) + trainer_state.pt
-
-
-def full_state(model, optimizer=None):
-    """Full (unsharded) model and optimizer state dicts on CPU; works with and without FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-    return msd, osd
-
-
-def save_checkpoint(path, model, tokenizer, optimizer, step, extra, rank):
-    """Atomic: written to path.tmp, then swapped in; a crash mid-save leaves the previous checkpoint."""
-    from model import save_model
-    msd, osd = full_state(model, optimizer)   # collective: every rank calls it
-    if rank == 0:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, state_dict=msd)   # model only lends its config here
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if optimizer is not None:
-            state = dict(step=step, optimizer=osd, rng_torch=torch.get_rng_state(), rng_python=random.getstate(),
-                         extra=json.dumps(extra))
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        old = path + ".old"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_trainer_state(path, model, optimizer):
-    """Restore optimizer and RNG from trainer_state.pt (weights were loaded by load_model). Returns (step, extra)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    set_optimizer_state_dict(model, optimizer, st["optimizer"], options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(st["rng_torch"])
-    random.setstate(_tuplify(st["rng_python"]))
-    return st["step"], json.loads(st["extra"])
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # -----------------------------------------------------------------------------
@@ -255,3 +188,8 @@ def add_run_flags(ap, out, eval_every, save_every, eval_help):
     ap.add_argument("--resume", action="store_true", help="continue from {out}/ckpt")
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (tests of resume)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    ap.add_argument("--dry-run", action="store_true", help="print the memory plan per rank and exit: 0 if it fits, "
+                    "1 (naming the flag to change) if not; reads config.json, never the weights")
+    ap.add_argument("--plan-world", type=int, default=None, help="plan for this many ranks (default: this launch's)")
+    ap.add_argument("--gpu-mem", type=float, default=None, help="plan for a GPU with this many GB (default: this "
+                    "device's; on a CPU, this machine's memory shared by its ranks)")

@@ -15,6 +15,7 @@ rl_train.jsonl (question + gold + tier), test.jsonl (held-out split for evaluate
 {out}/cache.jsonl, so an interrupted run resumes without paying twice. API keys come from the environment.
 """
 import argparse
+import email.utils
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import random
 import re
 import time
 import unicodedata
+import urllib.error
 import urllib.request
 from collections import Counter
 
@@ -182,7 +184,7 @@ def anonymise(text):
 
 
 class CallCache:
-    """Append-only JSONL of request-hash -> response, flushed per call: an interrupted run loses nothing."""
+    """Append-only JSONL of request-hash -> response, flushed per answer: a kill loses only what was in flight."""
 
     def __init__(self, path):
         self.path, self.data = path, {}
@@ -195,6 +197,8 @@ class CallCache:
                     except (json.JSONDecodeError, KeyError):
                         pass   # a line cut by a kill: ignore it, the call is simply redone
         self.f = open(path, "a", encoding="utf-8")
+        if self.f.tell() and open(path, "rb").read()[-1:] != b"\n":
+            self.f.write("\n")   # close a line cut by a kill, so the next record starts on its own line
 
     def get(self, key):
         return self.data.get(key)
@@ -205,19 +209,42 @@ class CallCache:
         self.f.flush()
 
 
+RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)   # the server is busy or restarting: wait and retry
+
+
+def retry_after(err, attempt, rng, cap=60.0):
+    """Seconds to wait before retry `attempt` (0-based): the server's Retry-After if it sent one, else
+    exponential backoff (0.5 s, 1 s, 2 s ... up to cap) with full jitter, so clients that failed together do not
+    return together."""
+    header = err.headers.get("Retry-After") if isinstance(err, urllib.error.HTTPError) and err.headers else None
+    if header:
+        try:
+            return min(cap, max(0.0, float(header)))
+        except ValueError:
+            try:
+                return min(cap, max(0.0, email.utils.parsedate_to_datetime(header).timestamp() - time.time()))
+            except (TypeError, ValueError):
+                pass
+    return rng.uniform(0, min(cap, 0.5 * 2 ** attempt))
+
+
 class ChatModel:
-    """chat(list of message lists, n samples, temperature) -> list (per conversation) of n strings."""
+    """chat(list of message lists, n samples, temperature) -> list (per conversation) of n strings. An HTTP
+    endpoint gets up to `concurrency` requests at once (a vLLM server batches them: 64 at once take about the
+    time of one); each answer goes to the cache as it arrives, so a killed run resumes where it was."""
 
     def __init__(self, url=None, model=None, ckpt=None, key_env="OPENAI_API_KEY", cache=None, max_tokens=1024,
-                 seed=0, timeout=120):
-        self.url, self.model, self.cache, self.max_tokens, self.seed, self.timeout = url, model, cache, max_tokens, seed, timeout
+                 seed=0, timeout=600, concurrency=64, retries=5):
+        self.url, self.model, self.cache, self.max_tokens, self.seed = url, model, cache, max_tokens, seed
+        self.timeout, self.concurrency, self.retries = timeout, concurrency, retries
         self.key = os.environ.get(key_env) if url else None   # never printed or written
         self.local = None
         if ckpt:
             from model import load_model, load_tokenizer
             self.local = (load_model(ckpt).eval(), load_tokenizer(ckpt))
             self.model = ckpt
-        self.calls = 0
+        self.calls, self.retried, self.seconds = 0, 0, 0.0   # answers, retries, time waiting for them
+        self.rng = random.Random()   # jitter only: never touches what is asked or answered
 
     def _http(self, messages, temperature, n):
         body = json.dumps(dict(model=self.model, messages=messages, temperature=temperature, n=n,
@@ -225,49 +252,104 @@ class ChatModel:
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
-        last = None
-        for attempt in range(3):
+        for attempt in range(self.retries + 1):
             try:
                 req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     out = json.loads(r.read())
                 return [c["message"]["content"] for c in out["choices"]]
-            except Exception as e:   # retry transient failures, then give up loudly
-                last = e
-                time.sleep(0.2 * 2 ** attempt)
-        raise RuntimeError(f"endpoint {self.url} failed 3 times: {type(last).__name__}: {last}")
+            except urllib.error.HTTPError as e:
+                if e.code not in RETRY_STATUS:   # 400, 401, 404...: asking again will not help
+                    raise RuntimeError(f"endpoint {self.url}: HTTP {e.code} {e.reason}") from None
+                last = f"HTTP {e.code}"
+                err = e
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                if "timed out" in str(e):
+                    last = f"no answer within --teacher-timeout {self.timeout:g} s"
+                err = e
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise RuntimeError(f"endpoint {self.url}: not an OpenAI chat completion ({e})") from None
+            if attempt < self.retries:
+                self.retried += 1
+                time.sleep(retry_after(err, attempt, self.rng))
+        raise RuntimeError(f"endpoint {self.url} failed {self.retries + 1} times, last: {last}")
+
+    def _http_all(self, todo, temperature, n):
+        """Every (key, messages) of todo, up to `concurrency` at a time; yields (key, answer) as they arrive."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+        from tqdm import tqdm
+        pool = ThreadPoolExecutor(max(1, self.concurrency))
+        pending = {pool.submit(self._http, msgs, temperature, n): key for key, msgs in todo}
+        error, t0 = None, time.time()
+        bar = tqdm(total=len(todo), desc=f"requests to {self.model}", unit="req", smoothing=0.05)
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    key = pending.pop(fut)
+                    if fut.cancelled():
+                        continue
+                    if fut.exception() is not None:
+                        if error is None:   # keep what is in flight, start nothing new
+                            error = fut.exception()
+                            for f in pending:
+                                f.cancel()
+                        continue
+                    bar.update()
+                    yield key, fut.result()
+                pending = {f: k for f, k in pending.items() if not f.cancelled()}
+                bar.set_postfix(in_flight=min(len(pending), self.concurrency), retries=self.retried,
+                                waited=f"{time.time() - t0:.0f}s")
+        finally:
+            bar.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+        if error is not None:
+            raise error
+
+    def stats(self):
+        return dict(answered=self.calls, retries=self.retried, seconds=round(self.seconds, 2),
+                    per_s=round(self.calls / self.seconds, 2) if self.seconds else None, concurrency=self.concurrency)
 
     def chat(self, convs, n=1, temperature=0.7):
-        outs, todo = [None] * len(convs), []
+        outs, todo = [None] * len(convs), {}
+        keys = []
         for i, msgs in enumerate(convs):
             key = hashlib.sha256(json.dumps([self.model, msgs, n, temperature, self.seed]).encode()).hexdigest()
+            keys.append(key)
             hit = self.cache.get(key) if self.cache else None
             if hit is not None:
                 outs[i] = hit
             else:
-                todo.append((i, key, msgs))
+                todo.setdefault(key, msgs)   # the same conversation twice is asked once
+        answers = {}
         if self.local and todo:
             from model import generate
             m, tok = self.local
             stop = [tok.convert_tokens_to_ids("<|im_end|>")]
-            for b in range(0, len(todo), 16):
-                chunk = todo[b:b + 16]
-                prompts = [list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)) for _, _, msgs in chunk]
+            items = list(todo.items())
+            for b in range(0, len(items), 16):
+                chunk = items[b:b + 16]
+                prompts = [list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)) for _, msgs in chunk]
                 prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
                 gen, _ = generate(m, prompts, max_new_tokens=self.max_tokens, temperature=temperature, num_samples=n,
                                   stop_ids=stop, seed=self.seed + b, pad_id=tok.pad_token_id or 0)
-                for j, (i, key, _) in enumerate(chunk):
-                    outs[i] = [tok.decode(g, skip_special_tokens=True) for g in gen[j * n:(j + 1) * n]]
+                for j, (key, _) in enumerate(chunk):
+                    answers[key] = [tok.decode(g, skip_special_tokens=True) for g in gen[j * n:(j + 1) * n]]
                     self.calls += 1
                     if self.cache:
-                        self.cache.put(key, outs[i])
-        else:
-            for i, key, msgs in todo:
-                outs[i] = self._http(msgs, temperature, n)
-                self.calls += 1
-                if self.cache:
-                    self.cache.put(key, outs[i])
-        return outs
+                        self.cache.put(key, answers[key])
+        elif todo:
+            t0 = time.time()
+            try:
+                for key, answer in self._http_all(list(todo.items()), temperature, n):
+                    answers[key] = answer
+                    self.calls += 1
+                    if self.cache:
+                        self.cache.put(key, answer)
+            finally:
+                self.seconds += time.time() - t0
+        return [o if o is not None else answers[k] for o, k in zip(outs, keys)]
 
 
 def verify_labels(items, validator, k):
@@ -429,6 +511,12 @@ def get_args(argv=None):
     ap.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     ap.add_argument("--refine-rounds", type=int, default=3, help="refinement rounds for failed traces")
     ap.add_argument("--max-tokens", type=int, default=1024, help="teacher / validator max tokens")
+    ap.add_argument("--concurrency", type=int, default=64, help="teacher / validator requests in flight at once (a "
+                    "vLLM server batches them; results are the same whatever this is)")
+    ap.add_argument("--teacher-timeout", type=float, default=600, help="seconds to wait for one answer (teacher or "
+                    "validator) before retrying it")
+    ap.add_argument("--retries", type=int, default=5, help="retries per request on 429 / 5xx / timeouts (exponential "
+                    "backoff with jitter, or the server's Retry-After)")
     # --- run
     ap.add_argument("--out", default="data/kg", help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling, splits and mixing")
@@ -483,11 +571,12 @@ def main(argv=None):
     validator = None
     if args.validator_url or args.validator_ckpt:
         validator = ChatModel(args.validator_url, args.validator_model, args.validator_ckpt, args.key_env, cache,
-                              args.max_tokens, args.seed)
+                              args.max_tokens, args.seed, args.teacher_timeout, args.concurrency, args.retries)
         verify_labels(items, validator, args.k)
         flagged = [it for it in items if it["pass_rate"] == 0]
         write_jsonl(os.path.join(args.out, "review.jsonl"), flagged)
         report["flagged_for_review"] = len(flagged)
+        report["validator_requests"] = validator.stats()
         if not args.keep_flagged:
             report["dropped"]["never_answered_by_validator"] += len(flagged)
             items = [it for it in items if it["pass_rate"] > 0]
@@ -515,9 +604,10 @@ def main(argv=None):
     traces = {}
     if args.teacher_url or args.teacher_ckpt:
         teacher = ChatModel(args.teacher_url, args.teacher_model, args.teacher_ckpt, args.key_env, cache,
-                            args.max_tokens, args.seed)
+                            args.max_tokens, args.seed, args.teacher_timeout, args.concurrency, args.retries)
         traces, dstats = distill(sft_pool, teacher, args.refine_rounds)
         report["distillation"] = dict(dstats)
+        report["teacher_requests"] = teacher.stats()
     else:
         for it in sft_pool:   # the KG path as reasoning; public items with an explanation use it
             if it.get("rationale"):

@@ -94,6 +94,12 @@ class ModelConfig:
         if rope_type not in ("default", None):
             raise ValueError(f"{path}: rope_type {rope_type!r} is not implemented (only default RoPE)")
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act {d['hidden_act']!r} is not implemented (only silu)")
+        window, context = d.get("sliding_window"), d.get("max_position_embeddings", 2048)
+        if (d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or [])) and window \
+                and window < context:
+            raise ValueError(f"{path}: sliding-window attention ({window} of {context} positions) is not implemented")
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0]
@@ -104,7 +110,7 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=d.get("tie_word_embeddings", model_type != "llama"),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),   # transformers' default for all three
             attention_bias=d.get("attention_bias", model_type == "qwen2"),
             qk_norm=(model_type == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
             pad_token_id=d.get("pad_token_id"))
@@ -222,6 +228,32 @@ def doc_attention_mask(doc_ids):
     T = doc_ids.shape[1]
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril())[:, None]
+
+
+def flex_block_mask(seg, shared_prefix=False):
+    """Packed rows on CUDA: flex_attention's block mask from segment ids (B, T), the same pattern as the dense
+    mask but in (128 x 128)-token blocks, so the kernel skips the blocks no query may see. A token sees earlier
+    tokens of its own segment; with shared_prefix, also those of segment 0 (a GRPO prompt its completions share)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b, h, q, kv):
+        same = seg[b, q] == seg[b, kv]
+        if shared_prefix:
+            same = same | (seg[b, kv] == 0)
+        return same & (q >= kv)
+    return create_block_mask(allowed, seg.shape[0], None, seg.shape[1], seg.shape[1], device=seg.device)
+
+
+_flex = None
+
+
+def flex_attention(q, k, v, block_mask):
+    """torch's flex_attention, compiled once on CUDA (its eager form materialises every score); eager elsewhere."""
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as fa
+        _flex = torch.compile(fa) if q.is_cuda else fa
+    return _flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def doc_starts(doc_ids):
@@ -403,6 +435,8 @@ class Attention(nn.Module):
             y = y.reshape(B, T, H * D)
         elif isinstance(mask, DocBuckets):   # packed documents on CPU
             y = mask.attend(q, k, v)
+        elif type(mask).__name__ == "BlockMask":   # packed rows on CUDA (flex_block_mask)
+            y = flex_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, H * D)
         elif T == 1 and cache is not None:
             # one decode step: fold the H // Hkv query heads that share a KV head into the query axis, (B, Hkv,
             # H // Hkv, D), so SDPA sees a few queries per KV head instead of one per head. The CPU kernel handles
@@ -478,7 +512,7 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, cache=None, attention_mask=None, last_only=False,
-                logits_from=0, logits_at=None):
+                logits_at=None, targets=None, chunk=0, want_entropy=False):
         """input_ids (B, T) -> logits (B, T, vocab).
         doc_ids (B, T): packed training; attention stays within equal ids and positions restart per document.
         cache + position_ids: incremental decoding; cache.valid says which key slots are real tokens.
@@ -488,15 +522,20 @@ class Transformer(nn.Module):
         attention_mask a DocBuckets: attention per sequence as it describes (train_grpo.py scores completions
         behind a shared prompt so on CPU).
         last_only: logits of the last position only (generation needs no more; saves a (B, T, vocab) matmul).
-        logits_from: logits of positions >= this one only (RL scores completions, not prompts).
-        logits_at (B, T) bool: logits of those positions only, as (N, vocab) (SFT: only assistant tokens carry
-        loss, so the lm_head matmul and the log-softmax over prompt positions would be wasted work)."""
+        logits_at (B, T) bool, or flat indices into the B * T positions (repeats allowed): logits of those
+        positions only, as (N, vocab) (only completion / assistant tokens carry loss: the lm_head matmul and the
+        log-softmax over prompt positions would be wasted work).
+        targets (N,) with logits_at: instead of logits, (log p(target) (N,) fp32, entropy (N,) or None), computed
+        chunk tokens at a time (see token_logprobs): no (N, vocab) tensor is ever held."""
         B, T = input_ids.shape
         dev = input_ids.device
         mask, cu_seqlens = None, None
         if doc_ids is not None:
-            mask = None if input_ids.is_cuda else DocBuckets.from_doc_ids(doc_ids)
-            if mask is None or not mask.ok:
+            if input_ids.is_cuda:
+                mask = None if HAVE_FLASH and B == 1 else flex_block_mask(doc_ids)
+            else:
+                mask = DocBuckets.from_doc_ids(doc_ids)
+            if mask is None or (isinstance(mask, DocBuckets) and not mask.ok):
                 mask = doc_attention_mask(doc_ids)
             if position_ids is None:
                 position_ids = doc_positions(doc_ids)
@@ -515,7 +554,8 @@ class Transformer(nn.Module):
             diag = torch.zeros(T, s + T, dtype=torch.bool, device=dev)
             diag[:, s:] = torch.eye(T, dtype=torch.bool, device=dev)   # a pad query sees itself: no empty rows, no NaN
             mask = (keys_ok & causal) | diag
-        elif isinstance(attention_mask, DocBuckets) or (attention_mask is not None and attention_mask.dim() == 4):
+        elif isinstance(attention_mask, DocBuckets) or type(attention_mask).__name__ == "BlockMask" or \
+                (attention_mask is not None and attention_mask.dim() == 4):
             mask = attention_mask
         elif attention_mask is not None:
             am = attention_mask.bool()
@@ -533,11 +573,38 @@ class Transformer(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        elif logits_from:
-            x = x[:, logits_from:]
         elif logits_at is not None:
-            x = x[logits_at]
+            x = x.flatten(0, 1)[logits_at.flatten()]
+        if targets is not None:
+            return token_logprobs(self.lm_head, self.model.norm(x), targets, chunk, want_entropy)
         return self.lm_head(self.model.norm(x))
+
+
+LOGITS_BUDGET = 2 ** 26   # vocab x tokens of fp32 logits per chunk (256 MB) when no chunk size is given
+
+
+def token_logprobs(lm_head, h, targets, chunk=0, want_entropy=False):
+    """log p(target) of each row of hidden states h (N, hidden), and the entropy of each row's distribution
+    (no gradient; for logging). The (N, vocab) fp32 logits, their log-softmax and their gradient would be
+    ~3 x 4 x N x vocab bytes: 15 GB for 16 completions x 512 tokens at Qwen's 151,936-token vocabulary. So rows
+    go chunk at a time (default: LOGITS_BUDGET / vocab), each chunk under activation checkpointing: its logits
+    are freed once its log-probs are out, and made again in backward. One chunk is the plain computation."""
+    chunk = chunk or max(1, LOGITS_BUDGET // lm_head.weight.shape[0])
+
+    def part(h, t):
+        logp = lm_head(h).float().log_softmax(-1)
+        ent = None
+        if want_entropy:
+            with torch.no_grad():
+                ent = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, t[:, None])[:, 0], ent
+
+    if h.shape[0] <= chunk:
+        return part(h, targets)
+    from torch.utils.checkpoint import checkpoint
+    parts = [checkpoint(part, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+             for i in range(0, h.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]) if want_entropy else None
 
 
 # -----------------------------------------------------------------------------
@@ -587,72 +654,157 @@ def hf_to_ours(state, cfg):
     return out
 
 
-def load_model(path, device=None, dtype=None):
-    """Load an HF-layout directory (config.json + model.safetensors or sharded + index) into our Transformer."""
-    from safetensors.torch import load_file
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def read_config(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json (expected a Hugging Face model directory)")
-    with open(cfg_path) as f:
-        hf = json.load(f)
-    cfg = ModelConfig.from_hf(hf, cfg_path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
+    with open(cfg_path, encoding="utf-8") as f:
+        try:
+            return ModelConfig.from_hf(json.load(f), cfg_path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+
+
+def safetensors_index(path):
+    """{Hugging Face tensor name: (file, dtype, shape, byte offset of its data)} over model.safetensors or the
+    shards an index lists. Only the headers are read; every size is checked against the file's."""
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        with open(index_file, encoding="utf-8") as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    index = {}
+    for name in files:
+        fp = os.path.join(path, name)
+        if not os.path.exists(fp):
+            raise FileNotFoundError(f"{fp}: listed in {index_file} but missing")
+        size = os.path.getsize(fp)
+        with open(fp, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{fp}: not a safetensors file (its header does not parse)")
+        for k, v in header.items():
+            if k == "__metadata__" or "rotary_emb" in k:
+                continue
+            if v["dtype"] not in ST_DTYPES:
+                raise ValueError(f"{fp}: tensor {k} has dtype {v['dtype']} (supported: {', '.join(ST_DTYPES)})")
+            start, end = v["data_offsets"]
+            if 8 + n + end > size:
+                raise ValueError(f"{fp}: truncated: tensor {k} ends at byte {8 + n + end:,}, the file has {size:,}")
+            index[k] = (fp, ST_DTYPES[v["dtype"]], v["shape"], 8 + n + start)
+    return index
+
+
+def read_rows(entry, lo, hi, out):
+    """Rows lo..hi of one safetensors tensor (dim 0) into out, with plain file reads: straight into out's memory
+    when dtype and device allow, else through 64 MB buffers. Nothing else of the file is read or mapped, so a
+    rank that owns 1/world of a weight reads 1/world of it."""
+    path, dtype, shape, offset = entry
+    row = math.prod(shape[1:]) * dtype.itemsize
+    step = max(1, (64 << 20) // max(row, 1))
+    direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+    with open(path, "rb") as f:
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
+            buf = out[a - lo:b - lo] if direct else torch.empty((b - a, *shape[1:]), dtype=dtype)
+            f.seek(offset + a * row)
+            if f.readinto(buf.reshape(-1).view(torch.uint8).numpy()) != (b - a) * row:
+                raise ValueError(f"{path}: truncated while reading a tensor")
+            if not direct:
+                out[a - lo:b - lo].copy_(buf)
+
+
+def load_rows(index, cfg, name, lo, hi, out):
+    """Rows lo..hi of our parameter `name` into out; a fused projection reads them from its Hugging Face parts."""
+    fused = [(f, parts) for f, parts in fused_projections(cfg).items() if f".{f}." in name]
+    if not fused:
+        read_rows(index[name], lo, hi, out)
+        return
+    f, (parts, sizes) = fused[0]
+    start = 0
+    for part, n in zip(parts, sizes):   # this part holds rows start .. start + n of the fused weight
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            read_rows(index[name.replace(f, part)], a - start, b - start, out[a - lo:b - lo])
+        start += n
+
+
+def check_weights(index, model, path):
+    """The file's tensors are exactly the model's (by Hugging Face name) and of the right shapes."""
+    cfg = model.config
+    expected = {k: list(v.shape) for k, v in ours_to_hf(model.state_dict(), cfg).items()}
+    extra = [k for k in index if k not in expected and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in expected if k not in index]
+    if missing or extra:
+        raise ValueError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, shape in expected.items():
+        if list(index[k][2]) != shape:
+            raise ValueError(f"{path}: tensor {k} has shape {index[k][2]}, config.json says {shape}")
+
+
+def load_model(path, device=None, dtype=None):
+    """Load an HF-layout directory (config.json + model.safetensors, or shards + index) into our Transformer.
+    dtype: the parameters' (default: the file's). The model is built on the meta device and each weight read
+    once into its place, so loading holds the model's bytes once (fsdp.load_sharded: 1/world of them)."""
+    cfg = read_config(path)
+    index = safetensors_index(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = {}
-    for fname in files:
-        state.update(load_file(os.path.join(path, fname), device=str(device or "cpu")))
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    state = {k: v for k, v in state.items() if "rotary_emb" not in k}
-    expected = ours_to_hf(model.state_dict(), cfg)   # HF names, so errors name what the files should hold
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    target_dtype = dtype or state["model.embed_tokens.weight"].dtype
-    model.load_state_dict({k: v.to(target_dtype) for k, v in hf_to_ours(state, cfg).items()}, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    check_weights(index, model, path)
+    model = model.to(dtype or index["model.embed_tokens.weight"][1]).to_empty(device=device or "cpu")
+    if cfg.tie_word_embeddings:   # to_empty gives each module its own tensor
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device=device or "cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            load_rows(index, cfg, name, 0, p.shape[0], p)
+    return model
 
 
-def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, state_dict=None):
+def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, tensors=None):
     """Write config.json, generation_config.json and safetensors (sharded above max_shard_bytes).
-    Each file goes through a temp name + rename, so an interrupted save never leaves a half file."""
+    tensors: (our name, tensor) pairs to write instead of model.state_dict(), e.g. fsdp.full_tensors gathering
+    one weight at a time: only one shard file's tensors are ever held. Each file goes through a temp name and
+    a rename, and weight files of an earlier save that this one did not write are removed."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = model.config
-    state = state_dict if state_dict is not None else model.state_dict()
-    # HF names (fused projections split); a tied lm_head is written once, as the embedding
-    state = {k: v.detach().contiguous().cpu() for k, v in ours_to_hf(state, cfg).items()}
-    dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
-    shards, cur, size = [], {}, 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += n
-    shards.append(cur)
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
-    if len(shards) > 1:
-        wmap = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(v.numel() * v.element_size() for v in state.values())
+    parts, cur, size, total, dtype = [], {}, 0, 0, "float32"
+
+    def flush():
+        parts.append((os.path.join(path, f"part-{len(parts):05d}.safetensors.tmp"), list(cur)))
+        save_file(cur, parts[-1][0], metadata={"format": "pt"})
+
+    for k, v in (tensors if tensors is not None else model.state_dict().items()):
+        # HF names (fused projections split); a tied lm_head is written once, as the embedding
+        for hk, hv in ours_to_hf({k: v}, cfg).items():
+            hv = hv.detach().contiguous().cpu()
+            n = hv.numel() * hv.element_size()
+            if cur and size + n > max_shard_bytes:
+                flush()
+                cur, size = {}, 0
+            cur[hk], size, total, dtype = hv, size + n, total + n, str(hv.dtype).replace("torch.", "")
+    flush()
+    names = ["model.safetensors"] if len(parts) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for (tmp, _), name in zip(parts, names):
+        os.replace(tmp, os.path.join(path, name))
+    if len(parts) > 1:
+        wmap = {k: name for name, (_, keys) in zip(names, parts) for k in keys}
         _atomic_write_text(os.path.join(path, "model.safetensors.index.json"),
                            json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
+    for f in os.listdir(path):   # an earlier, differently sharded save must not be read back
+        if (f.endswith(".safetensors") and f not in names) or (f == "model.safetensors.index.json" and len(parts) == 1):
+            os.remove(os.path.join(path, f))
     _atomic_write_text(os.path.join(path, "config.json"), json.dumps(cfg.to_hf(dtype), indent=2))
     gen = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                                 "pad_token_id": cfg.pad_token_id, "do_sample": False}

@@ -22,10 +22,11 @@ from collections import deque
 import torch
 
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    load_trainer_state, lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model,
-                    wants_autocast)
+                    lr_at, plot_metrics, print0, set_seed, wants_autocast)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
-from model import DocBuckets, generate, load_model, load_tokenizer, save_model
+from fsdp import checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded, save_checkpoint
+from memplan import Meter, announce, plan, report_peaks, size
+from model import DocBuckets, flex_block_mask, generate, load_tokenizer, read_config
 
 # -----------------------------------------------------------------------------
 # reward: correctness + format, nothing else
@@ -96,7 +97,7 @@ def grpo_denominator(mode, n_tokens, n_seqs, const):
     return {"token-mean": n_tokens, "seq-mean": n_seqs, "seq-sum": n_seqs, "token-sum": n_seqs * const}[mode]
 
 
-def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entropy=False):
+def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entropy=False, chunk=0):
     """Score completions: prompts[i] + outs[i] -> (log-prob of each completion token (N, Lc), mask (N, Lc), entropy).
 
     share: how many completions of the same prompt go into one row behind a single copy of it, e.g.
@@ -148,31 +149,24 @@ def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entr
     mask = None
     if packed:
         mask = DocBuckets(seqs, T, device)
+    elif share > 1 and torch.device(device).type == "cuda":   # flex_attention skips the blocks no one sees
+        mask = flex_block_mask(seg.to(device), shared_prefix=True)
     elif share > 1:
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
         mask = ((same & causal) | torch.eye(T, dtype=torch.bool))[:, None].to(device)   # a pad sees itself: no NaN
-    at = torch.zeros(B, T, dtype=torch.bool)
-    for r, js in where:
-        at[r, js] = True
-    flat = (at.flatten().cumsum(0) - 1).view(at.shape)        # row position -> index among the computed logits
-    logits = model(ids.to(device), position_ids=pos.to(device), attention_mask=mask, logits_at=at.to(device)).float()
-    logp_all = torch.log_softmax(logits, -1)                  # (positions that predict a completion token, vocab)
-    Lc = max(len(o) for o in outs)
-    col = torch.zeros(len(outs), Lc, dtype=torch.long)
-    tgt = torch.zeros(len(outs), Lc, dtype=torch.long)
-    mask_c = torch.zeros(len(outs), Lc)
-    for i, (r, js) in enumerate(where):
-        col[i, :len(js)] = flat[r, js]
-        tgt[i, :len(js)] = torch.tensor(outs[i], dtype=torch.long)
-        mask_c[i, :len(js)] = 1
-    col, tgt, mask_c = col.to(device), tgt.to(device), mask_c.to(device)
-    out = logp_all[col, tgt] * mask_c
-    ent = None
-    if want_entropy:
-        with torch.no_grad():
-            ent = (-(logp_all.exp() * logp_all).sum(-1))[col] * mask_c
-    return out, mask_c, ent
+    # the scored tokens: where each is predicted (flat index into the (B, T) row positions; a shared prompt's last
+    # position predicts the first token of each of its completions) and the token itself
+    at = torch.tensor([r * T + j for r, js in where for j in js], device=device)
+    tgt = torch.tensor([t for o in outs for t in o], device=device)
+    lp, ent = model(ids.to(device), position_ids=pos.to(device), attention_mask=mask, logits_at=at, targets=tgt,
+                    chunk=chunk, want_entropy=want_entropy)
+    lens = torch.tensor([len(o) for o in outs])
+    Lc = int(lens.max())
+    mask_c = (torch.arange(Lc)[None] < lens[:, None]).float()
+    col = torch.where(mask_c.bool(), (lens.cumsum(0) - lens)[:, None] + torch.arange(Lc), 0)  # -> index into lp
+    col, mask_c = col.to(device), mask_c.to(device)
+    return lp[col] * mask_c, mask_c, (ent[col] * mask_c if want_entropy else None)
 
 
 # -----------------------------------------------------------------------------
@@ -257,6 +251,10 @@ def get_args(argv=None):
     ap.add_argument("--kl-beta", type=float, default=0.0, help="KL(pi||ref) weight; the reference is loaded only if > 0")
     ap.add_argument("--skip-zero-var", action="store_true", help="leave all-equal groups out of the update")
     ap.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward")
+    ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block when scoring (saves "
+                    "memory at long completions)")
+    ap.add_argument("--logits-chunk", type=int, default=0, help="tokens whose vocabulary logits exist at once when "
+                    "scoring (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory at a real vocabulary)")
     ap.add_argument("--share-prompt", type=int, default=1, help="completions of one prompt scored in one row behind "
                     "a single copy of it (same log-probs, ~2x less work for short answers to long prompts; a dense "
                     "mask, so no flash-attn: keep 1 for long completions on GPUs)")
@@ -357,6 +355,22 @@ def evaluate_policy(model, tok, val, args, rank, world, device):
     return s
 
 
+def memory_plan(args, cfg, tok, items, world, device):
+    """memplan.py's budget for these flags (prompt lengths from the first 2,000 items); --dry-run stops here."""
+    world = args.plan_world or world
+    cuda = device.type == "cuda" or args.gpu_mem is not None
+    prompt = max((len(prompt_ids(tok, it)) for it in items[:2000]), default=512)
+    ctx = prompt + args.max_new_tokens
+    rows = max(args.questions_per_step // world * max(args.group_size, args.stage2_group_size),
+               32 * args.mine_samples, 32)   # a step's rollouts, a mining call (32 items), an evaluation batch
+    tokens = args.micro_batch * args.max_new_tokens + -(-args.micro_batch // args.share_prompt) * prompt
+    p = plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk, rows=rows, ctx=ctx,
+             ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx)
+    return announce(p, f"GRPO, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
+                    f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}, prompts up to {prompt} tokens",
+                    args, cuda)
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
@@ -369,15 +383,10 @@ def main(argv=None):
         raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
     set_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    ckpt = os.path.join(args.out, "ckpt")
-    resuming = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
-    src = ckpt if resuming else args.init
-    model, tok = load_model(src, device=device), load_tokenizer(src)
-    ref = None
-    if args.kl_beta > 0:   # a frozen copy of the starting policy; costs a forward per step, so only when used
-        ref = load_model(args.init, device=device).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
+    tok = load_tokenizer(ckpt or args.init)
     rows = read_records(args.data)
     for i, it in enumerate(rows):
         if it.get("answer") not in (it.get("options") or {}):
@@ -385,6 +394,7 @@ def main(argv=None):
     if args.exclude:   # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
         seen = {str(r.get("id")) for r in read_records(args.exclude)}
         rows = [it for it in rows if str(it.get("id")) not in seen]
+    planned = memory_plan(args, read_config(ckpt or args.init), tok, rows, world, device)
     rng = random.Random(args.seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -392,15 +402,32 @@ def main(argv=None):
     items = [rows[i] for i in order[args.val_size:]]
     cur = Curriculum(items, set(args.stage1_tiers.split(",")), args.sparsity_threshold, args.sparsity_window,
                      args.stage2_at, args.mix_right, args.hard_below, args.seed)
-    model = shard_model(model, device, world, bf16=args.bf16)
+
+    # --- policy and reference, sharded over the ranks as they load
+    meter = Meter(device)
+    with meter.phase("load"):
+        if ckpt:   # the weights come from the checkpoint, below
+            model = empty_model(read_config(ckpt), device, world, bf16=args.bf16)
+        else:
+            model = load_sharded(args.init, device, world, bf16=args.bf16)
+        ref = None
+        if args.kl_beta > 0:   # the frozen starting policy, for the KL term; bf16 under --bf16 (it is never trained)
+            ref = load_sharded(args.init, device, world, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                               bf16=args.bf16, frozen=True)
+    if ref is not None:
+        mine_b = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in ref.parameters())
+        print0(f"reference model: {mine_b / 2**20:.1f} MB on rank 0, 1/{world} of its "
+               f"{sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20:.1f} MB")
+    if args.act_ckpt:
+        checkpoint_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, last_mine = 0, None
-    if resuming:
-        start, extra = load_trainer_state(ckpt, model, opt)
+    if ckpt:
+        start, extra = load_checkpoint(ckpt, model, opt)
         cur.load(extra["curriculum"])
         last_mine = extra["last_mine"]
         print0(f"resumed from {ckpt} at step {start} (stage {cur.stage})")
-    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=resuming)
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=ckpt is not None)
     pad = tok.pad_token_id or 0
     print0(f"GRPO: {len(items)} train items ({len(cur.pool)} in the stage-1 pool), {len(val)} val | world {world} on {device}")
     if start == 0:
@@ -417,7 +444,7 @@ def main(argv=None):
         batch = [cur.pool[j] for j in qrng.sample(range(len(cur.pool)), min(args.questions_per_step, len(cur.pool)))]
         mine = batch[rank::world]
         t0 = time.time()
-        with Rollout(model), torch.no_grad():
+        with meter.phase("rollout"), Rollout(model), torch.no_grad():
             # seeds per (step, item): rollouts do not depend on how items are split over ranks
             outs, texts, reasons, prompts = sample_groups(model, tok, [items[i] for i in mine], G, args,
                                                           [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine], device)
@@ -452,15 +479,15 @@ def main(argv=None):
         t1 = time.time()
         old, refl = [], []
         if (ref is not None or args.ppo_epochs > 1) and not skipped:
-            with torch.no_grad():
+            with meter.phase("reference"), torch.no_grad():
                 for mb, _ in micro:
                     with autocast(device, args.autocast):
                         if ref is not None:
                             refl.append(completion_logprobs(ref, [pr[j] for j in mb], [outs[j] for j in mb], device,
-                                                            pad, args.share_prompt)[0])
+                                                            pad, args.share_prompt, chunk=args.logits_chunk)[0])
                         if args.ppo_epochs > 1:
                             old.append(completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device,
-                                                           pad, args.share_prompt)[0])
+                                                           pad, args.share_prompt, chunk=args.logits_chunk)[0])
         t_ref = time.time() - t1
 
         # --- policy update(s)
@@ -470,32 +497,34 @@ def main(argv=None):
         lr = lr_at(step, args.steps, args.lr, args.lr if args.min_lr is None else args.min_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        for epoch in range(0 if skipped else args.ppo_epochs):
-            for mi, (mb, weight) in enumerate(micro):
-                with autocast(device, args.autocast):
-                    logp, mask, ent = completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
-                                                          args.share_prompt, want_entropy=epoch == 0)
-                a = adv[mb].to(device)
-                old_lp = old[mi] if old else logp.detach()
-                per_tok = token_objective(logp, old_lp, a, args.clip_low, args.clip_high, args.ppo_epochs > 1)
-                if ref is not None:
-                    kl = kl_k3(logp, refl[mi])
-                    per_tok = per_tok + args.kl_beta * kl
-                    stats["kl"] += weight * float((kl.detach() * mask).sum()) / max(n_tok_g, 1) * (epoch == 0)
-                loss = aggregate(per_tok, mask, args.loss_agg, denom) * world * weight
-                loss.backward()
-                stats["loss"] += float(loss.detach()) / world
-                if epoch == 0:
-                    stats["entropy"] += weight * float((ent * mask).sum()) / max(n_tok_g, 1)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            if not math.isfinite(gnorm):   # the same on every rank (a global norm); stepping would corrupt the weights
-                print0(f"\nstep {step + 1}: non-finite gradient norm, update skipped")
+        with meter.phase("train"):
+            for epoch in range(0 if skipped else args.ppo_epochs):
+                for mi, (mb, weight) in enumerate(micro):
+                    with autocast(device, args.autocast):
+                        logp, mask, ent = completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
+                                                              args.share_prompt, want_entropy=epoch == 0,
+                                                              chunk=args.logits_chunk)
+                    a = adv[mb].to(device)
+                    old_lp = old[mi] if old else logp.detach()
+                    per_tok = token_objective(logp, old_lp, a, args.clip_low, args.clip_high, args.ppo_epochs > 1)
+                    if ref is not None:
+                        kl = kl_k3(logp, refl[mi])
+                        per_tok = per_tok + args.kl_beta * kl
+                        stats["kl"] += weight * float((kl.detach() * mask).sum()) / max(n_tok_g, 1) * (epoch == 0)
+                    loss = aggregate(per_tok, mask, args.loss_agg, denom) * world * weight
+                    loss.backward()
+                    stats["loss"] += float(loss.detach()) / world
+                    if epoch == 0:
+                        stats["entropy"] += weight * float((ent * mask).sum()) / max(n_tok_g, 1)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+                if not math.isfinite(gnorm):   # the same on every rank (a global norm); stepping would corrupt the weights
+                    print0(f"\nstep {step + 1}: non-finite gradient norm, update skipped")
+                    opt.zero_grad(set_to_none=True)
+                    skipped = True
+                    break
+                opt.step()
                 opt.zero_grad(set_to_none=True)
-                skipped = True
-                break
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         t_train = time.time() - t2
 
         # --- logging (global means over ranks)
@@ -510,24 +539,22 @@ def main(argv=None):
                    entropy=all_reduce_sum(stats["entropy"]), loss=all_reduce_sum(stats["loss"]), grad_norm=gnorm,
                    skipped_update=skipped, rollout_s=t_roll, ref_s=t_ref, train_s=t_train,
                    rollout_tok_s=sum(len(o) for o in outs) / max(t_roll, 1e-9),
-                   mem_mb=memory_mb(device))
+                   mem_mb=meter.overall() / 2**20)
         if ref is not None:
             row["kl"] = all_reduce_sum(stats["kl"])
         # --- curriculum: stage 2 on reward sparsity, then mining every M steps
         switch = cur.observe(row["zero_var_frac"], step + 1)
         if switch:   # the stage-1 policy, kept for the stage table (HF layout)
-            from common import full_state
-            msd, _ = full_state(model)
-            if rank == 0:
-                save_model(model, os.path.join(args.out, "stage1"), state_dict=msd)
-                tok.save_pretrained(os.path.join(args.out, "stage1"))
+            with meter.phase("export"):
+                export_hf(model, tok, os.path.join(args.out, "stage1"), rank)
         remine = (cur.stage == 2 and last_mine is not None and step + 1 - last_mine >= args.mine_every
                   and args.steps - (step + 1) >= args.mine_every)
         if switch or remine:
             idx = list(range(len(items)))
             if args.mine_max and len(idx) > args.mine_max:
                 idx = sorted(random.Random(args.seed + step).sample(idx, args.mine_max))
-            rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + step)
+            with meter.phase("mining"):
+                rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + step)
             info = cur.mine(rates, step + 1)
             last_mine = step + 1
             row.update({f"mined_{k}": v for k, v in info.items()})
@@ -539,18 +566,20 @@ def main(argv=None):
         bar.set_postfix(stage=cur.stage, r=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", zv=f"{row['zero_var_frac']:.2f}")
         done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
         if (step + 1) % args.save_every == 0 or done:
-            save_checkpoint(ckpt, model, tok, opt, step + 1, dict(curriculum=cur.state(), last_mine=last_mine), rank)
+            with meter.phase("save"):
+                save_checkpoint(args.out, model, opt, tok, step + 1, dict(curriculum=cur.state(), last_mine=last_mine),
+                                rank)
         if done:
             break
     bar.close()
-    from common import full_state
-    msd, _ = full_state(model)
-    if rank == 0 and (args.stop_after is None or args.stop_after >= args.steps):
-        save_model(model, args.out, state_dict=msd)
-        tok.save_pretrained(args.out)
-        plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"),
-                     ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len"], "GRPO")
+    if args.stop_after is None or args.stop_after >= args.steps:
+        with meter.phase("export"):
+            export_hf(model, tok, args.out, rank)
+        if rank == 0:
+            plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"),
+                         ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len"], "GRPO")
         print0(f"saved {args.out} (HF layout) and {args.out}/curves.png")
+    report_peaks(meter, planned, rank, world)
     close_distributed()
 
 

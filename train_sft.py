@@ -19,12 +19,13 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    load_trainer_state, lr_at, memory_mb, plot_metrics, print0, save_checkpoint, set_seed, shard_model,
-                    wants_autocast)
-from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model, train_tokenizer
+                    lr_at, plot_metrics, print0, set_seed, wants_autocast)
+from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
+                  save_checkpoint, shard_model)
+from memplan import Meter, announce, plan, report_peaks, size
+from model import ModelConfig, Transformer, load_tokenizer, read_config, train_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -102,13 +103,12 @@ def batch_tensors(rows, device):
     return ids, mask, docs
 
 
-def masked_loss_sum(model, ids, mask, docs):
-    """Sum of next-token cross-entropy over the masked (assistant) targets, and their count. Logits are made
-    for those positions only: prompt tokens carry no loss, so their lm_head and softmax would be wasted."""
+def masked_loss_sum(model, ids, mask, docs, chunk=0):
+    """Sum of next-token cross-entropy over the masked (assistant) targets, and their count. Log-probs are
+    made for those positions only (prompt tokens carry no loss), chunk tokens at a time (model.token_logprobs)."""
     m = mask[:, 1:].bool() & (docs[:, 1:] == docs[:, :-1])   # never predict across a document boundary
-    logits = model(ids[:, :-1], doc_ids=docs[:, :-1], logits_at=m)   # (N, vocab), N = m.sum()
-    loss = F.cross_entropy(logits.float(), ids[:, 1:][m], reduction="sum")
-    return loss, int(m.sum())
+    logp, _ = model(ids[:, :-1], doc_ids=docs[:, :-1], logits_at=m, targets=ids[:, 1:][m], chunk=chunk)
+    return -logp.sum(), int(m.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -129,6 +129,8 @@ def get_args(argv=None):
     ap.add_argument("--preset", default="tiny", help="from scratch: model preset (see model.PRESETS)")
     ap.add_argument("--vocab-size", type=int, default=4096, help="from scratch: BPE vocabulary to train")
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block (saves memory)")
+    ap.add_argument("--logits-chunk", type=int, default=0, help="tokens whose vocabulary logits exist at once in the "
+                    "loss (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory at a real vocabulary)")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
                     "precision on several GPUs)")
     # --- optimisation
@@ -144,6 +146,18 @@ def get_args(argv=None):
     return ap.parse_args(argv)
 
 
+def memory_plan(args, cfg, world, device, longest):
+    """memplan.py's budget for these flags; --dry-run stops here."""
+    world = args.plan_world or world
+    cuda = device.type == "cuda" or args.gpu_mem is not None
+    # on a CPU, documents up to DocBuckets.MAX_LEN attend alone; a longer one makes its whole row attend as one
+    sdpa = 0 if cuda else (longest if longest <= 1024 else args.seq_len)
+    rows = plan(cfg, world, cuda, args.bf16, "sft", args.micro_rows * args.seq_len, args.seq_len, args.act_ckpt,
+                args.logits_chunk, sdpa_len=min(sdpa, args.seq_len))
+    return announce(rows, f"SFT, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
+             f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}", args, cuda)
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
@@ -152,34 +166,31 @@ def main(argv=None):
         raise SystemExit(f"--rows-per-step {args.rows_per_step} must be a multiple of the world size {world}")
     set_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    ckpt = os.path.join(args.out, "ckpt")
     convs = read_chat_jsonl(args.data)
 
-    # --- tokenizer and model
-    resuming = args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
-    if resuming:
-        tok, model = load_tokenizer(ckpt), load_model(ckpt)
-    elif args.init:
-        tok, model = load_tokenizer(args.init), load_model(args.init)
-    else:
-        tok_dir = os.path.join(args.out, "tokenizer")
-        if rank == 0 and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-            texts = [m["content"] for c in convs for m in c]
-            train_tokenizer(texts, args.vocab_size, tok_dir)
+    # --- tokenizer and model config
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
+    src = ckpt or args.init
+    tok_dir = src or os.path.join(args.out, "tokenizer")
+    if not src and not args.dry_run and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        if rank == 0:   # from scratch: a byte-level BPE on the training text
+            train_tokenizer([m["content"] for c in convs for m in c], args.vocab_size, tok_dir)
         if world > 1:
             torch.distributed.barrier()
-        tok = load_tokenizer(tok_dir)
-        cfg = ModelConfig.from_name(args.preset, vocab_size=len(tok), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                                    pad_token_id=tok.pad_token_id, bos_token_id=None)
-        model = Transformer(cfg).init_weights(args.seed)
-    if args.save_init and rank == 0 and not resuming:   # the untrained model (the stage table's "Base" row)
-        save_model(model, args.save_init)
-        tok.save_pretrained(args.save_init)
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    tok = load_tokenizer(tok_dir) if os.path.exists(tok_dir) else None
+    if src:
+        cfg = read_config(src)
+    else:
+        vocab, end = (len(tok), tok.convert_tokens_to_ids("<|im_end|>")) if tok else (args.vocab_size, None)
+        cfg = ModelConfig.from_name(args.preset, vocab_size=vocab, bos_token_id=None, eos_token_id=end,
+                                    pad_token_id=tok.pad_token_id if tok else None)
 
     # --- data: tokenise, split, pack
-    examples = [tokenize_example(tok, c) for c in convs]
+    examples = [tokenize_example(tok, c) for c in convs] if tok else []
+    longest = max((len(e[0]) for e in examples), default=args.seq_len)
+    planned = memory_plan(args, cfg, world, device, longest)
     rng = random.Random(args.seed)
     idx = list(range(len(examples)))
     rng.shuffle(idx)
@@ -190,22 +201,31 @@ def main(argv=None):
     val_rows, _ = pack(val, args.seq_len, pad)
     _, n_cut = pack(train, args.seq_len, pad)
     rows_per_epoch = len(epoch_rows(train, args.seq_len, pad, args.seed, 0))
+
+    # --- the model, sharded over the ranks as it is built
+    meter = Meter(device)
+    with meter.phase("load"):
+        if ckpt:   # the weights come from the checkpoint, below
+            model = empty_model(cfg, device, world, bf16=args.bf16)
+        elif args.init:
+            model = load_sharded(args.init, device, world, bf16=args.bf16)
+        else:
+            model = shard_model(Transformer(cfg).init_weights(args.seed).to(device), device, world, bf16=args.bf16)
+    if args.save_init and not ckpt:   # the untrained model (the stage table's "Base" row)
+        export_hf(model, tok, args.save_init, rank)
+    n_params = sum(p.numel() for p in model.parameters())
     print0(f"model {n_params / 1e6:.2f}M params | {len(train)} train / {len(val)} val examples | "
            f"{rows_per_epoch} packed rows of {args.seq_len} per epoch ({n_cut} cut) | world {world} on {device}")
 
     if args.act_ckpt:
-        from torch.utils.checkpoint import checkpoint
-        for blk in model.model.layers:
-            blk._fwd = blk.forward
-            blk.forward = (lambda b: lambda *a: checkpoint(b._fwd, *a, use_reentrant=False))(blk)
-    model = shard_model(model, device, world, bf16=args.bf16)
+        checkpoint_blocks(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     start = 0
-    if resuming:
-        start, _ = load_trainer_state(ckpt, model, opt)
+    if ckpt:
+        start, _ = load_checkpoint(ckpt, model, opt)
         print0(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=args.resume and start > 0)
     use_autocast = wants_autocast(args.bf16, device, world)
@@ -221,7 +241,7 @@ def main(argv=None):
                 r = val_rows[i + rank] if i + rank < len(val_rows) else blank
                 ids, mask, docs = batch_tensors([r], device)
                 with autocast(device, use_autocast):
-                    s, c = masked_loss_sum(model, ids, mask, docs)
+                    s, c = masked_loss_sum(model, ids, mask, docs, args.logits_chunk)
                 tot, cnt = tot + s.item(), cnt + c
         model.train()
         return all_reduce_sum(tot) / max(1, all_reduce_sum(cnt))
@@ -263,39 +283,41 @@ def main(argv=None):
         n_tok_global = all_reduce_sum(sum(sum(r[1][1:]) for r in step_rows[rank::world]))
         # each rank's loss is scaled so that FSDP's gradient average equals (global token sum) / (global count)
         loss_sum = 0.0
-        for m0 in range(0, len(mine), args.micro_rows):
-            ids, mask, docs = batch_tensors(mine[m0:m0 + args.micro_rows], device)
-            with autocast(device, use_autocast):
-                s, _ = masked_loss_sum(model, ids, mask, docs)
-            (s * world / max(n_tok_global, 1)).backward()
-            loss_sum += s.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with meter.phase("step"):
+            for m0 in range(0, len(mine), args.micro_rows):
+                ids, mask, docs = batch_tensors(mine[m0:m0 + args.micro_rows], device)
+                with autocast(device, use_autocast):
+                    s, _ = masked_loss_sum(model, ids, mask, docs, args.logits_chunk)
+                (s * world / max(n_tok_global, 1)).backward()
+                loss_sum += s.item()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         loss = all_reduce_sum(loss_sum) / max(n_tok_global, 1)
         dt = time.time() - t0
         toks = args.rows_per_step * args.seq_len
-        row = dict(step=step + 1, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=toks / dt, mem_mb=memory_mb(device))
+        row = dict(step=step + 1, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=toks / dt,
+                   mem_mb=meter.overall() / 2**20)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row["val_loss"] = val_loss()
         log.log(**row)
         bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
         done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
         if (step + 1) % args.save_every == 0 or done:
-            save_checkpoint(ckpt, model, tok, opt, step + 1, {}, rank)
+            with meter.phase("save"):
+                save_checkpoint(args.out, model, opt, tok, step + 1, {}, rank)
         if done:
             break
     bar.close()
-    # the final model, in the HF layout, at {out}
-    from common import full_state
-    msd, _ = full_state(model)
-    if rank == 0 and (args.stop_after is None or args.stop_after >= args.steps):
-        save_model(model, args.out, state_dict=msd)
-        tok.save_pretrained(args.out)
-        plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png"),
-                     ["loss", "val_loss", "lr", "grad_norm"], "SFT")
+    if args.stop_after is None or args.stop_after >= args.steps:   # the final model, in the HF layout, at {out}
+        with meter.phase("export"):
+            export_hf(model, tok, args.out, rank)
+        if rank == 0:
+            plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png"),
+                         ["loss", "val_loss", "lr", "grad_norm"], "SFT")
         print0(f"saved {args.out} (HF layout) and {args.out}/loss.png")
+    report_peaks(meter, planned, rank, world)
     close_distributed()
 
 

@@ -83,7 +83,8 @@ def step_fn(model, opt, ids, bf16, hf, loss_mask=None, docs=None):
 if args.fsdp_part:   # under torchrun: memory per rank with FSDP2
     import torch.distributed as dist
     sys.path.insert(0, ROOT)
-    from common import init_distributed, shard_model
+    from common import init_distributed
+    from fsdp import shard_model
     rank, world, device = init_distributed("cpu")
     m = Transformer(cfg).init_weights(args.seed)
     m = shard_model(m, device, world)

@@ -1,8 +1,12 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,3 +37,65 @@ def run(args, nproc=1, timeout=300):
 
 def metrics(path):
     return [json.loads(l) for l in open(path)]
+
+
+class FakeOpenAI:
+    """Speaks POST /v1/chat/completions, answering requests concurrently. Teacher prompts: a wrong trace first,
+    the right one after a refinement turn. Validator prompts: always picks the option whose text says RIGHT.
+    fail_after: HTTP 500 from then on. delay: seconds per answer. throttle: the first N requests get HTTP 429
+    (Retry-After: 0). calls counts answered requests."""
+
+    def __init__(self, fail_after=None, delay=0.0, throttle=0):
+        self.calls, self.fail_after, self.delay, self.throttle, self.seen = 0, fail_after, delay, throttle, 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.seen += 1
+                    throttled = outer.seen <= outer.throttle
+                    failed = not throttled and outer.fail_after is not None and outer.calls >= outer.fail_after
+                    outer.calls += not (throttled or failed)
+                if throttled or failed:
+                    self.send_response(429 if throttled else 500)
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                time.sleep(outer.delay)
+                msgs = body["messages"]
+                first = msgs[0]["content"]
+                m = re.search(r"Correct answer: ([A-Z])\.", first)
+                if m:   # teacher
+                    L = m.group(1)
+                    if len(msgs) == 1:
+                        text = "<think>Considering the findings, option Z fits.</think>\n<answer>Z</answer>"
+                    else:
+                        text = f"<think>Weighing each finding in turn, the alternatives fail; {L} fits all.</think>\n<answer>{L}</answer>"
+                    choices = [text] * body.get("n", 1)
+                else:   # validator
+                    user = msgs[-1]["content"]
+                    right = re.search(r"^([A-Z])\. .*RIGHT", user, re.M)
+                    choices = [f"<answer>{right.group(1) if right else 'A'}</answer>"] * body.get("n", 1)
+                out = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": c}}
+                                              for i, c in enumerate(choices)]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256   # the listen backlog (5 by default) a real server such as vLLM's is far above
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()

@@ -7,7 +7,7 @@ import pytest
 from evaluate import (build_messages, extract_answer, format_ok, load_benchmark, macro_average,
                       results_table, score_items, stage_table)
 
-FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures", "benchmarks")
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 OPTS4 = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Clopidogrel"}
 JMED = {L: f"option {L.lower()} text" for L in "ABCDEFGHIJKLMNOPQRSTU"}
 PUB = {"A": "yes", "B": "no", "C": "maybe"}

@@ -3,15 +3,17 @@ against a scripted OpenAI-compatible server on 127.0.0.1, and resume after an in
 import json
 import os
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import subprocess
+import sys
+import time
 
 import pytest
 
 import make_data
+from helpers import ROOT, FakeOpenAI
 from make_data import anonymise, format_problem, load_public
 
-FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures", "benchmarks")
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
 def write(path, rows):
@@ -84,55 +86,6 @@ def test_dedup_decontam_and_report(tmp_path):
     assert {"Easy", "Moderate", "Difficult"} == set(rep["tiers"])
 
 
-class FakeOpenAI:
-    """Speaks POST /v1/chat/completions. Teacher prompts: a wrong trace first, the right one after a refinement
-    turn. Validator prompts: always picks the option whose text says RIGHT. fail_after: HTTP 500 from then on."""
-
-    def __init__(self, fail_after=None):
-        self.calls, self.fail_after = 0, fail_after
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.calls += 1
-                if outer.fail_after is not None and outer.calls > outer.fail_after:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                msgs = body["messages"]
-                first = msgs[0]["content"]
-                m = re.search(r"Correct answer: ([A-Z])\.", first)
-                if m:   # teacher
-                    L = m.group(1)
-                    if len(msgs) == 1:
-                        text = "<think>Considering the findings, option Z fits.</think>\n<answer>Z</answer>"
-                    else:
-                        text = f"<think>Weighing each finding in turn, the alternatives fail; {L} fits all.</think>\n<answer>{L}</answer>"
-                    choices = [text] * body.get("n", 1)
-                else:   # validator
-                    user = msgs[-1]["content"]
-                    right = re.search(r"^([A-Z])\. .*RIGHT", user, re.M)
-                    choices = [f"<answer>{right.group(1) if right else 'A'}</answer>"] * body.get("n", 1)
-                out = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": c}}
-                                              for i, c in enumerate(choices)]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
 def public_file(path, n=12):
     rows = []
     for i in range(n):
@@ -169,7 +122,8 @@ def test_distillation_refines_and_verification_flags(tmp_path, monkeypatch):
 def test_interrupted_run_resumes_from_cache(tmp_path):
     public_file(tmp_path / "pub.jsonl")
     args = lambda url: ["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(tmp_path / "d"),
-                        "--teacher-url", url, "--teacher-model", "t", "--test-frac", "0", "--sft-frac", "1.0"]
+                        "--teacher-url", url, "--teacher-model", "t", "--test-frac", "0", "--sft-frac", "1.0",
+                        "--retries", "2"]
     srv = FakeOpenAI(fail_after=5)      # dies after 5 answered calls, like a killed run
     try:
         with pytest.raises(RuntimeError, match="failed 3 times"):
@@ -210,3 +164,66 @@ def test_short_rationale_with_text_answers(tmp_path):
         assert "Checking the options" in tw and "Checking the options" not in ts and len(ts) < len(tw)
         tag = re.search(r"<answer>(.*)</answer>", ts).group(1)
         assert tag == it["options"][it["answer"]] and format_ok(ts) and extract_answer(ts, it["options"]) == it["answer"]
+
+
+def distill_args(tmp_path, url, out, extra=()):
+    return ["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(out), "--teacher-url", url,
+            "--teacher-model", "t", "--validator-url", url, "--validator-model", "v", "--test-frac", "0",
+            "--sft-frac", "1.0"] + list(extra)
+
+
+def test_same_outputs_whatever_the_concurrency(tmp_path):
+    """Requests in flight at once change when answers arrive, not what is written."""
+    public_file(tmp_path / "pub.jsonl", n=40)
+    srv = FakeOpenAI(delay=0.01)
+    try:
+        for c in (1, 16):
+            make_data.main(distill_args(tmp_path, srv.url, tmp_path / f"c{c}", ["--concurrency", str(c)]))
+    finally:
+        srv.close()
+    for f in ("items.jsonl", "sft.jsonl", "rl_train.jsonl", "review.jsonl"):
+        assert (tmp_path / "c1" / f).read_bytes() == (tmp_path / "c16" / f).read_bytes(), f
+    rep = json.load(open(tmp_path / "c16" / "report.json"))
+    assert rep["teacher_requests"]["answered"] == 78 and rep["validator_requests"]["answered"] == 40
+
+
+def test_kill_mid_run_then_rerun(tmp_path):
+    """kill -9 while requests are in flight: the rerun asks only what the cache lacks, and the outputs hold every
+    item once."""
+    public_file(tmp_path / "pub.jsonl", n=40)
+    out = tmp_path / "d"
+    srv = FakeOpenAI(delay=0.05)
+    try:
+        args = distill_args(tmp_path, srv.url, out, ["--concurrency", "4"])
+        env = {**os.environ, "PYTHONPATH": ROOT}
+        p = subprocess.Popen([sys.executable, "make_data.py"] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        cache, t0 = out / "cache.jsonl", time.time()
+        while time.time() - t0 < 60 and (not cache.exists() or cache.read_text().count("\n") < 50):
+            time.sleep(0.02)
+        p.kill()
+        p.wait()
+        lines = cache.read_text().splitlines()
+        cached = {json.loads(l)["key"] for l in lines if l.endswith("}")}
+        assert 50 <= len(cached) < 118 and not (out / "sft.jsonl").exists()
+        before = srv.calls
+        make_data.main(args)
+    finally:
+        srv.close()
+    assert srv.calls - before == 118 - len(cached)   # 40 validator + 39 x 2 teacher requests in all
+    keys = [json.loads(l)["key"] for l in cache.read_text().splitlines() if l.strip()]
+    assert len(keys) == len(set(keys)) == 118
+    sft = [json.loads(l) for l in open(out / "sft.jsonl")]
+    assert len(sft) == 39 and len({s["id"] for s in sft}) == 39
+
+
+def test_throttled_requests_are_retried(tmp_path):
+    """HTTP 429 twice, then 200: waited out (Retry-After), the run completes."""
+    public_file(tmp_path / "pub.jsonl", n=5)
+    srv = FakeOpenAI(throttle=2)
+    try:
+        make_data.main(distill_args(tmp_path, srv.url, tmp_path / "d", ["--concurrency", "1"]))
+    finally:
+        srv.close()
+    rep = json.load(open(tmp_path / "d" / "report.json"))
+    assert rep["validator_requests"]["retries"] == 2 and rep["sft"] == 4

@@ -288,3 +288,57 @@ def test_packed_fp32_decoding_matches(kind, tmp_path, monkeypatch):
         packed = lin(x)
     assert lin.packed is None and torch.allclose(packed, lin(x), atol=1e-5, rtol=1e-5)
     same_tokens_without_packing(load_model(path), prompts, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_match_plain(dtype):
+    """token_logprobs in chunks (each recomputed in backward) gives the plain full-logits log-softmax's values,
+    entropies and gradients (hidden states and the tied lm_head/embedding weight); one chunk is the plain path."""
+    from model import token_logprobs
+    g = torch.Generator().manual_seed(0)
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=301)).init_weights(0)
+    h0 = torch.randn(37, m.config.hidden_size, generator=g)
+    t = torch.randint(0, 301, (37,), generator=g)
+    w = torch.randn(37, generator=g)
+    res = []
+    for chunk in (0, 1, 8, 37, 100):
+        m.zero_grad()
+        h = h0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            lp, ent = token_logprobs(m.lm_head, h, t, chunk, want_entropy=True)
+        (lp * w).sum().backward()
+        res.append((lp.detach(), ent, h.grad, m.lm_head.weight.grad.clone()))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = m.lm_head(h0).float()
+    full = torch.log_softmax(logits, -1)
+    assert torch.equal(res[0][0], full.gather(-1, t[:, None])[:, 0])          # one chunk: the plain bits
+    # fp32: summation order only (1e-6, relative above 1); bf16: each chunk's weight gradient is rounded to bf16
+    # before the chunks are summed
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for lp, ent, gh, gw in res[1:]:
+        for got, want in ((lp, res[0][0]), (ent, -(full.exp() * full).sum(-1)), (gh, res[0][2]), (gw, res[0][3])):
+            assert (got - want).abs().max() <= tol * max(1.0, want.abs().max())
+    assert res[0][3].abs().max() > 0
+
+
+def test_flex_block_masks_match_dense_masks():
+    """The block masks CUDA uses for packed rows (flex_attention; run here on CPU, forward only) give the logits
+    of the dense masks: packed SFT documents, and GRPO completions behind a shared prompt."""
+    from model import doc_attention_mask, flex_block_mask
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=97, num_key_value_heads=2)).init_weights(0).eval()
+    g = torch.Generator().manual_seed(0)
+    T = 150
+    docs = torch.tensor([[0] * 40 + [1] * 70 + [-1] * 40, [0] * 90 + [1] * 60])
+    ids = torch.randint(0, 97, (2, T), generator=g)
+    with torch.no_grad():
+        pos = torch.arange(T).expand(2, T)
+        dense = m(ids, position_ids=pos, attention_mask=doc_attention_mask(docs) | torch.eye(T, dtype=torch.bool))
+        flex = m(ids, position_ids=pos, attention_mask=flex_block_mask(docs))
+        assert (flex - dense).abs().max() < 1e-4
+        seg = torch.tensor([[0] * 50 + [1] * 30 + [2] * 45 + [-1] * 25])   # a prompt, two completions, padding
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+        dense = m(ids[:1], position_ids=pos[:1], attention_mask=((same & causal) | torch.eye(T, dtype=torch.bool))[:, None])
+        flex = m(ids[:1], position_ids=pos[:1], attention_mask=flex_block_mask(seg, shared_prefix=True))
+        real = seg[0] >= 0
+        assert (flex - dense)[:, real].abs().max() < 1e-4

@@ -1,0 +1,182 @@
+"""
+Real shapes on a CPU: what the memory plan says against what a process measures.
+
+    python bench/scale.py logits        # scoring / SFT loss at Qwen's 151,936-token vocabulary: plain vs chunked
+    python bench/scale.py rehearsal     # a Qwen2.5-0.5B-shaped model, 2 gloo ranks, FSDP2: SFT step + GRPO step
+    python bench/scale.py rehearsal --shape qwen2.5-1.5b --nproc 1 --device cuda    # the same on one GPU
+
+logits: a narrow model (hidden 64, 2 layers) with the full vocabulary, so that nearly all memory is the
+(tokens x vocab) tensors; each case runs in its own process and prints its peak resident memory, with the
+chunk size at "plain" (one chunk: full fp32 logits) and at the default.
+
+rehearsal: a random-init checkpoint of the given shape is written in the Hugging Face layout (several
+safetensors shards, the demo's small tokenizer beside it), then train_sft.py (one step on packed rows,
+activation checkpointing) and train_grpo.py (one step, KL on) run under torchrun. Each rank prints the memory
+plan at start and its measured peak at the end; this script prints them side by side.
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def peak_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def logits_case(kind, chunk, n, length, vocab):
+    """One case in this process; prints a JSON line with the peak."""
+    import torch
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    m = Transformer(cfg).init_weights(0)
+    base = peak_gb()
+    t0 = time.time()
+    if kind == "grpo":   # n completions of `length` tokens behind 64-token prompts, one padded row each
+        from train_grpo import completion_logprobs
+        prompts = [torch.randint(0, vocab, (64,)).tolist()] * n
+        outs = [torch.randint(0, vocab, (length,)).tolist() for _ in range(n)]
+        lp, mask, _ = completion_logprobs(m, prompts, outs, torch.device("cpu"), 0, chunk=chunk)
+        (lp * mask).sum().backward()
+    else:                # packed SFT rows of `length` tokens, every target in the loss
+        from train_sft import masked_loss_sum
+        ids = torch.randint(0, vocab, (n, length))
+        loss, _ = masked_loss_sum(m, ids, torch.ones_like(ids), torch.zeros_like(ids), chunk=chunk)
+        loss.backward()
+    print(json.dumps(dict(kind=kind, chunk=chunk, peak_gb=round(peak_gb(), 2), before_gb=round(base, 2),
+                          logits_gb=round(n * length * vocab * 4 / 2**30, 2), s=round(time.time() - t0, 1))))
+
+
+def logits_bench(args):
+    rows = []
+    for kind, n, length in (("grpo", 16, 512), ("sft", 4, 2048)):
+        for chunk in (10**9, 0):
+            p = subprocess.run([sys.executable, __file__, "_case", kind, str(chunk), str(n), str(length),
+                                str(args.vocab)], capture_output=True, text=True, cwd=ROOT)
+            if p.returncode:
+                sys.exit(p.stderr[-2000:])
+            rows.append((f"{kind} {n} x {length}", "plain (one chunk)" if chunk else "chunked (default)",
+                         json.loads(p.stdout.strip().splitlines()[-1])))
+    print(f"\nvocabulary {args.vocab:,}; peak resident memory of the process (ru_maxrss), forward + backward")
+    print("| case | loss path | peak GB | before the call GB | fp32 logits alone GB | seconds |")
+    print("|---|---|---|---|---|---|")
+    for case, path, r in rows:
+        print(f"| {case} | {path} | {r['peak_gb']} | {r['before_gb']} | {r['logits_gb']} | {r['s']} |")
+    for i in range(0, len(rows), 2):
+        print(f"{rows[i][0]}: chunked peak = {rows[i + 1][2]['peak_gb'] / rows[i][2]['peak_gb']:.2f}x the plain one")
+
+
+SHAPES = {   # real models' shapes (random weights): Qwen2.5-0.5B and -1.5B
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def make_checkpoint(shape, out, data):
+    """A random-init checkpoint of the shape, HF layout in several safetensors shards, with a small BPE tokenizer
+    trained on the SFT data (the embedding is larger than the tokenizer's vocabulary, as Qwen's own is)."""
+    import torch
+    from model import ModelConfig, Transformer, save_model, train_tokenizer
+    texts = [m["content"] for line in open(data) for m in json.loads(line)["messages"]]
+    tok = train_tokenizer(texts, 4096, out)
+    cfg = ModelConfig(vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+                      **SHAPES[shape])
+    torch.manual_seed(0)
+    save_model(Transformer(cfg).init_weights(0), out, max_shard_bytes=400 * 2**20)
+
+
+def torchrun(args, nproc, device, log):
+    """Run a trainer; return its output (and keep it in log)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    t0 = time.time()
+    p = subprocess.run(cmd + ["--device", device], cwd=ROOT, env=env, capture_output=True, text=True)
+    with open(log, "w") as f:
+        f.write(p.stdout + p.stderr)
+    if p.returncode:
+        sys.exit(f"{' '.join(args[:1])} failed (see {log}):\n" + (p.stdout + p.stderr)[-3000:])
+    return p.stdout + p.stderr, time.time() - t0
+
+
+def rehearsal(args):
+    tmp = args.work or tempfile.mkdtemp(prefix="scale_")
+    ck = os.path.join(tmp, args.shape)
+    bf16 = ["--bf16"] if args.bf16 else []
+    if not os.path.exists(os.path.join(ck, "config.json")):
+        subprocess.run([sys.executable, "make_data.py", "--out", f"{tmp}/data", "--kg-questions", "400",
+                        "--kg-max-diseases", "40", "--seed", "0"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([sys.executable, __file__, "_checkpoint", args.shape, ck, f"{tmp}/data/sft.jsonl"], cwd=ROOT,
+                       check=True)
+    files = [f for f in os.listdir(ck) if f.endswith(".safetensors")]
+    model_bytes = sum(os.path.getsize(os.path.join(ck, f)) for f in files)
+    print(f"checkpoint: {args.shape}, {len(files)} safetensors shards, {model_bytes / 2**30:.2f} GB; "
+          f"{args.nproc} rank(s) on {args.device}{' bf16' if args.bf16 else ''}")
+    runs = {
+        "SFT": ["train_sft.py", "--init", ck, "--data", f"{tmp}/data/sft.jsonl", "--out", f"{tmp}/sft", "--steps", "1",
+                "--seq-len", "2048", "--rows-per-step", str(args.nproc), "--micro-rows", "1", "--act-ckpt",
+                "--eval-every", "1000", "--save-every", "1"] + bf16,
+        "GRPO": ["train_grpo.py", "--init", ck, "--data", f"{tmp}/data/rl_train.jsonl", "--out", f"{tmp}/grpo",
+                 "--steps", "1", "--questions-per-step", "4", "--group-size", "4", "--stage2-group-size", "4",
+                 "--max-new-tokens", "256", "--temperature", "1.0", "--kl-beta", "0.04", "--micro-batch", "4",
+                 "--act-ckpt", "--val-size", "2", "--eval-every", "1000", "--save-every", "1"] + bf16,
+    }
+    table = []
+    for name, cmd in runs.items():
+        if args.only and name.lower() != args.only:
+            continue
+        shutil.rmtree(f"{tmp}/{name.lower()}", ignore_errors=True)
+        out, secs = torchrun(cmd, args.nproc, args.device, f"{tmp}/{name.lower()}.log")
+        m = re.search(r"memory per rank: peak ([\d. /]+) GB \(plan ([\d.]+) GB\)(.*)", out)
+        plan_lines = out[out.index("memory plan per rank"):].split("\n")
+        print("\n".join(plan_lines[:plan_lines.index(next(l for l in plan_lines if l.strip().startswith("total"))) + 1]))
+        peaks = [float(x) for x in m.group(1).split("/")]
+        phases = dict((k, [float(v) for v in re.findall(r"\+([\d.]+)", vals)])
+                      for k, vals in re.findall(r"; (\w+) ([+\d. /]+) GB", m.group(3)))
+        table.append((name, float(m.group(2)), peaks, phases, secs))
+    print(f"\n| run | rank | plan GB | measured peak GB | measured / plan | load: rise GB (x model bytes) | "
+          f"save: rise GB | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, planned, peaks, phases, secs in table:
+        for r, pk in enumerate(peaks):
+            load = phases.get("load", [0] * len(peaks))[r]
+            save = phases.get("save", [0] * len(peaks))[r]
+            print(f"| {name} | {r} | {planned:.2f} | {pk:.2f} | {pk / planned:.2f} | {load:.2f} "
+                  f"({load * 2**30 / model_bytes:.2f}) | {save:.2f} | {secs:.0f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_checkpoint":
+        make_checkpoint(*sys.argv[2:5])
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "_case":
+        k, c, n, l, v = sys.argv[2:7]
+        logits_case(k, int(c), int(n), int(l), int(v))
+        sys.exit(0)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["logits", "rehearsal"], help="which measurement")
+    ap.add_argument("--vocab", type=int, default=151936, help="logits: vocabulary size")
+    ap.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES), help="rehearsal: model shape")
+    ap.add_argument("--nproc", type=int, default=2, help="rehearsal: ranks")
+    ap.add_argument("--device", default="cpu", help="rehearsal: cpu or cuda")
+    ap.add_argument("--bf16", action="store_true", help="rehearsal: --bf16 (on a CPU only where it is native)")
+    ap.add_argument("--only", choices=["sft", "grpo"], default=None, help="rehearsal: one of the two runs")
+    ap.add_argument("--work", default=None, help="rehearsal: folder for the checkpoint and runs (kept; reused)")
+    args = ap.parse_args()
+    if args.what == "logits":
+        logits_bench(args)
+    else:
+        rehearsal(args)

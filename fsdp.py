@@ -1,0 +1,203 @@
+"""
+fsdp.py: FSDP2 under torchrun at the size of real checkpoints. Each rank holds 1/world of every weight, of its
+gradient and of its optimizer state, and never the whole model: not when loading, not when checkpointing.
+
+    shard_model(model, device, world)        fully_shard each decoder block, then the root
+    checkpoint_blocks(model)                 activation checkpointing, block by block
+    load_sharded(path, device, world)        built on the meta device, sharded, then each rank reads only its
+                                             rows of each weight from the safetensors files
+    save_checkpoint / load_checkpoint        model + optimizer + RNG with torch.distributed.checkpoint: each rank
+                                             writes its own shards; resumes on any world size; crash-safe
+    export_hf(model, tok, path, rank)        the Hugging Face layout, gathered to rank 0 one weight at a time
+
+One process (world 1): the same calls, with nothing sharded.
+"""
+import json
+import math
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from model import Transformer, check_weights, load_model, load_rows, read_config, safetensors_index, save_model
+
+
+def shard_model(model, device, world, bf16=False, reshard_after_forward=True):
+    """FSDP2: fully_shard each decoder block, then the root (embeddings, norm, head). One process: no-op.
+    On GPU with bf16, parameters are gathered in bf16 and gradients reduced in fp32."""
+    if world <= 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if bf16 and device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def empty_model(cfg, device, world, dtype=torch.float32, bf16=False):
+    """The model with uninitialised weights, already sharded: no rank ever allocates the whole of it."""
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model = shard_model(model, device, world, bf16).to_empty(device=device)
+    if cfg.tie_word_embeddings and world <= 1:   # to_empty gives each module its own tensor (FSDP keeps the tie)
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing: each block keeps only its input for backward and runs again there (a third
+    more compute, a fraction of the memory; memplan.py counts both). FSDP2's hooks stay around the block."""
+    from torch.utils.checkpoint import checkpoint
+    for blk in model.model.layers:
+        blk._fwd = blk.forward
+        blk.forward = (lambda b: lambda *a: checkpoint(b._fwd, *a, use_reentrant=False))(blk)
+    return model
+
+
+def owned_rows(n, rank, world):
+    """Rows of a dim-0 size n that FSDP2's Shard(0) gives this rank (torch.chunk: ceil(n / world) each)."""
+    c = math.ceil(n / world)
+    lo = min(rank * c, n)
+    return lo, min(lo + c, n)
+
+
+def load_sharded(path, device, world, dtype=torch.float32, bf16=False, frozen=False):
+    """Load an HF-layout checkpoint straight into FSDP2 shards: each rank reads only the rows it owns (plain file
+    reads of those byte ranges), so its memory holds 1/world of the model. frozen: no gradients (a reference).
+    One process: model.load_model."""
+    if world <= 1:
+        model = load_model(path, device, dtype)
+    else:
+        cfg, index = read_config(path), safetensors_index(path)
+        with torch.device("meta"):
+            check_weights(index, Transformer(cfg), path)
+        model = empty_model(cfg, device, world, dtype, bf16)
+        rank = dist.get_rank()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                local = p.to_local()
+                lo, hi = owned_rows(p.shape[0], rank, world)
+                assert local.shape[0] == hi - lo, (name, local.shape, lo, hi)
+                load_rows(index, cfg, name, lo, hi, local)
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def full_tensors(model, rank=0):
+    """(name, full tensor on CPU) one at a time, for save_model: under FSDP each weight is all-gathered, so every
+    rank iterates; only rank 0 gets the tensors. A tied lm_head is the embedding: not gathered twice."""
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        if rank == 0:
+            yield name, t.detach().cpu()
+
+
+def export_hf(model, tok, path, rank):
+    """The model in the Hugging Face layout at path (rank 0 writes; every rank must call)."""
+    tensors = full_tensors(model, rank)
+    if rank == 0:
+        save_model(model, path, tensors=tensors)
+        if tok is not None:
+            tok.save_pretrained(path)
+    else:
+        for _ in tensors:
+            pass
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# trainer checkpoints: {out}/ckpt/step-NNNNNN/, complete once the COMPLETE marker is written (last)
+
+
+def latest_checkpoint(run_dir):
+    """The newest complete checkpoint folder of a run, or None."""
+    root = os.path.join(run_dir, "ckpt")
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-")) if os.path.isdir(root) else []
+    done = [d for d in steps if os.path.exists(os.path.join(root, d, "COMPLETE"))]
+    return os.path.join(root, done[-1]) if done else None
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(run_dir, model, optimizer, tok, step, extra, rank):
+    """Model and optimizer state, sharded as they are (each rank writes its own shards with
+    torch.distributed.checkpoint, so no rank gathers either), the RNG, `extra` (JSON), config.json and the
+    tokenizer. Crash-safe at every point: the folder counts only once COMPLETE is written, after everything else
+    is on disk, and older checkpoints are removed only after that (marker first). Every rank must call."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    root = os.path.join(run_dir, "ckpt")
+    path = os.path.join(root, f"step-{step:06d}")
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)   # an unfinished try at this very step
+        os.makedirs(path)
+    if dist.is_initialized():
+        dist.barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+    if rank == 0:
+        _write_synced(os.path.join(path, "trainer_state.json"), json.dumps(dict(
+            step=step, extra=extra, rng_torch=torch.get_rng_state().tolist(), rng_python=random.getstate())))
+        _write_synced(os.path.join(path, "config.json"), json.dumps(model.config.to_hf(), indent=2))
+        if tok is not None:
+            tok.save_pretrained(path)
+    if dist.is_initialized():
+        dist.barrier()   # every rank's shards are on disk
+    if rank == 0:
+        _fsync_dir(path)
+        _write_synced(os.path.join(path, "COMPLETE"), f"{step}\n")
+        _fsync_dir(path)
+        for d in os.listdir(root):
+            old = os.path.join(root, d)
+            if old != path and os.path.isdir(old):
+                if os.path.exists(os.path.join(old, "COMPLETE")):
+                    os.remove(os.path.join(old, "COMPLETE"))   # first: a half-deleted folder must not count
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer):
+    """Restore model, optimizer and RNG from a save_checkpoint folder, whatever the world size it was written
+    with (torch.distributed.checkpoint reshards). Returns (step, extra)."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    load(state, storage_reader=FileSystemReader(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        st = json.load(f)
+    torch.set_rng_state(torch.tensor(st["rng_torch"], dtype=torch.uint8))
+    random.setstate(_tuplify(st["rng_python"]))
+    return st["step"], st["extra"]
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,254 @@
+"""
+memplan.py: the memory a training run needs on each rank, worked out before it starts, and what it used.
+
+    python train_grpo.py --init /models/Qwen2.5-7B-Instruct --dry-run --plan-world 8 --gpu-mem 80 --bf16 ...
+    python train_sft.py --init /models/Qwen2.5-7B-Instruct --dry-run --plan-world 8 --gpu-mem 80 --bf16 ...
+
+train_sft.py and train_grpo.py print the plan at start (and warn above 90 % of the device); with --dry-run they
+print it and exit: 0 if it fits, 1 with a line naming the flag to change if not. A dry run reads config.json
+(and the tokenizer and data, for the prompt lengths), never the weights, so it plans a 32B run on a laptop.
+
+Per rank, for P parameters sharded over W ranks by FSDP2 (fp32 master weights, AdamW), c = compute-dtype bytes:
+  always       weights 4P/W, AdamW 8P/W, the frozen reference c_ref P/W, the process itself
+  a step       gradients 4P/W; the blocks FSDP2 gathers (two at a time, with prefetch) and the root (embedding,
+               norm, lm_head) for the whole step; activations (what autograd keeps per token and layer, see
+               layer_act_bytes; with --act-ckpt only each block's input, plus one block recomputed); attention
+               scores where a CPU attends per sequence with plain matmuls; the log-probs' chunk of vocabulary
+               logits (model.token_logprobs)
+  a rollout    the whole policy gathered (plus, on a CPU, its weights packed for oneDNN; on one GPU under
+               autocast, their bf16 copies), the KV cache, sampling's (rows x vocab) temporaries
+Phases do not overlap: total = always + the largest phase.
+"""
+import os
+import re
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+
+GB = 2 ** 30
+CPU_PROCESS = 0.5 * GB    # python, torch, tokenizer, data, gloo buffers (measured: ~0.4-0.5 GB before any model)
+CUDA_PROCESS = 1.5 * GB   # CUDA context, cuBLAS workspaces, allocator slack
+
+
+def param_counts(cfg):
+    """(all parameters, the largest decoder block's, the root's: embedding, final norm, untied lm_head)."""
+    from model import Transformer
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    total = sum(p.numel() for p in m.parameters())
+    block = max(sum(p.numel() for p in b.parameters()) for b in m.model.layers)
+    return total, block, total - block * cfg.num_hidden_layers
+
+
+def layer_act_bytes(cfg, c, resid=4):
+    """Bytes autograd keeps per token for one decoder block: the two norms' inputs (the residual stream, resid
+    bytes), and in the compute dtype the q/k/v projection's input, q, k and v, attention's output twice (SDPA's and
+    o_proj's input), the MLP's input, gate/up (2I), silu(gate) and the product (I each); attention's logsumexp."""
+    H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+    return 2 * H * resid + c * (2 * H + 3 * q + 2 * kv + 4 * I) + 4 * cfg.num_attention_heads
+
+
+def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, rows=0, ctx=0, ref=False, sdpa_len=0):
+    """[(what, bytes, phase)] per rank. kind: "sft" or "grpo". tokens: tokens in one micro-batch's forward,
+    seq_len: the longest sequence that attends as one (per-sequence attention scores on CPU: sdpa_len > 0),
+    rows / ctx: rollout rows per rank and their prompt + new tokens (grpo)."""
+    P, block, root = param_counts(cfg)
+    W, L, V = world, cfg.num_hidden_layers, cfg.vocab_size
+    mp = cuda and bf16 and W > 1                # FSDP mixed precision: gathered weights in bf16
+    c = 2 if bf16 else 4                        # compute dtype (autocast or FSDP mixed precision)
+    p_gather = 2 if mp else 4                   # dtype of gathered / unsharded weights
+    resid = 2 if mp else 4                      # residual stream: fp32 under autocast, bf16 under mixed precision
+    ref_c = 2 if bf16 else 4
+    chunk = min(tokens, chunk or max(1, 2 ** 26 // V))
+    rows_out = [("weights, fp32, 1/W of them", 4 * P / W, "always"),
+                ("AdamW state, fp32", 8 * P / W, "always")]
+    if ref:
+        rows_out.append((f"reference model ({'bf16' if ref_c == 2 else 'fp32'}, sharded)", ref_c * P / W, "always"))
+    rows_out.append(("the process (CUDA context, allocator)" if cuda else "the process (python, torch, data)",
+                     CUDA_PROCESS if cuda else CPU_PROCESS, "always"))
+    # --- a training step
+    rows_out.append(("gradients, fp32", 4 * P / W, "step"))
+    if W > 1:
+        rows_out.append(("gathered by FSDP2: root + two blocks", p_gather * root + 2 * (p_gather + 4) * block, "step"))
+    if bf16 and not mp and not act_ckpt:        # autocast's bf16 copies of the weights, kept for backward
+        rows_out.append(("autocast's bf16 weight copies", 2 * P, "step"))
+    per_tok = layer_act_bytes(cfg, c, resid)
+    if act_ckpt:
+        act = tokens * (L * cfg.hidden_size * resid + 2 * per_tok)
+        what = f"activations, {tokens:,} tokens, block inputs + one block recomputed (--act-ckpt)"
+    else:
+        act = tokens * (L + 1) * per_tok
+        what = f"activations, {tokens:,} tokens x {L} blocks (--act-ckpt: {tokens * (L * cfg.hidden_size * resid + 2 * per_tok) / GB:.2f} GB)"
+    rows_out.append((what, act, "step"))
+    if sdpa_len and not cuda:                   # CPU: scores + probabilities per sequence, per layer kept
+        n_layers = 1 if act_ckpt else L
+        rows_out.append((f"attention scores (CPU), sequences of up to {sdpa_len} tokens",
+                         n_layers * tokens * sdpa_len * cfg.num_attention_heads * (4 + c), "step"))
+    rows_out.append((f"vocabulary logits, {chunk:,} tokens at a time (--logits-chunk)", (c + 12) * chunk * V, "step"))
+    if kind == "grpo":
+        # --- a rollout: the whole policy gathered for generation
+        if W > 1:
+            rows_out.append(("rollout: the policy gathered", p_gather * P, "rollout"))
+        if not cuda:
+            rows_out.append(("rollout: weights packed for oneDNN (CPU)", c * P, "rollout"))
+        elif bf16 and not mp:
+            rows_out.append(("rollout: autocast's bf16 weight copies", 2 * P, "rollout"))
+        kv = rows * ctx * L * 2 * cfg.num_key_value_heads * cfg.head_dim * c
+        rows_out.append((f"rollout: KV cache, {rows} rows x {ctx:,} tokens", kv, "rollout"))
+        rows_out.append((f"rollout: sampling over the vocabulary, {rows} rows", 48 * rows * V, "rollout"))
+        if ref:   # its forward, no gradients: a gathered block, one block's activations, a logits chunk
+            rows_out.append(("reference forward", (ref_c * (root + 2 * block) if W > 1 else 0)
+                             + tokens * per_tok + (c + 8) * chunk * V, "ref"))
+    return rows_out
+
+
+def total(rows):
+    always = sum(b for _, b, ph in rows if ph == "always")
+    phases = {}
+    for _, b, ph in rows:
+        if ph != "always":
+            phases[ph] = phases.get(ph, 0) + b
+    return always + max(phases.values(), default=0)
+
+
+def device_memory(gpu_mem, cuda, local_world):
+    """Bytes a rank may use: --gpu-mem GB, else the GPU's, else this machine's RAM shared by its ranks."""
+    if gpu_mem:
+        return gpu_mem * GB
+    if cuda and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local_world)
+
+
+def size(cfg):
+    """'7.62B' / '494M': the parameter count, for headers."""
+    n = param_counts(cfg)[0]
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def report(rows, cap, header):
+    """The plan as text and the share of the device it takes."""
+    t = total(rows)
+    lines = [f"memory plan per rank: {header}"]
+    for what, b, ph in rows:
+        lines.append(f"  {ph:7s} {b / GB:8.2f} GB  {what}")
+    lines.append(f"  total   {t / GB:8.2f} GB  of {cap / GB:.1f} GB ({100 * t / cap:.0f} %; always + the largest phase)")
+    return "\n".join(lines), t / cap
+
+
+# which flag to change when a term is the largest
+ADVICE = [("activations", "lower --micro-batch / --micro-rows or add --act-ckpt"),
+          ("attention scores", "add --act-ckpt or lower --seq-len / --micro-rows"),
+          ("logits", "lower --logits-chunk"),
+          ("KV cache", "lower --questions-per-step, --group-size or --max-new-tokens, or add ranks"),
+          ("sampling", "lower --questions-per-step or --group-size"),
+          ("reference", "add --bf16 or ranks, or --kl-beta 0"),
+          ("weights", "add ranks (torchrun --nproc_per_node / --nnodes)"),
+          ("AdamW", "add ranks (torchrun --nproc_per_node / --nnodes)"),
+          ("gradients", "add ranks (torchrun --nproc_per_node / --nnodes)"),
+          ("gathered", "add --bf16 (gathered in bf16) or ranks"), ("rollout", "add --bf16 or ranks"),
+          ("autocast", "add --act-ckpt"), ("the process", "a device with more memory (--gpu-mem)")]
+
+
+def verdict(rows, cap):
+    """None if the plan fits, else one line naming the largest term and the flag to change."""
+    t = total(rows)
+    if t <= cap:
+        return None
+    what, b, _ = max(rows, key=lambda r: r[1])
+    advice = next((a for key, a in ADVICE if key in what), "")
+    return (f"memory plan: {t / GB:.1f} GB per rank does not fit in {cap / GB:.1f} GB; the largest part is "
+            f"{what} ({b / GB:.1f} GB): {advice}")
+
+
+def announce(rows, header, args, cuda):
+    """Print the plan (rank 0). --dry-run: exit 0 if it fits, else 1 with the line naming the flag to change.
+    A real run warns above 90 %. Returns the planned total."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if not args.plan_world else args.plan_world
+    cap = device_memory(args.gpu_mem, cuda, local)
+    text, frac = report(rows, cap, header)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        print(text, flush=True)
+    if args.dry_run:
+        why = verdict(rows, cap)
+        if rank0:
+            print(why or "memory plan: fits", flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(1 if why else 0)
+    if frac > 0.9 and rank0:
+        print(f"warning: the memory plan takes {100 * frac:.0f} % of this device's memory "
+              f"({verdict(rows, cap * 0.9) or ''})", flush=True)
+    return total(rows)
+
+
+def report_peaks(meter, planned, rank, world):
+    """One line (rank 0): each rank's measured peak beside the plan, and each phase's rise over its start."""
+    mine = dict(meter.peaks, run=(0, meter.overall()))
+    every = [mine]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+    if rank == 0:
+        parts = [f"peak " + " / ".join(f"{p['run'][1] / GB:.2f}" for p in every) + f" GB (plan {planned / GB:.2f} GB)"]
+        parts += [f"{k} " + " / ".join(f"+{p[k][0] / GB:.2f}" for p in every) + " GB" for k in mine if k != "run"]
+        print(f"memory per rank: {'; '.join(parts)}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# measured: peak memory per phase (CUDA: the allocator's; CPU: the process's resident set, Linux's VmHWM)
+
+
+class Meter:
+    """meter.phase("load") ... : the peak memory while a phase runs and the whole run's, per rank."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peaks, self.run_peak = {}, 0
+
+    def now(self):
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device)
+        m = re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()) if os.path.exists("/proc/self/status") else None
+        return int(m.group(1)) * 1024 if m else 0
+
+    def peak(self):
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device)
+        m = re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()) if os.path.exists("/proc/self/status") else None
+        return int(m.group(1)) * 1024 if m else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def reset(self):
+        self.run_peak = max(self.run_peak, self.peak())
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/clear_refs"):
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")   # resets VmHWM to the current resident set
+            except OSError:
+                pass
+
+    class _Phase:
+        def __init__(self, meter, name):
+            self.m, self.name = meter, name
+
+        def __enter__(self):
+            self.m.reset()
+            self.before = self.m.now()
+
+        def __exit__(self, *exc):
+            p = self.m.peak()
+            old = self.m.peaks.get(self.name, (0, 0))
+            self.m.peaks[self.name] = (max(old[0], p - self.before), max(old[1], p))
+
+    def phase(self, name):
+        return Meter._Phase(self, name)
+
+    def overall(self):
+        return max(self.run_peak, self.peak())
