@@ -149,6 +149,8 @@ ADVICE = [("activations", "lower --micro-batch / --micro-rows or add --act-ckpt"
           ("weights", "add ranks (torchrun --nproc_per_node / --nnodes)"),
           ("AdamW", "add ranks (torchrun --nproc_per_node / --nnodes)"),
           ("gradients", "add ranks (torchrun --nproc_per_node / --nnodes)"),
+          ("policy gathered", "generation gathers the whole policy on every GPU (2 bytes a parameter under "
+           "--bf16, 4 without): a GPU with more memory, and ranks to shrink the sharded state beside it"),
           ("gathered", "add --bf16 (gathered in bf16) or ranks"), ("rollout", "add --bf16 or ranks"),
           ("autocast", "add --act-ckpt"), ("the process", "a device with more memory (--gpu-mem)")]
 

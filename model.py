@@ -811,6 +811,10 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, t
     _atomic_write_text(os.path.join(path, "generation_config.json"), json.dumps(gen, indent=2))
 
 
+def has_tokenizer(path):
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def load_tokenizer(path):
     """The tokenizer exactly as its tokenizer.json specifies (never trust_remote_code). We avoid AutoTokenizer
     when tokenizer.json exists: with a qwen2 config.json beside it, transformers 5 picks Qwen2Tokenizer, which

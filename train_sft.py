@@ -25,7 +25,7 @@ from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_b
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, shard_model)
 from memplan import Meter, announce, plan, report_peaks, size
-from model import ModelConfig, Transformer, load_tokenizer, read_config, train_tokenizer
+from model import ModelConfig, Transformer, has_tokenizer, load_tokenizer, read_config, train_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -161,7 +161,8 @@ def memory_plan(args, cfg, world, device, longest):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
-    check_bf16(args.bf16, device)
+    if not args.dry_run:
+        check_bf16(args.bf16, device)
     if args.rows_per_step % world:
         raise SystemExit(f"--rows-per-step {args.rows_per_step} must be a multiple of the world size {world}")
     set_seed(args.seed)
@@ -179,7 +180,7 @@ def main(argv=None):
             train_tokenizer([m["content"] for c in convs for m in c], args.vocab_size, tok_dir)
         if world > 1:
             torch.distributed.barrier()
-    tok = load_tokenizer(tok_dir) if os.path.exists(tok_dir) else None
+    tok = load_tokenizer(tok_dir) if has_tokenizer(tok_dir) or not args.dry_run else None
     if src:
         cfg = read_config(src)
     else:

@@ -3,7 +3,8 @@ Real shapes on a CPU: what the memory plan says against what a process measures.
 
     python bench/scale.py logits        # scoring / SFT loss at Qwen's 151,936-token vocabulary: plain vs chunked
     python bench/scale.py rehearsal     # a Qwen2.5-0.5B-shaped model, 2 gloo ranks, FSDP2: SFT step + GRPO step
-    python bench/scale.py rehearsal --shape qwen2.5-1.5b --nproc 1 --device cuda    # the same on one GPU
+    python bench/scale.py rehearsal --shape qwen2.5-1.5b --nproc 1 --device cuda --bf16   # the same on one GPU
+    python bench/scale.py roofline --shape qwen2.5-1.5b      # one GPU: SFT MFU, decode vs the HBM roofline
 
 logits: a narrow model (hidden 64, 2 layers) with the full vocabulary, so that nearly all memory is the
 (tokens x vocab) tensors; each case runs in its own process and prints its peak resident memory, with the
@@ -158,6 +159,80 @@ def rehearsal(args):
                   f"({load * 2**30 / model_bytes:.2f}) | {save:.2f} | {secs:.0f} |")
 
 
+# bf16 dense tensor-core peak (FLOP/s) and HBM bandwidth (bytes/s), from the vendors' data sheets
+DEVICES = [("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100", 989e12, 3.35e12),
+           ("A100-SXM4-80GB", 312e12, 2.04e12), ("A100", 312e12, 1.56e12), ("L40S", 362e12, 0.864e12),
+           ("B200", 2250e12, 8.0e12)]
+
+
+def roofline(args):
+    """On one GPU: an SFT step's tokens/s and MFU against the device's bf16 peak (packed rows, bf16 autocast,
+    as train_sft.py runs), and generate()'s decode tokens/s against the HBM roofline (each step reads every
+    weight and the KV cache once), with and without the CUDA graph."""
+    import torch
+    from model import ModelConfig, Transformer, generate
+    from train_sft import masked_loss_sum, pack
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"   # elsewhere (a smoke test of this code): fp32, and give --peak-tflops / --hbm-tbs
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak, bw = next(((p / 1e12, b / 1e12) for key, p, b in DEVICES if key in name), (None, None))
+    peak, bw = (args.peak_tflops or peak) * 1e12, (args.hbm_tbs or bw) * 1e12
+    print(f"{name}: bf16 peak {peak / 1e12:.0f} TFLOP/s, HBM {bw / 1e12:.2f} TB/s; torch {torch.__version__}")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # --- SFT: packed rows of ~doc-len-token examples, loss on the assistant share, one optimizer step each
+    cfg = ModelConfig(vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768, **SHAPES[args.shape])
+    torch.manual_seed(0)
+    m = Transformer(cfg).init_weights(0).to(dev)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for _ in range(args.rows * args.seq // 200):
+        n = int(torch.randint(args.doc_len // 2, args.doc_len * 3 // 2, (1,), generator=g))
+        ex.append((torch.randint(0, 4096, (n,), generator=g).tolist(), [0] * (n // 3) + [1] * (n - n // 3)))
+    rows = pack(ex, args.seq, 0)[0][:args.rows]
+    ids, mask, docs = (torch.tensor([r[i] for r in rows], device=dev) for i in range(3))
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            s, n = masked_loss_sum(m, ids, mask, docs)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t) / args.steps
+    P = sum(p.numel() for p in m.parameters())   # tied: the embedding is the lm_head's matmul
+    tok = args.rows * args.seq
+    # 6 FLOPs per parameter and token (forward 2, backward 4), and causal attention inside each example
+    flops = 6 * P * tok + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * args.doc_len * tok
+    print(f"SFT {args.shape} ({P / 1e9:.2f}B), {args.rows} x {args.seq} packed tokens (~{args.doc_len}-token "
+          f"examples): {tok / dt:,.0f} tokens/s, MFU {flops / dt / peak:.1%} of the bf16 peak")
+    del m, opt
+    # --- decode: 0.5B shape in bf16, batch of prompts, every row to the end
+    cfg = ModelConfig(vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768, **SHAPES["qwen2.5-0.5b"])
+    m = Transformer(cfg).init_weights(0).to(dev, torch.bfloat16 if cuda else torch.float32).eval()
+    prompts = [torch.randint(10, 4096, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
+    w_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    kv_tok = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (2 if cuda else 4)
+    ctx = args.prompt + args.new / 2   # mean keys read per step
+    roof = args.batch / ((w_bytes + args.batch * ctx * kv_tok) / bw)
+    for graph in (False, True):
+        generate(m, prompts[:4], max_new_tokens=8, temperature=1.0, seed=0, cuda_graph=graph)
+        sync()
+        t = time.perf_counter()
+        out, _ = generate(m, prompts, max_new_tokens=args.new, temperature=1.0, seed=0, cuda_graph=graph)
+        sync()
+        tps = sum(len(o) for o in out) / (time.perf_counter() - t)
+        print(f"decode qwen2.5-0.5b bf16, batch {args.batch}, {args.prompt} + {args.new} tokens, "
+              f"{'CUDA graph' if graph else 'eager'}: {tps:,.0f} tokens/s = {tps / roof:.1%} of the HBM roofline "
+              f"({roof:,.0f} tokens/s: {w_bytes / 2**30:.2f} GiB of weights + the KV cache per step)")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_checkpoint":
         make_checkpoint(*sys.argv[2:5])
@@ -167,16 +242,28 @@ if __name__ == "__main__":
         logits_case(k, int(c), int(n), int(l), int(v))
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["logits", "rehearsal"], help="which measurement")
+    ap.add_argument("what", choices=["logits", "rehearsal", "roofline"], help="which measurement")
     ap.add_argument("--vocab", type=int, default=151936, help="logits: vocabulary size")
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES), help="rehearsal: model shape")
     ap.add_argument("--nproc", type=int, default=2, help="rehearsal: ranks")
-    ap.add_argument("--device", default="cpu", help="rehearsal: cpu or cuda")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cpu for rehearsal, cuda for roofline)")
     ap.add_argument("--bf16", action="store_true", help="rehearsal: --bf16 (on a CPU only where it is native)")
     ap.add_argument("--only", choices=["sft", "grpo"], default=None, help="rehearsal: one of the two runs")
     ap.add_argument("--work", default=None, help="rehearsal: folder for the checkpoint and runs (kept; reused)")
+    ap.add_argument("--rows", type=int, default=4, help="roofline: SFT rows per step")
+    ap.add_argument("--seq", type=int, default=4096, help="roofline: SFT tokens per row")
+    ap.add_argument("--doc-len", type=int, default=1024, help="roofline: mean SFT example length")
+    ap.add_argument("--steps", type=int, default=5, help="roofline: timed SFT steps")
+    ap.add_argument("--batch", type=int, default=64, help="roofline: decode batch")
+    ap.add_argument("--prompt", type=int, default=128, help="roofline: prompt tokens")
+    ap.add_argument("--new", type=int, default=256, help="roofline: new tokens per row")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="roofline: bf16 peak, for a GPU not in DEVICES")
+    ap.add_argument("--hbm-tbs", type=float, default=None, help="roofline: HBM TB/s, for a GPU not in DEVICES")
     args = ap.parse_args()
+    args.device = args.device or ("cuda" if args.what == "roofline" else "cpu")
     if args.what == "logits":
         logits_bench(args)
-    else:
+    elif args.what == "rehearsal":
         rehearsal(args)
+    else:
+        roofline(args)
