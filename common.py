@@ -2,23 +2,41 @@
 common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun setup, the LR schedule,
 JSONL metrics and PNG curves. FSDP2 sharding, sharded loading and checkpoints are in fsdp.py.
 """
+import atexit
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+from cli import at_least
 from model import cpu_has_native_bf16
+
+
+def die_with_launcher():
+    """Under torchrun each rank runs in a session of its own, so kill -9 of torchrun's process group does not
+    reach it and it trains on to the end: ask Linux to kill this rank when its parent, the launcher, dies."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # not Linux: nothing to ask
+        return
+    if os.getppid() == 1:   # the launcher died before we asked
+        os._exit(1)
 
 
 def init_distributed(device=None):
     """Under torchrun: init the process group (gloo on CPU, NCCL on CUDA). Returns (rank, world, device)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_launcher()
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -37,8 +55,9 @@ def close_distributed():
     """End of a torchrun script: wait for every rank (rank 0 may still be writing files), tear the process group
     down, and leave the process at once. Even after destroy_process_group, gloo's threads can abort a rank while
     the interpreter shuts down (SIGABRT, "terminate called without an active exception": seen in a CI run of the
-    2-rank GRPO test and, in session 11, after a 2-rank evaluate.py had written all of its results), which fails
+    2-rank GRPO test and after a 2-rank evaluate.py had written all of its results), which fails
     the whole launch. Every file here is written and closed by then, so os._exit skips that shutdown."""
+    release_lock()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -94,14 +113,25 @@ def set_seed(seed):
 
 
 class MetricsLog:
-    """One JSON object per line; rank 0 writes. Resumed runs append (earlier steps are kept)."""
+    """One JSON object per line; rank 0 writes. A resumed run keeps the lines up to its checkpoint's step and
+    drops the rest (steps it will log again, a line cut by a kill)."""
 
-    def __init__(self, path, rank, resume=False):
+    def __init__(self, path, rank, resume_step=None):
         self.path, self.rank = path, rank
         if rank == 0:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if not resume and os.path.exists(path):
-                os.remove(path)
+            rows = []
+            if resume_step is not None and os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            r = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue
+                        if r.get("step", 0) <= resume_step:
+                            rows.append(line if line.endswith("\n") else line + "\n")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.writelines(rows)
+            os.replace(path + ".tmp", path)
         self.t0 = time.time()
 
     def log(self, **row):
@@ -109,6 +139,69 @@ class MetricsLog:
             row["time"] = round(time.time() - self.t0, 3)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the run folder: no run silently written over, one job at a time
+
+RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "stage1", "tokenizer", "config.json", "generation_config.json",
+               "model.safetensors", "model.safetensors.index.json", "curves.png", "loss.png", "rollouts.jsonl",
+               "report.html")
+_lock = None
+
+
+def prepare_out(out, resume, overwrite, rank):
+    """Rank 0 takes the folder's lock, then: an earlier run there is continued (--resume), removed
+    (--overwrite: only what a run writes), or refused in one line. Every rank must call."""
+    global _lock
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        lock = os.path.join(out, ".lock")
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, f"{os.getpid()} {os.uname().nodename}\n".encode())
+                os.close(fd)
+                _lock = lock
+                break
+            except FileExistsError:
+                pid, _, host = open(lock).read().strip().partition(" ")
+                if host == os.uname().nodename and pid.isdigit() and _alive(int(pid)):
+                    raise SystemExit(f"{out} is in use by another run (pid {pid}, {lock}); wait for it to end or "
+                                     f"pick another --out")
+                os.remove(lock)   # its owner is gone: a stale lock
+        earlier = [f for f in RUN_OUTPUTS if os.path.exists(os.path.join(out, f))] + \
+            [f for f in os.listdir(out) if f.startswith("model-") and f.endswith(".safetensors")]
+        if earlier and not resume:
+            if not overwrite:
+                release_lock()
+                raise SystemExit(f"{out} already holds a run ({', '.join(earlier[:4])}): --resume continues it, "
+                                 f"--overwrite starts it again")
+            for f in earlier:
+                p = os.path.join(out, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def release_lock():
+    global _lock
+    if _lock and os.path.exists(_lock):
+        os.remove(_lock)
+    _lock = None
+
+
+atexit.register(release_lock)
 
 
 def read_metrics(path):
@@ -180,16 +273,25 @@ def plot_runs(run_dir):
     return out
 
 
+def need(path, what, hint):
+    """A missing input named in one line, with what to do about it."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: {what}: {hint}")
+
+
 def add_run_flags(ap, out, eval_every, save_every, eval_help):
     """The '# --- run' flags both trainers share."""
     ap.add_argument("--out", default=out, help="output folder")
-    ap.add_argument("--eval-every", type=int, default=eval_every, help=eval_help)
-    ap.add_argument("--save-every", type=int, default=save_every, help="resumable checkpoint every N steps")
-    ap.add_argument("--resume", action="store_true", help="continue from {out}/ckpt")
-    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (tests of resume)")
+    ap.add_argument("--eval-every", type=at_least(1), default=eval_every, help=eval_help)
+    ap.add_argument("--save-every", type=at_least(1), default=save_every, help="resumable checkpoint every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete "
+                    "checkpoint ({out}/ckpt/step-N)")
+    ap.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (its outputs "
+                    "are removed first); without it such an --out is refused")
+    ap.add_argument("--stop-after", type=at_least(1), default=None, help="stop after this step (tests of resume)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     ap.add_argument("--dry-run", action="store_true", help="print the memory plan per rank and exit: 0 if it fits, "
                     "1 (naming the flag to change) if not; reads config.json, never the weights")
-    ap.add_argument("--plan-world", type=int, default=None, help="plan for this many ranks (default: this launch's)")
-    ap.add_argument("--gpu-mem", type=float, default=None, help="plan for a GPU with this many GB (default: this "
+    ap.add_argument("--plan-world", type=at_least(1), default=None, help="plan for this many ranks (default: this launch's)")
+    ap.add_argument("--gpu-mem", type=at_least(0.5, float), default=None, help="plan for a GPU with this many GB (default: this "
                     "device's; on a CPU, this machine's memory shared by its ranks)")

@@ -12,13 +12,14 @@ in its upstream schema, else from the Hugging Face hub by id (skipped with a cle
 The prompt and the strict answer parser here are the ones training uses (make_data.py, train_grpo.py).
 Writes {out}/responses.jsonl (id, prompt, response, extracted, gold, correct) and {out}/results.md.
 """
-import argparse
 import json
 import os
 import re
 import sys
 import unicodedata
 from collections import Counter
+
+from cli import Parser, at_least, guard
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTU"
 
@@ -52,20 +53,29 @@ ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _PREFIX = re.compile(r"^(the\s+)?(final\s+)?(answer|option|choice|答案|选项)\s*(is)?\s*[:：是为]?\s*", re.IGNORECASE)
 
 
-def _norm(text):
-    """NFKC folds full-width letters and punctuation (Ａ, （, ：) to ASCII; then case and spaces."""
-    return " ".join(unicodedata.normalize("NFKC", text).strip().lower().split())
+_EDGES = "*_`'\" \t\r\n.。!,;，；:："
+
+
+def _canon(text):
+    """The form option texts and answers are compared in, the same on both sides: NFKC (full-width letters and
+    punctuation to ASCII), case and runs of spaces folded, quotes, markup and end punctuation trimmed from the
+    ends (public options can end in a stray quote or newline: 'A. "Tell me more."')."""
+    return " ".join(unicodedata.normalize("NFKC", str(text)).lower().split()).strip(_EDGES)
 
 
 def parse_answer_content(content, options):
     """The inside of one <answer> tag -> a letter, or None (empty, several letters, ambiguous text)."""
     valid = list(options)
+    canon = {L: _canon(t) for L, t in options.items()}
+
+    def by_text(text):   # the letter whose option text this is, if exactly one
+        hits = [L for L in valid if canon[L] == _canon(text)]
+        return hits[0] if len(hits) == 1 else None
+
     s = unicodedata.normalize("NFKC", content).strip()
-    hits = [L for L in valid if _norm(options[L]).rstrip(".") == _norm(s).rstrip(".")]
-    if len(hits) == 1:   # the whole content is one option's text (checked before prefixes are stripped)
-        return hits[0]
-    s = _PREFIX.sub("", s).strip()
-    s = s.strip("*_`'\" ").rstrip("。.!,;，；")
+    if by_text(s):   # the whole content is one option's text (checked before prefixes are stripped)
+        return by_text(s)
+    s = _PREFIX.sub("", s).strip().strip(_EDGES)
     if not s:
         return None
     # a bare letter, maybe bracketed: C, (C), [C], C), c
@@ -73,16 +83,12 @@ def parse_answer_content(content, options):
     if m:
         L = m.group(1).upper()
         return L if L in valid else None
-    # "C. text" / "(C) text" / "C: text": the letter counts if the text is that option's (or absent)
+    # "C. text" / "(C) text" / "C: text": the letter counts if the text is that option's
     m = re.fullmatch(r"[\(\[]?([A-Za-z])[\)\]\.:：]\s*(.+)", s, re.DOTALL)
     if m:
         L = m.group(1).upper()
-        if L in valid and _norm(m.group(2)).rstrip(".") == _norm(options[L]).rstrip("."):
-            return L
-        return None
-    # the text of exactly one option
-    hits = [L for L in valid if _norm(options[L]).rstrip(".") == _norm(s).rstrip(".")]
-    return hits[0] if len(hits) == 1 else None
+        return L if L in valid and _canon(m.group(2)) == canon[L] else None
+    return by_text(s)   # the text of exactly one option
 
 
 def extract_answer(response, options, lenient=False):
@@ -174,17 +180,19 @@ def conv_ours(r, i):   # make_data.py's schema
                 context=r.get("context"))
 
 
-# name: (column in the paper's Table 3, hub id, config, split, size, converter, row filter)
+# name: (column in the paper's Table 3, hub id, config, split, size, converter, row filter, options an item)
 BENCHMARKS = {
-    "careqa": ("CareQA", "HPAI-BSC/CareQA", "CareQA_en", "test", 5621, conv_careqa, None),
-    "jmed": ("JMED", "jdh-algo/JMED", None, "test", 1000, conv_jmed, None),
-    "medbullets": ("Medbullets", "LangAGI-Lab/medbullets", "op4", "test", 308, conv_medbullets, None),
-    "medmcqa": ("MedMCQA", "openlifescienceai/medmcqa", None, "validation", 4183, conv_medmcqa, None),
-    "medqa": ("MedQA", "GBaker/MedQA-USMLE-4-options", None, "test", 1273, conv_medqa, None),
-    "medxpertqa": ("MedXpertQA", "TsinghuaC3I/MedXpertQA", "Text", "test", 2450, conv_medxpertqa, None),
-    "pubmedqa": ("PubMedQA", "qiaojin/PubMedQA", "pqa_labeled", "train", 1000, conv_pubmedqa, None),
-    "mmlu_pro_biology": ("MMLU-Pro Bio", "TIGER-Lab/MMLU-Pro", None, "test", 717, conv_mmlu_pro, ("category", "biology")),
-    "mmlu_pro_health": ("MMLU-Pro Health", "TIGER-Lab/MMLU-Pro", None, "test", 818, conv_mmlu_pro, ("category", "health")),
+    "careqa": ("CareQA", "HPAI-BSC/CareQA", "CareQA_en", "test", 5621, conv_careqa, None, 4),
+    "jmed": ("JMED", "jdh-algo/JMED", None, "test", 1000, conv_jmed, None, None),
+    "medbullets": ("Medbullets", "LangAGI-Lab/medbullets", "op4", "test", 308, conv_medbullets, None, 4),
+    "medmcqa": ("MedMCQA", "openlifescienceai/medmcqa", None, "validation", 4183, conv_medmcqa, None, 4),
+    "medqa": ("MedQA", "GBaker/MedQA-USMLE-4-options", None, "test", 1273, conv_medqa, None, 4),
+    "medxpertqa": ("MedXpertQA", "TsinghuaC3I/MedXpertQA", "Text", "test", 2450, conv_medxpertqa, None, 10),
+    "pubmedqa": ("PubMedQA", "qiaojin/PubMedQA", "pqa_labeled", "train", 1000, conv_pubmedqa, None, 3),
+    "mmlu_pro_biology": ("MMLU-Pro Bio", "TIGER-Lab/MMLU-Pro", None, "test", 717, conv_mmlu_pro,
+                         ("category", "biology"), None),
+    "mmlu_pro_health": ("MMLU-Pro Health", "TIGER-Lab/MMLU-Pro", None, "test", 818, conv_mmlu_pro,
+                        ("category", "health"), None),
 }
 PAPER_ROWS = {   # Table 3, same column order
     "Qwen2.5-7B (paper)": [70.56, 59.20, 42.95, 55.89, 59.86, 11.96, 74.00, 72.38, 52.08, 55.43],
@@ -231,10 +239,28 @@ def convert(rows, conv, path, row_filter=None):
     return items
 
 
+def comparability(name, items, limit=None):
+    """Why a loaded benchmark's accuracy cannot stand beside the paper's Table 3 column ([] if it can): another
+    number of items (a subset, another release) or of options (the 5-option MedQA where the paper's has 4)."""
+    if name not in BENCHMARKS:
+        return []
+    size, n_opt = BENCHMARKS[name][4], BENCHMARKS[name][7]
+    why = []
+    if limit:
+        why.append(f"the first {len(items)} items only (--limit)")
+    elif len(items) != size:
+        why.append(f"{len(items):,} items where the paper's set has {size:,}")
+    counts = Counter(len(it["options"]) for it in items)
+    if n_opt and set(counts) != {n_opt}:
+        got = ", ".join(f"{k} ({v:,} items)" for k, v in sorted(counts.items()))
+        why.append(f"options per item {got} where the paper's set has {n_opt}")
+    return why
+
+
 def load_benchmark(name, path=None, data_dir=None, limit=None):
     """Items of a benchmark, or None (with a printed reason) when neither a local file nor the hub has it."""
     if name in BENCHMARKS:
-        _, hub, config, split, _, conv, filt = BENCHMARKS[name]
+        _, hub, config, split, _, conv, filt, _ = BENCHMARKS[name]
     else:
         hub, config, split, conv, filt = None, None, None, conv_ours, None
     if path is None and data_dir:
@@ -327,16 +353,22 @@ def results_table(summaries, label="ours"):
     lines = ["| model | " + " | ".join(BENCHMARKS[n][0] for n in names) + " | Avg. |",
              "|---" * (len(names) + 2) + "|"]
     if any(n in summaries for n in names):
-        cells = [f"{summaries[n]['accuracy']:.2f}" if n in summaries else "-" for n in names]
+        mark = lambda n: " †" if summaries[n].get("not_comparable") else ""   # noqa: E731
+        cells = [f"{summaries[n]['accuracy']:.2f}{mark(n)}" if n in summaries else "-" for n in names]
         nine = {n: summaries[n] for n in names if n in summaries}
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {macro_average(nine):.2f} |")
+        avg = f"{macro_average(nine):.2f}" + (" †" if any(mark(n) for n in nine) or len(nine) < len(names) else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
     for row, vals in PAPER_ROWS.items():
         lines.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    for n in names:
+        if n in summaries and summaries[n].get("not_comparable"):
+            lines.append(f"\n† {BENCHMARKS[n][0]}: not comparable with the paper's rows: {summaries[n]['not_comparable']}")
     lines.append("")
     lines.append("| benchmark | n | accuracy | unanswered | extra |")
     lines.append("|---|---|---|---|---|")
     for n, s in summaries.items():
-        extra = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k not in ("n", "accuracy", "unanswered"))
+        extra = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, float) and k not in ("accuracy",
+                                                                                                     "unanswered"))
         lines.append(f"| {n} | {s['n']} | {s['accuracy']:.2f} | {s['unanswered']:.2f} | {extra} |")
     lines.append(f"\nmacro average over {len(summaries)} set(s): {macro_average(summaries):.2f}")
     return "\n".join(lines)
@@ -418,7 +450,7 @@ def stage_table(run_dir, bench="kg"):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     # --- what to evaluate
     ap.add_argument("--model", nargs="+", default=None, help="HF-layout checkpoint directory (ours or a real Qwen); "
                     "several: each in turn in this one launch, with one --out and one --label each")
@@ -426,14 +458,14 @@ def main():
                     help="comma list; the nine: " + ",".join(BENCHMARKS) + "; any other name needs --file")
     ap.add_argument("--data-dir", default=None, help="folder of local files named {benchmark}.jsonl/.json/.parquet/.csv")
     ap.add_argument("--file", action="append", default=[], help="NAME=PATH for one benchmark (repeatable)")
-    ap.add_argument("--limit", type=int, default=None, help="first N items per benchmark (quick runs)")
+    ap.add_argument("--limit", type=at_least(1), default=None, help="first N items per benchmark (quick runs)")
     ap.add_argument("--responses", default=None, help="re-score a saved responses JSONL (fields benchmark, id, "
                     "response; items looked up from the benchmarks) without any model")
     # --- generation
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per answer")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--n-samples", type=int, default=1, help="samples per item: > 1 reports pass@n and majority vote")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=512, help="generation budget per answer")
+    ap.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per generation batch")
+    ap.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0 = greedy")
+    ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports pass@n and majority vote")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step one CUDA graph replay (4-5x "
@@ -459,11 +491,14 @@ def main():
     for n in files:
         if n not in names:
             names.append(n)
-    benches = {}
+    benches, notes = {}, {}
     for n in names:
         items = load_benchmark(n, files.get(n), args.data_dir, args.limit)
         if items:
             benches[n] = items
+            notes[n] = "; ".join(comparability(n, items, args.limit))
+            if notes[n]:
+                print(f"warning: {n}: {notes[n]}: not comparable with the paper's rows (marked †)")
     if not benches:
         sys.exit("no benchmark could be loaded (see the [skip] lines)")
 
@@ -478,7 +513,7 @@ def main():
             if n in saved:
                 rr, s = score_items(items, saved[n], n, args.lenient)
                 recs += rr
-                summaries[n] = s
+                summaries[n] = dict(s, not_comparable=notes[n]) if notes[n] else s
         report(args.out[0], recs, summaries, (args.label or ["ours"])[0])
         return
 
@@ -502,10 +537,11 @@ def main():
                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                          temperature=args.temperature, n_samples=args.n_samples, seed=args.seed,
                                          cuda_graph=args.cuda_graph and device.type == "cuda")
+        summaries = {n: dict(s, not_comparable=notes[n]) if notes[n] else s for n, s in summaries.items()}
         if rank == 0:
             report(out, recs, summaries, label)
     close_distributed()
 
 
 if __name__ == "__main__":
-    main()
+    guard(main)

@@ -13,7 +13,6 @@ node, render the rest as a question, add relation-preserving distractors that ar
 Entities are integers; each relation is a pair of CSR arrays (forward head->tail and reverse), so a
 100k-entity, several-million-edge graph is a few numpy arrays rather than millions of Python objects.
 """
-import argparse
 import csv
 import json
 import os
@@ -21,6 +20,8 @@ import random
 from functools import lru_cache
 
 import numpy as np
+
+from cli import Parser, at_least
 
 # -----------------------------------------------------------------------------
 # the graph
@@ -241,19 +242,20 @@ def load_hpo():
         for p in term.parents if k else ():
             if kind.get(int(p)) == k:   # "X-linked recessive" is_a "X-linked": both count as true
                 b.edge(term_node[int(term)], r_isa if k == "phenotype" else r_iisa, term_node[int(p)])
-    seen_names = set()
+    # OMIM and Orphanet describe many diseases twice, under one name and with different annotations (Orphanet's
+    # Lymphangioleiomyomatosis has 36, OMIM's 2): one entity per name, with the union of what the records say,
+    # so that no option is wrong by one record and right by the other
+    by_name = {}   # lower-case name -> [first record's id, name, annotations]
     for prefix, diseases in (("OMIM", Ontology.omim_diseases), ("ORPHA", Ontology.orpha_diseases)):
         for d in sorted(diseases, key=lambda d: d.id):
             name = d.name.split(";")[0].strip()
-            # OMIM and Orphanet describe some diseases twice: one entity per name keeps answers unambiguous
-            if not name or name.lower() in seen_names:
-                continue
-            feats = [h for h in d.hpo if kind.get(h) in ("phenotype", "inheritance")]
-            if not any(kind[h] == "phenotype" for h in feats):
-                continue
-            seen_names.add(name.lower())
-            node = b.entity(f"{prefix}:{d.id}", name, "disease")
-            for h in feats:
+            if name:
+                rec = by_name.setdefault(name.lower(), [f"{prefix}:{d.id}", name, set()])
+                rec[2].update(h for h in d.hpo if kind.get(h) in ("phenotype", "inheritance"))
+    for ext, name, feats in by_name.values():
+        if any(kind[h] == "phenotype" for h in feats):
+            node = b.entity(ext, name, "disease")
+            for h in sorted(feats):
                 b.edge(node, r_dp if kind[h] == "phenotype" else r_di, term_node[h])
     for g in sorted(Ontology.genes, key=lambda g: g.id):
         feats = [h for h in g.hpo if kind.get(h) == "phenotype"]
@@ -484,13 +486,21 @@ class QuestionSampler:
     favour the long tail, as the paper over-samples rare diseases and drugs)."""
 
     def __init__(self, kg, seed=0, rarity=1.0, n_options=5, min_evidence=3, max_evidence=6, kinds=None,
-                 rationale="walk"):
+                 rationale="walk", truth=None):
         if not 4 <= n_options <= len(LETTERS):
             raise ValueError(f"n_options must be in 4..{len(LETTERS)}")
         if rationale not in ("walk", "short"):
             raise ValueError(f"rationale must be walk or short, not {rationale!r}")
         self.style = rationale
         self.kg, self.rng, self.n_options = kg, random.Random(seed), n_options
+        # truth: the whole graph when kg is a subgraph of it. A vignette must pin down one entity of the whole
+        # graph, or a distractor could be true of another real disease that matches it
+        self.truth = truth or kg
+        if truth is not None:
+            where = {e: i for i, e in enumerate(truth.ext_ids)}
+            self.to_truth = np.array([where[e] for e in kg.ext_ids])
+        else:
+            self.to_truth = np.arange(len(kg.names))
         self.min_ev, self.max_ev, self.rarity = min_evidence, max_evidence, rarity
         self.views = []   # (relation id, reverse?, head type, tail type) for relations with enough edges
         for r, (ht, tt) in enumerate(kg.rel_types):
@@ -510,9 +520,12 @@ class QuestionSampler:
             elig_attr = np.nonzero((deg >= 1) & (kg.types == src_t))[0]
             # many-valued targets only: asking "which X has evidence E" needs more than a few candidates
             n_dst = int((kg.types == kg.type_id(v[3])).sum())
-            n_ev = int((kg.types == kg.type_id(v[3])).sum())
-            # identify needs a rich evidence vocabulary: three of forty inheritance modes is no vignette
-            rich = n_ev >= 20 and n_ev * 20 >= len(elig_attr)
+            # identify (and the vignette of two_hop) needs evidence that describes: entities with several values
+            # each (a disease has ~20 phenotypes, but 1.07 inheritance modes: "Which disorder shows Sporadic and
+            # Non-Mendelian inheritance?" describes no disease). Counted in the whole graph: a subgraph's few
+            # entities made the old relative rule pass for inheritance
+            tdeg = np.diff((self.truth.rev if rev else self.truth.fwd)[r][0])
+            rich = tdeg[tdeg > 0].mean() >= 3
             if len(elig_id) >= n_options and rich:
                 self.specs.append(("identify", v, None, elig_id))
             if len(elig_attr) >= n_options and n_dst >= n_options:
@@ -537,8 +550,9 @@ class QuestionSampler:
         return int(elig[min(i, len(elig) - 1)])
 
     def _evidence_set(self, target, r, rev):
-        """Neighbours of target shown as evidence, added until target is the only entity fitting all of them."""
-        kg = self.kg
+        """Neighbours of target shown as evidence, added until target is the only entity of the whole graph
+        (truth) fitting all of them."""
+        kg, T, m = self.kg, self.truth, self.to_truth
         pool = kg.neighbors(target, r, rev).tolist()
         # drop neighbours that are ancestors of other neighbours: "seizure" next to "focal seizure" says nothing
         implied = set()
@@ -551,13 +565,14 @@ class QuestionSampler:
         shown, fit = [], None
         for x in pool[:self.max_ev]:
             shown.append(x)
+            tx = int(m[x])
             if fit is None:
-                fit = kg.holders(x, r, rev)
-            elif len(kg.neighbors(x, r, not rev)) <= 4 * len(fit):
-                fit &= kg.holders(x, r, rev)
+                fit = T.holders(tx, r, rev)
+            elif len(T.neighbors(tx, r, not rev)) <= 4 * len(fit):
+                fit &= T.holders(tx, r, rev)
             else:   # a hub finding: cheaper to test the few remaining candidates than to list its holders
-                fit = {e for e in fit if x in kg.closure(e, r, rev)}
-            if len(shown) >= self.min_ev and len(fit) == 1:
+                fit = {e for e in fit if tx in T.closure(e, r, rev)}
+            if len(shown) >= self.min_ev and fit == {int(m[target])}:
                 return shown, fit
         return None, None
 
@@ -749,14 +764,13 @@ class QuestionSampler:
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Medical KG: stats, sampled questions, compact build.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = Parser(description="Medical KG: stats, sampled questions, compact build.", epilog=__doc__)
     ap.add_argument("command", choices=["stats", "sample", "build"], help="what to do")
     ap.add_argument("--source", default="hpo", help="hpo | primekg:PATH | wikidata:PATH | tsv:PATH | FILE.npz")
-    ap.add_argument("--n", type=int, default=3, help="sample: number of questions")
+    ap.add_argument("--n", type=at_least(1), default=3, help="sample: number of questions")
     ap.add_argument("--seed", type=int, default=0, help="sample: random seed")
     ap.add_argument("--rarity", type=float, default=1.0, help="sample: weight targets by degree**-rarity (0 = uniform)")
-    ap.add_argument("--options", type=int, default=5, help="sample: options per question (4..21)")
+    ap.add_argument("--options", type=at_least(4), default=5, help="sample: options per question (4..21)")
     ap.add_argument("--kinds", default="", help="sample: comma list of identify,attribute,two_hop (default all)")
     ap.add_argument("--out", default="data/kg.npz", help="build: output path")
     args = ap.parse_args()

@@ -14,7 +14,6 @@ rl_train.jsonl (question + gold + tier), test.jsonl (held-out split for evaluate
 (items the validator never got right), report.json. Teacher / validator calls are cached in
 {out}/cache.jsonl, so an interrupted run resumes without paying twice. API keys come from the environment.
 """
-import argparse
 import email.utils
 import hashlib
 import json
@@ -27,6 +26,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 
+from cli import Parser, at_least, between, fraction, guard
 from evaluate import (LETTERS, build_messages, conv_medmcqa, conv_medqa, conv_pubmedqa, convert, extract_answer,
                       format_ok, read_records)
 
@@ -83,7 +83,7 @@ def kg_items(args):
     """KG-guided synthetic questions (kg.py), with evidence paths and KG-rendered rationales."""
     import numpy as np
     from kg import QuestionSampler, load_kg
-    kg = load_kg(args.kg)
+    kg = full = load_kg(args.kg)
     if args.kg_max_diseases and "disease" in kg.type_names:
         # a small closed world a tiny model can learn: N diseases (rarity-weighted draw) and their findings
         rng = np.random.default_rng(args.seed)
@@ -98,7 +98,8 @@ def kg_items(args):
         kg = kg.subgraph(keep)
     kinds = [k for k in args.kg_kinds.split(",") if k] or None
     sampler = QuestionSampler(kg, seed=args.seed, rarity=args.rarity, n_options=args.options, kinds=kinds,
-                              min_evidence=args.min_evidence, max_evidence=args.max_evidence, rationale=args.kg_rationale)
+                              min_evidence=args.min_evidence, max_evidence=args.max_evidence, rationale=args.kg_rationale,
+                              truth=full)   # vignettes checked against the whole graph, not just the subgraph
     qs = sampler.sample_many(args.kg_questions)
     out = []
     for i, q in enumerate(qs):
@@ -106,7 +107,7 @@ def kg_items(args):
                         answer=q["answer"], rationale=q["rationale"],
                         meta=dict(kind=q["kind"], hops=q["hops"], answer_degree=q["answer_degree"],
                                   target_degree=q["target_degree"], distractor_overlap=q["distractor_overlap"],
-                                  evidence=q["evidence"])))
+                                  evidence=q["evidence"], entities=q["entities"])))
     return out, kg.source
 
 
@@ -471,11 +472,11 @@ def write_jsonl(path, rows):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     # --- sources
     ap.add_argument("--kg", default="hpo", help="KG source for synthesis: hpo | primekg:PATH | wikidata:PATH | tsv:PATH | none")
-    ap.add_argument("--kg-questions", type=int, default=3000, help="KG questions to synthesise")
-    ap.add_argument("--kg-max-diseases", type=int, default=150, help="restrict the KG to N diseases (0 = all); a "
+    ap.add_argument("--kg-questions", type=at_least(1), default=3000, help="KG questions to synthesise")
+    ap.add_argument("--kg-max-diseases", type=at_least(0), default=150, help="restrict the KG to N diseases (0 = all); a "
                     "small closed world is what a tiny CPU model can learn")
     ap.add_argument("--kg-kinds", default="identify,attribute,two_hop", help="question kinds")
     ap.add_argument("--kg-rationale", default="short", choices=["walk", "short"], help="KG-rendered chain of thought: "
@@ -483,39 +484,39 @@ def get_args(argv=None):
     ap.add_argument("--answer-as", default="text", choices=["letter", "text"], help="what the KG-rendered traces "
                     "put in <answer>: the letter, or the option's text (a tiny model names the right option far more "
                     "often than it finds its letter; both score the same under the strict parser)")
-    ap.add_argument("--rarity", type=float, default=1.0, help="rare-entity emphasis: weight degree**-rarity (0 = off)")
-    ap.add_argument("--options", type=int, default=4, help="options per KG question (4..10)")
-    ap.add_argument("--min-evidence", type=int, default=2, help="fewest findings shown in a vignette")
-    ap.add_argument("--max-evidence", type=int, default=5, help="most findings shown in a vignette")
+    ap.add_argument("--rarity", type=at_least(0, float), default=1.0, help="rare-entity emphasis: weight degree**-rarity (0 = off)")
+    ap.add_argument("--options", type=at_least(4), default=4, help="options per KG question (4..10)")
+    ap.add_argument("--min-evidence", type=at_least(1), default=2, help="fewest findings shown in a vignette")
+    ap.add_argument("--max-evidence", type=at_least(1), default=5, help="most findings shown in a vignette")
     ap.add_argument("--public", action="append", default=[], help="NAME=PATH or NAME=hub; names: " + ", ".join(PUBLIC))
     # --- refinement
-    ap.add_argument("--max-chars", type=int, default=6000, help="drop items longer than this (question+options+context)")
+    ap.add_argument("--max-chars", type=at_least(1), default=6000, help="drop items longer than this (question+options+context)")
     ap.add_argument("--decontam", nargs="*", default=[], help="evaluation files; items sharing an n-gram are dropped")
-    ap.add_argument("--ngram", type=int, default=13, help="n for decontamination")
+    ap.add_argument("--ngram", type=at_least(1), default=13, help="n for decontamination")
     ap.add_argument("--no-anonymise", action="store_true", help="skip identifier scrubbing")
     ap.add_argument("--validator-url", default=None, help="OpenAI-compatible base URL for label verification")
     ap.add_argument("--validator-model", default=None, help="model name at that endpoint")
     ap.add_argument("--validator-ckpt", default=None, help="or a local checkpoint as validator")
-    ap.add_argument("--k", type=int, default=5, help="validator trials per item")
+    ap.add_argument("--k", type=at_least(1), default=5, help="validator trials per item")
     ap.add_argument("--keep-flagged", action="store_true", help="keep items the validator never got right")
     ap.add_argument("--judge", action="store_true", help="tier by an LLM judge (the validator endpoint) when no pass rates")
     # --- mixing and splits
-    ap.add_argument("--public-frac", type=float, default=None, help="target fraction of public items in the RL set")
+    ap.add_argument("--public-frac", type=between(0, 1), default=None, help="target fraction of public items in the RL set")
     ap.add_argument("--tier-frac", default=None, help="target E:M:D proportions, e.g. 0.3:0.4:0.3 (default: as is)")
-    ap.add_argument("--test-frac", type=float, default=0.1, help="held-out test split (never trained on)")
-    ap.add_argument("--sft-frac", type=float, default=0.5, help="share of the training items that get SFT traces")
+    ap.add_argument("--test-frac", type=fraction, default=0.1, help="held-out test split (never trained on)")
+    ap.add_argument("--sft-frac", type=between(0, 1), default=0.5, help="share of the training items that get SFT traces")
     # --- CoT cold start
     ap.add_argument("--teacher-url", default=None, help="OpenAI-compatible base URL of the teacher (e.g. a vLLM server)")
     ap.add_argument("--teacher-model", default=None, help="teacher model name at that endpoint")
     ap.add_argument("--teacher-ckpt", default=None, help="or a local HF checkpoint as teacher (model.py generation)")
     ap.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    ap.add_argument("--refine-rounds", type=int, default=3, help="refinement rounds for failed traces")
-    ap.add_argument("--max-tokens", type=int, default=1024, help="teacher / validator max tokens")
-    ap.add_argument("--concurrency", type=int, default=64, help="teacher / validator requests in flight at once (a "
+    ap.add_argument("--refine-rounds", type=at_least(0), default=3, help="refinement rounds for failed traces")
+    ap.add_argument("--max-tokens", type=at_least(1), default=1024, help="teacher / validator max tokens")
+    ap.add_argument("--concurrency", type=at_least(1), default=64, help="teacher / validator requests in flight at once (a "
                     "vLLM server batches them; results are the same whatever this is)")
-    ap.add_argument("--teacher-timeout", type=float, default=600, help="seconds to wait for one answer (teacher or "
+    ap.add_argument("--teacher-timeout", type=at_least(0.01, float), default=600, help="seconds to wait for one answer (teacher or "
                     "validator) before retrying it")
-    ap.add_argument("--retries", type=int, default=5, help="retries per request on 429 / 5xx / timeouts (exponential "
+    ap.add_argument("--retries", type=at_least(0), default=5, help="retries per request on 429 / 5xx / timeouts (exponential "
                     "backoff with jitter, or the server's Retry-After)")
     # --- run
     ap.add_argument("--out", default="data/kg", help="output folder")
@@ -637,4 +638,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    guard(main)

@@ -976,8 +976,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
         ids[i, P - len(p):] = torch.tensor(p, device=dev)
         amask[i, P - len(p):] = 1
     positions = (amask.cumsum(1) - 1).clamp(min=0)
-    if seed is None:
-        seed = torch.seed() % 2**31
+    if seed is None:   # fresh entropy, without re-seeding torch's global generator (callers' state is theirs)
+        seed = int.from_bytes(os.urandom(4), "little") % 2**31
     seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
     row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(G)], dtype=torch.long, device=dev)
     cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev, dtype)

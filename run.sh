@@ -63,11 +63,11 @@ for s in $SEEDS; do
   R="$OUT/seed$s"
   echo "== seed $s: base (random init) and CoT cold-start SFT"
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
-  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --save-init "$R/base" \
+  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --save-init "$R/base" --overwrite \
     --seed "$s" $BF16 $SFT
   echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
-    --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --seed "$s" $BF16 $GRAPH_GRPO --max-new-tokens $NEW $GRPO
+    --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --overwrite --seed "$s" $BF16 $GRAPH_GRPO --max-new-tokens $NEW $GRPO
   echo "== seed $s: evaluate base, sft, grpo_stage1, grpo_stage2 (one launch)"
   torchrun --standalone --nproc_per_node="$NPROC" evaluate.py --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \
     --out "$R/eval_base" "$R/eval_sft" "$R/eval_grpo_stage1" "$R/eval_grpo_stage2" \

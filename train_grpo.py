@@ -12,7 +12,6 @@ whole training set, more rollouts per question, mining repeated every M steps.
 Eq. (1)-(3) of the paper: L = -E[1/k sum_i log pi(y_i|x) A_i], A_i = r_i - mean_j r_j. By default the
 log-likelihood is normalised per token over the batch (--loss-agg token-mean); seq-sum is eq. (1) literally.
 """
-import argparse
 import math
 import os
 import random
@@ -21,8 +20,9 @@ from collections import deque
 
 import torch
 
+from cli import Parser, at_least, between, fraction, guard
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    lr_at, plot_metrics, print0, set_seed, wants_autocast)
+                    lr_at, need, plot_metrics, prepare_out, print0, set_seed, wants_autocast)
 from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
 from fsdp import checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded, save_checkpoint
 from memplan import Meter, announce, plan, report_peaks, size
@@ -217,22 +217,22 @@ class Curriculum:
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     # --- data and model
     ap.add_argument("--init", default="runs/sft", help="policy checkpoint (HF layout), usually train_sft.py's output")
     ap.add_argument("--data", default="data/kg/rl_train.jsonl", help="RL items from make_data.py (with difficulty)")
     ap.add_argument("--exclude", default=None, help="JSONL whose ids are left out of --data (e.g. the SFT file)")
-    ap.add_argument("--val-size", type=int, default=128, help="items held out of --data for periodic evaluation")
+    ap.add_argument("--val-size", type=at_least(0), default=128, help="items held out of --data for periodic evaluation")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
                     "precision on several GPUs)")
     # --- rollouts
-    ap.add_argument("--questions-per-step", type=int, default=8, help="questions per step (global)")
-    ap.add_argument("--group-size", type=int, default=8, help="k: completions per question in stage 1")
-    ap.add_argument("--stage2-group-size", type=int, default=12, help="k in stage 2 (more rollouts, broader exploration)")
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="completion budget (longer is truncated: no reward)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    ap.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
-    ap.add_argument("--gen-batch", type=int, default=32, help="questions per generate call when mining and "
+    ap.add_argument("--questions-per-step", type=at_least(1), default=8, help="questions per step (global)")
+    ap.add_argument("--group-size", type=at_least(2), default=8, help="k: completions per question in stage 1")
+    ap.add_argument("--stage2-group-size", type=at_least(2), default=12, help="k in stage 2 (more rollouts, broader exploration)")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=96, help="completion budget (longer is truncated: no reward)")
+    ap.add_argument("--temperature", type=at_least(0, float), default=1.0, help="rollout sampling temperature")
+    ap.add_argument("--top-p", type=between(0.01, 1), default=1.0, help="rollout nucleus sampling")
+    ap.add_argument("--gen-batch", type=at_least(1), default=32, help="questions per generate call when mining and "
                     "evaluating (memory: their KV cache; 32 on a CPU is ~10 %% faster than 16)")
     ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts and evals one "
                     "CUDA graph replay (4-5x faster generation measured on an H200 by bench/generate.py); ignored on "
@@ -247,38 +247,38 @@ def get_args(argv=None):
     ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "seq-sum", "token-sum"],
                     help="normalisation (see aggregate())")
     ap.add_argument("--adv-std", action="store_true", help="divide advantages by the group std (classic GRPO)")
-    ap.add_argument("--ppo-epochs", type=int, default=1, help="updates per rollout batch (> 1 turns on ratio clipping)")
-    ap.add_argument("--clip-low", type=float, default=0.2, help="PPO clip: 1 - low")
-    ap.add_argument("--clip-high", type=float, default=0.28, help="PPO clip: 1 + high")
-    ap.add_argument("--kl-beta", type=float, default=0.0, help="KL(pi||ref) weight; the reference is loaded only if > 0")
+    ap.add_argument("--ppo-epochs", type=at_least(1), default=1, help="updates per rollout batch (> 1 turns on ratio clipping)")
+    ap.add_argument("--clip-low", type=between(0, 1), default=0.2, help="PPO clip: 1 - low")
+    ap.add_argument("--clip-high", type=at_least(0, float), default=0.28, help="PPO clip: 1 + high")
+    ap.add_argument("--kl-beta", type=at_least(0, float), default=0.0, help="KL(pi||ref) weight; the reference is loaded only if > 0")
     ap.add_argument("--skip-zero-var", action="store_true", help="leave all-equal groups out of the update")
-    ap.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward")
+    ap.add_argument("--micro-batch", type=at_least(1), default=32, help="sequences per forward/backward")
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block when scoring (saves "
                     "memory at long completions)")
-    ap.add_argument("--logits-chunk", type=int, default=0, help="tokens whose vocabulary logits exist at once when "
+    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary logits exist at once when "
                     "scoring (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory at a real vocabulary)")
-    ap.add_argument("--share-prompt", type=int, default=1, help="completions of one prompt scored in one row behind "
+    ap.add_argument("--share-prompt", type=at_least(1), default=1, help="completions of one prompt scored in one row behind "
                     "a single copy of it (same log-probs, ~2x less work for short answers to long prompts; a dense "
                     "mask, so no flash-attn: keep 1 for long completions on GPUs)")
     # --- optimisation
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps (both stages)")
-    ap.add_argument("--lr", type=float, default=2e-4, help="learning rate after warmup")
-    ap.add_argument("--min-lr", type=float, default=None, help="cosine decay to this by the last step (default: "
+    ap.add_argument("--steps", type=at_least(0), default=60, help="optimizer steps (both stages)")
+    ap.add_argument("--lr", type=at_least(0, float), default=2e-4, help="learning rate after warmup")
+    ap.add_argument("--min-lr", type=at_least(0, float), default=None, help="cosine decay to this by the last step (default: "
                     "none, --lr throughout)")
-    ap.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
-    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    ap.add_argument("--warmup", type=at_least(0), default=5, help="linear warmup steps")
+    ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip")
     # --- curriculum
     ap.add_argument("--stage1-tiers", default="Easy,Moderate", help="tiers in the stage 1 pool")
-    ap.add_argument("--sparsity-threshold", type=float, default=0.5, help="stage 2 when the zero-variance-group "
+    ap.add_argument("--sparsity-threshold", type=between(0, 1), default=0.5, help="stage 2 when the zero-variance-group "
                     "fraction averages at least this over --sparsity-window steps")
-    ap.add_argument("--sparsity-window", type=int, default=8, help="steps in that average")
-    ap.add_argument("--stage2-at", type=int, default=None, help="or switch at this step regardless")
-    ap.add_argument("--mine-every", type=int, default=20, help="re-mine the stage 2 pool every M steps "
+    ap.add_argument("--sparsity-window", type=at_least(1), default=8, help="steps in that average")
+    ap.add_argument("--stage2-at", type=at_least(1), default=None, help="or switch at this step regardless")
+    ap.add_argument("--mine-every", type=at_least(1), default=20, help="re-mine the stage 2 pool every M steps "
                     "(not in the last M steps: a pool that would serve fewer steps is not worth mining)")
-    ap.add_argument("--mine-samples", type=int, default=4, help="samples per item when mining")
-    ap.add_argument("--mine-max", type=int, default=0, help="mine over at most N items (0 = the full set)")
-    ap.add_argument("--hard-below", type=float, default=0.5, help="mined as hard if its pass rate is below this")
-    ap.add_argument("--mix-right", type=float, default=0.25, help="share of already-solved items in the stage 2 pool")
+    ap.add_argument("--mine-samples", type=at_least(1), default=4, help="samples per item when mining")
+    ap.add_argument("--mine-max", type=at_least(0), default=0, help="mine over at most N items (0 = the full set)")
+    ap.add_argument("--hard-below", type=between(0, 1), default=0.5, help="mined as hard if its pass rate is below this")
+    ap.add_argument("--mix-right", type=fraction, default=0.25, help="share of already-solved items in the stage 2 pool")
     # --- run
     add_run_flags(ap, "runs/grpo", 20, 20, "held-out accuracy every N steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
@@ -385,8 +385,12 @@ def main(argv=None):
         print0(f"--cuda-graph ignored: it needs one CUDA process, not {world} rank(s) on {device.type}")
     if args.questions_per_step % world:
         raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
+    need(os.path.join(args.init, "config.json"), "no model yet",
+         f"make one with `python train_sft.py --out {args.init}`, or pass --init")
+    need(args.data, "no RL data", "make it with `python make_data.py --out data/kg`, or pass --data")
     set_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    if not args.dry_run:
+        prepare_out(args.out, args.resume, args.overwrite, rank)
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
@@ -432,7 +436,7 @@ def main(argv=None):
         cur.load(extra["curriculum"])
         last_mine = extra["last_mine"]
         print0(f"resumed from {ckpt} at step {start} (stage {cur.stage})")
-    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=ckpt is not None)
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume_step=start if ckpt else None)
     pad = tok.pad_token_id or 0
     print0(f"GRPO: {len(items)} train items ({len(cur.pool)} in the stage-1 pool), {len(val)} val | world {world} on {device}")
     if start == 0:
@@ -595,4 +599,4 @@ def all_gather_max(x, world):
 
 
 if __name__ == "__main__":
-    main()
+    guard(main)

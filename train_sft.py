@@ -12,7 +12,6 @@ From scratch (no --init), a byte-level BPE tokenizer is trained on the training 
 is initialised. Writes {out}/ (HF layout: loads in load_model and transformers), {out}/metrics.jsonl and
 {out}/loss.png; {out}/ckpt/ holds the latest resumable state.
 """
-import argparse
 import json
 import os
 import random
@@ -20,8 +19,9 @@ import time
 
 import torch
 
+from cli import Parser, at_least, fraction, guard
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    lr_at, plot_metrics, print0, set_seed, wants_autocast)
+                    lr_at, need, plot_metrics, prepare_out, print0, set_seed, wants_autocast)
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, shard_model)
 from memplan import Meter, announce, plan, report_peaks, size
@@ -115,31 +115,31 @@ def masked_loss_sum(model, ids, mask, docs, chunk=0):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     # --- data
     ap.add_argument("--data", default="data/kg/sft.jsonl", help="chat-format SFT JSONL from make_data.py")
-    ap.add_argument("--val-frac", type=float, default=0.05, help="fraction held out for the validation loss")
-    ap.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
-    ap.add_argument("--rows-per-step", type=int, default=8, help="packed rows per optimizer step (global batch)")
-    ap.add_argument("--micro-rows", type=int, default=4, help="rows per forward/backward on one rank (grad accumulation)")
+    ap.add_argument("--val-frac", type=fraction, default=0.05, help="fraction held out for the validation loss")
+    ap.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per packed row")
+    ap.add_argument("--rows-per-step", type=at_least(1), default=8, help="packed rows per optimizer step (global batch)")
+    ap.add_argument("--micro-rows", type=at_least(1), default=4, help="rows per forward/backward on one rank (grad accumulation)")
     # --- model
     ap.add_argument("--init", default=None, help="HF checkpoint directory to fine-tune; default: from scratch")
     ap.add_argument("--save-init", default=None, help="also write the model as initialised (before any step) to this "
                     "directory, HF layout: the untrained baseline, without a second run")
     ap.add_argument("--preset", default="tiny", help="from scratch: model preset (see model.PRESETS)")
-    ap.add_argument("--vocab-size", type=int, default=4096, help="from scratch: BPE vocabulary to train")
+    ap.add_argument("--vocab-size", type=at_least(260), default=4096, help="from scratch: BPE vocabulary to train")
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block (saves memory)")
-    ap.add_argument("--logits-chunk", type=int, default=0, help="tokens whose vocabulary logits exist at once in the "
+    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary logits exist at once in the "
                     "loss (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory at a real vocabulary)")
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
                     "precision on several GPUs)")
     # --- optimisation
-    ap.add_argument("--steps", type=int, default=250, help="optimizer steps")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    ap.add_argument("--min-lr", type=float, default=3e-4, help="final learning rate of the cosine")
-    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
-    ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    ap.add_argument("--steps", type=at_least(0), default=250, help="optimizer steps")
+    ap.add_argument("--lr", type=at_least(0, float), default=3e-3, help="peak learning rate")
+    ap.add_argument("--min-lr", type=at_least(0, float), default=3e-4, help="final learning rate of the cosine")
+    ap.add_argument("--warmup", type=at_least(0), default=20, help="linear warmup steps")
+    ap.add_argument("--weight-decay", type=at_least(0, float), default=0.1, help="AdamW weight decay (matrices only)")
+    ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip")
     # --- run
     add_run_flags(ap, "runs/sft", 50, 100, "validation loss every N steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for init, data order")
@@ -165,8 +165,12 @@ def main(argv=None):
         check_bf16(args.bf16, device)
     if args.rows_per_step % world:
         raise SystemExit(f"--rows-per-step {args.rows_per_step} must be a multiple of the world size {world}")
+    need(args.data, "no SFT data", "make it with `python make_data.py --out data/kg`, or pass --data")
+    if args.init:
+        need(os.path.join(args.init, "config.json"), "no model", "--init takes a Hugging Face model folder")
     set_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    if not args.dry_run:
+        prepare_out(args.out, args.resume, args.overwrite, rank)
     convs = read_chat_jsonl(args.data)
 
     # --- tokenizer and model config
@@ -228,7 +232,7 @@ def main(argv=None):
     if ckpt:
         start, _ = load_checkpoint(ckpt, model, opt)
         print0(f"resumed from {ckpt} at step {start}")
-    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume=args.resume and start > 0)
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume_step=start if ckpt else None)
     use_autocast = wants_autocast(args.bf16, device, world)
 
     def val_loss():
@@ -323,4 +327,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    guard(main)

@@ -8,6 +8,7 @@ from evaluate import (build_messages, extract_answer, format_ok, load_benchmark,
                       results_table, score_items, stage_table)
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+QUOTED = {"A": '"Tell me more."', "B": "Reassure the patient\n", "C": "Order an MRI"}
 OPTS4 = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Clopidogrel"}
 JMED = {L: f"option {L.lower()} text" for L in "ABCDEFGHIJKLMNOPQRSTU"}
 PUB = {"A": "yes", "B": "no", "C": "maybe"}
@@ -57,6 +58,12 @@ CASES = [
     ("<answer>no</answer>", PUB, "B"),
     ("<answer>perhaps</answer>", PUB, None),
     ("<think>hmm <answer>A</answer>?</think><answer>D</answer>", OPTS4, "D"),
+    # option texts that end in a stray quote or newline, as 68 MedQA and 68 MedXpertQA options do
+    ('<answer>A. "Tell me more."</answer>', QUOTED, "A"),
+    ('<answer>"Tell me more."</answer>', QUOTED, "A"),
+    ("<answer>B. Reassure the patient</answer>", QUOTED, "B"),
+    ("<answer>B</answer>", QUOTED, "B"),
+    ("<answer>C. Tell me more</answer>", QUOTED, None),              # the letter of another option's text
 ]
 
 
@@ -162,6 +169,10 @@ def test_responses_rescoring_cli(tmp_path):
     res = json.load(open(tmp_path / "ev" / "results.json"))
     assert res["medqa"]["accuracy"] == 50.0 and res["medqa"]["n"] == 20
     assert "| ours |" in out
+    # 20 items of the 5-option MedQA: warned, marked, and said why (the paper's MedQA: 1,273 items, 4 options)
+    why = res["medqa"]["not_comparable"]
+    assert "20 items where the paper's set has 1,273" in why and "5 (20 items) where the paper's set has 4" in why
+    assert "warning: medqa:" in out and "| 50.00 † |" in out and "† MedQA: not comparable" in out
     lines = [json.loads(l) for l in open(tmp_path / "ev" / "responses.jsonl")]
     assert {"id", "prompt", "response", "extracted", "gold", "correct"} <= set(lines[0])
 

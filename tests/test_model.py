@@ -342,3 +342,35 @@ def test_flex_block_masks_match_dense_masks():
         flex = m(ids[:1], position_ids=pos[:1], attention_mask=flex_block_mask(seg, shared_prefix=True))
         real = seg[0] >= 0
         assert (flex - dense)[:, real].abs().max() < 1e-4
+
+
+def test_config_defaults_follow_transformers(tmp_path):
+    """config.json without tie_word_embeddings: untied, as transformers reads it for qwen2 / qwen3 / llama (the
+    file's lm_head is used, not dropped). What is not implemented is refused by name."""
+    cfg = ModelConfig.from_name("nano", vocab_size=97, tie_word_embeddings=False)
+    path = tmp_path / "untied"
+    save_model(Transformer(cfg).init_weights(0), str(path))
+    d = json.load(open(path / "config.json"))
+    del d["tie_word_embeddings"]
+    (path / "config.json").write_text(json.dumps(d))
+    ours = load_model(str(path))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        assert not ours.config.tie_word_embeddings and (ref(ids).logits - ours(ids)).abs().max() < 1e-5
+    for change, message in ((dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
+                            (dict(use_sliding_window=True, sliding_window=64), "sliding-window attention")):
+        (path / "config.json").write_text(json.dumps({**d, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_model(str(path))
+    (path / "config.json").write_text(json.dumps({**d, "use_sliding_window": True, "sliding_window": 1 << 20}))
+    load_model(str(path))   # a window longer than the context is plain attention
+
+
+def test_generate_leaves_the_global_rng_alone(tmp_path):
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    for temperature in (0.0, 1.0):
+        generate(m, [[1, 2, 3]], max_new_tokens=4, temperature=temperature, seed=None)
+        assert torch.equal(torch.get_rng_state(), state), temperature
