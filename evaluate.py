@@ -207,18 +207,29 @@ def read_records(path):
     if path.endswith(".parquet") or path.endswith(".csv"):
         import datasets
         return list(datasets.load_dataset("parquet" if path.endswith(".parquet") else "csv", data_files=path, split="train"))
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            data = json.load(f)
-            return data if isinstance(data, list) else list(data.values())
-        rows = []
-        for line, text in enumerate(f, start=1):
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a UTF-8 JSON file ({type(e).__name__})") from None
+        return data if isinstance(data, list) else list(data.values())
+    return [r for _, r in jsonl_rows(path)]
+
+
+def jsonl_rows(path):
+    """(line number, object) for each non-blank line; errors name the file and line."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{line}: not UTF-8 text") from None
             if text.strip():
                 try:
-                    rows.append(json.loads(text))
+                    yield line, json.loads(text)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-        return rows
 
 
 def convert(rows, conv, path, row_filter=None):

@@ -261,7 +261,7 @@ class ChatModel:
                 return [c["message"]["content"] for c in out["choices"]]
             except urllib.error.HTTPError as e:
                 if e.code not in RETRY_STATUS:   # 400, 401, 404...: asking again will not help
-                    raise RuntimeError(f"endpoint {self.url}: HTTP {e.code} {e.reason}") from None
+                    raise ConnectionError(f"endpoint {self.url}: HTTP {e.code} {e.reason}") from None
                 last = f"HTTP {e.code}"
                 err = e
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
@@ -270,11 +270,11 @@ class ChatModel:
                     last = f"no answer within --teacher-timeout {self.timeout:g} s"
                 err = e
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise RuntimeError(f"endpoint {self.url}: not an OpenAI chat completion ({e})") from None
+                raise ConnectionError(f"endpoint {self.url}: not an OpenAI chat completion ({e})") from None
             if attempt < self.retries:
                 self.retried += 1
                 time.sleep(retry_after(err, attempt, self.rng))
-        raise RuntimeError(f"endpoint {self.url} failed {self.retries + 1} times, last: {last}")
+        raise ConnectionError(f"endpoint {self.url} failed {self.retries + 1} times, last: {last}")
 
     def _http_all(self, todo, temperature, n):
         """Every (key, messages) of todo, up to `concurrency` at a time; yields (key, answer) as they arrive."""

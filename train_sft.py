@@ -12,7 +12,6 @@ From scratch (no --init), a byte-level BPE tokenizer is trained on the training 
 is initialised. Writes {out}/ (HF layout: loads in load_model and transformers), {out}/metrics.jsonl and
 {out}/loss.png; {out}/ckpt/ holds the latest resumable state.
 """
-import json
 import os
 import random
 import time
@@ -22,6 +21,7 @@ import torch
 from cli import Parser, at_least, fraction, guard
 from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
                     lr_at, need, plot_metrics, prepare_out, print0, set_seed, wants_autocast)
+from evaluate import jsonl_rows
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, shard_model)
 from memplan import Meter, announce, plan, report_peaks, size
@@ -34,18 +34,11 @@ from model import ModelConfig, Transformer, has_tokenizer, load_tokenizer, read_
 
 def read_chat_jsonl(path):
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                r = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-            msgs = r.get("messages")
-            if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
-                raise ValueError(f"{path}:{line}: field 'messages' must be a list ending with an assistant message")
-            rows.append(msgs)
+    for line, r in jsonl_rows(path):
+        msgs = r.get("messages") if isinstance(r, dict) else None
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
+            raise ValueError(f"{path}:{line}: field 'messages' must be a list ending with an assistant message")
+        rows.append(msgs)
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows

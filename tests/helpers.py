@@ -43,10 +43,11 @@ class FakeOpenAI:
     """Speaks POST /v1/chat/completions, answering requests concurrently. Teacher prompts: a wrong trace first,
     the right one after a refinement turn. Validator prompts: always picks the option whose text says RIGHT.
     fail_after: HTTP 500 from then on. delay: seconds per answer. throttle: the first N requests get HTTP 429
-    (Retry-After: 0). calls counts answered requests."""
+    (Retry-After: 0). hang_after: accept, then never answer, from then on. calls counts answered requests."""
 
-    def __init__(self, fail_after=None, delay=0.0, throttle=0):
+    def __init__(self, fail_after=None, delay=0.0, throttle=0, hang_after=None):
         self.calls, self.fail_after, self.delay, self.throttle, self.seen = 0, fail_after, delay, throttle, 0
+        self.hang_after = hang_after
         self.lock = threading.Lock()
         outer = self
 
@@ -58,9 +59,13 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.seen += 1
+                    hang = outer.hang_after is not None and outer.calls >= outer.hang_after
                     throttled = outer.seen <= outer.throttle
                     failed = not throttled and outer.fail_after is not None and outer.calls >= outer.fail_after
-                    outer.calls += not (throttled or failed)
+                    outer.calls += not (throttled or failed or hang)
+                if hang:
+                    time.sleep(3600)
+                    return
                 if throttled or failed:
                     self.send_response(429 if throttled else 500)
                     self.send_header("Retry-After", "0")

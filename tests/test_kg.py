@@ -246,3 +246,14 @@ def test_tsv_loader_and_errors(tmp_path):
         load_tsv(str(p))
     with pytest.raises(KeyError, match="unknown relation 'nope'"):
         kg.rel_id("nope")
+
+
+def test_same_named_diseases_are_one_entity(hpo, independent):
+    """OMIM and Orphanet records of one name are merged: Lymphangioleiomyomatosis holds Orphanet's 36 annotations
+    as well as OMIM's 2 (keeping only the first record made a distractor true of the disease by that name)."""
+    dis = np.nonzero(hpo.types == hpo.type_id("disease"))[0]
+    names = [hpo.names[i].lower() for i in dis]
+    assert len(names) == len(set(names))
+    lam = hpo.name_to_id["lymphangioleiomyomatosis"]
+    ours = {hpo.ext_ids[x] for x in hpo.neighbors(lam, hpo.rel_id("disease_phenotype"))}
+    assert len(ours) >= 36 and ours <= independent.by_name["lymphangioleiomyomatosis"]

@@ -126,7 +126,7 @@ def test_interrupted_run_resumes_from_cache(tmp_path):
                         "--retries", "2"]
     srv = FakeOpenAI(fail_after=5)      # dies after 5 answered calls, like a killed run
     try:
-        with pytest.raises(RuntimeError, match="failed 3 times"):
+        with pytest.raises(ConnectionError, match="failed 3 times"):
             make_data.main(args(srv.url))
     finally:
         srv.close()
@@ -227,3 +227,19 @@ def test_throttled_requests_are_retried(tmp_path):
         srv.close()
     rep = json.load(open(tmp_path / "d" / "report.json"))
     assert rep["validator_requests"]["retries"] == 2 and rep["sft"] == 4
+
+
+def test_silent_endpoint_times_out_and_keeps_what_was_answered(tmp_path):
+    """An endpoint that accepts requests and never answers: --teacher-timeout bounds the wait, the run stops with
+    one clear error, and the answers that did arrive stay in the cache."""
+    public_file(tmp_path / "pub.jsonl", n=12)
+    srv = FakeOpenAI(hang_after=5)
+    t0 = time.time()
+    try:
+        with pytest.raises(ConnectionError, match="no answer within --teacher-timeout 1 s"):
+            make_data.main(distill_args(tmp_path, srv.url, tmp_path / "d", ["--concurrency", "2", "--teacher-timeout",
+                                                                            "1", "--retries", "1"]))
+    finally:
+        srv.close()
+    assert time.time() - t0 < 30
+    assert len((tmp_path / "d" / "cache.jsonl").read_text().splitlines()) == 5
