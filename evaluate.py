@@ -6,14 +6,19 @@ evaluate.py: the paper's nine-benchmark suite (4.1) with auditable per-item outp
     torchrun --nproc_per_node=2 evaluate.py --model runs/demo/sft --benchmarks kg --file kg=data/kg/test.jsonl
     python evaluate.py --model runs/a runs/b --out runs/eval_a runs/eval_b --label a b --benchmarks kg --file ...
     python evaluate.py --responses vllm_out.jsonl --out runs/rescored                 # re-score, no model
+    python evaluate.py --compare runs/eval_a runs/eval_b          # B - A per benchmark, paired interval, McNemar
+    python evaluate.py --model runs/demo/seed0/grpo --benchmarks medqa --file medqa=medqa.jsonl --shuffle-options 3
 
 Each benchmark is read from a local file ({data-dir}/{name}.jsonl|.json|.parquet|.csv, or --file NAME=PATH)
 in its upstream schema, else from the Hugging Face hub by id (skipped with a clear line when offline).
 The prompt and the strict answer parser here are the ones training uses (make_data.py, train_grpo.py).
-Writes {out}/responses.jsonl (id, prompt, response, extracted, gold, correct) and {out}/results.md.
+Writes {out}/responses.jsonl (id, prompt, response, extracted, gold, correct), {out}/results.md and
+{out}/results.json: each accuracy with its 95 % interval (Wilson; a bootstrap over items for the macro average).
 """
 import json
+import math
 import os
+import random
 import re
 import sys
 import unicodedata
@@ -343,7 +348,8 @@ def score_items(items, responses, bench, lenient=False):
             rec["lenient"] = extract_answer(resps[0], it["options"], lenient=True)
         recs.append(rec)
     n = max(len(recs), 1)
-    summary = dict(n=len(recs), accuracy=100 * sum(r["correct"] for r in recs) / n,
+    k = sum(r["correct"] for r in recs)
+    summary = dict(n=len(recs), accuracy=100 * k / n, ci95=[round(x, 2) for x in wilson(k, len(recs))],
                    unanswered=100 * sum(r["extracted"] is None for r in recs) / n)
     if recs and "pass_at_n" in recs[0]:
         summary["pass_at_n"] = 100 * sum(r["pass_at_n"] for r in recs) / n
@@ -358,30 +364,99 @@ def macro_average(summaries):
     return sum(accs) / len(accs) if accs else float("nan")
 
 
-def results_table(summaries, label="ours"):
-    """Markdown: the nine benchmarks in Table 3's order with the paper's rows, then any other sets."""
+# -----------------------------------------------------------------------------
+# intervals and paired comparisons: on Medbullets (308 items) a 95 % interval is about +-5.5 points, wider than
+# most steps in the paper's Table 4
+
+Z95 = 1.959963984540054
+
+
+def wilson(k, n, z=Z95):
+    """95 % Wilson score interval of k right out of n, in percent."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return 100 * (c - h), 100 * (c + h)
+
+
+def bootstrap_means(values, reps=2000, seed=0):
+    """Means of `reps` resamples (with replacement) of the items: values[i] is item i's score."""
+    import numpy as np
+    v = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(v), (reps, len(v)))
+    return v[idx].mean(1)
+
+
+def percentile_ci(samples):
+    import numpy as np
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def macro_ci(correct_by_bench, reps=2000, seed=0):
+    """95 % interval of the macro average (percent): each benchmark's items resampled on their own."""
+    import numpy as np
+    means = [bootstrap_means(c, reps, seed + i) for i, c in enumerate(correct_by_bench.values())]
+    return percentile_ci(100 * np.mean(means, axis=0))
+
+
+def paired_diff_ci(a, b, reps=2000, seed=0):
+    """Model B minus model A on the same items (0/1 per item, aligned): the difference in points and its 95 %
+    paired-bootstrap interval (items resampled, both models' answers kept together)."""
+    d = [y - x for x, y in zip(a, b)]
+    return 100 * sum(d) / len(d), tuple(100 * x for x in percentile_ci(bootstrap_means(d, reps, seed)))
+
+
+def mcnemar(b, c):
+    """Exact two-sided McNemar p-value from the discordant pairs: b items only A got right, c only B."""
+    n = b + c
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+
+
+def macro_summary(recs, summaries):
+    """The macro average over the nine benchmarks scored (or every set, if none of the nine), with its 95 %
+    bootstrap interval (each benchmark's items resampled)."""
+    names = [n for n in BENCHMARKS if n in summaries] or list(summaries)
+    correct = {n: [r["correct"] for r in recs if r["benchmark"] == n] for n in names}
+    correct = {n: c for n, c in correct.items() if c}
+    return dict(accuracy=macro_average({n: summaries[n] for n in correct}), benchmarks=len(correct),
+                ci95=[round(x, 2) for x in macro_ci(correct)] if correct else None)
+
+
+def with_ci(value, ci):
+    return f"{value:.2f} ({ci[0]:.1f}-{ci[1]:.1f})" if ci else f"{value:.2f}"
+
+
+def results_table(summaries, label="ours", macro=None):
+    """Markdown: the nine benchmarks in Table 3's order with the paper's rows (each accuracy with its 95 %
+    interval), then any other sets."""
     names = list(BENCHMARKS)
     lines = ["| model | " + " | ".join(BENCHMARKS[n][0] for n in names) + " | Avg. |",
              "|---" * (len(names) + 2) + "|"]
     if any(n in summaries for n in names):
         mark = lambda n: " †" if summaries[n].get("not_comparable") else ""   # noqa: E731
-        cells = [f"{summaries[n]['accuracy']:.2f}{mark(n)}" if n in summaries else "-" for n in names]
+        cells = [with_ci(summaries[n]["accuracy"], summaries[n].get("ci95")) + mark(n) if n in summaries else "-"
+                 for n in names]
         nine = {n: summaries[n] for n in names if n in summaries}
-        avg = f"{macro_average(nine):.2f}" + (" †" if any(mark(n) for n in nine) or len(nine) < len(names) else "")
+        avg = with_ci(macro_average(nine), macro and macro.get("ci95"))
+        avg += " †" if any(mark(n) for n in nine) or len(nine) < len(names) else ""
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
     for row, vals in PAPER_ROWS.items():
         lines.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     for n in names:
         if n in summaries and summaries[n].get("not_comparable"):
             lines.append(f"\n† {BENCHMARKS[n][0]}: not comparable with the paper's rows: {summaries[n]['not_comparable']}")
-    lines.append("")
-    lines.append("| benchmark | n | accuracy | unanswered | extra |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("\n(95 % intervals: Wilson per benchmark, a bootstrap over items for the average)\n")
+    lines.append("| benchmark | n | accuracy | 95 % interval | unanswered | extra |")
+    lines.append("|---|---|---|---|---|---|")
     for n, s in summaries.items():
         extra = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, float) and k not in ("accuracy",
                                                                                                      "unanswered"))
-        lines.append(f"| {n} | {s['n']} | {s['accuracy']:.2f} | {s['unanswered']:.2f} | {extra} |")
-    lines.append(f"\nmacro average over {len(summaries)} set(s): {macro_average(summaries):.2f}")
+        ci = s.get("ci95") or [float("nan")] * 2
+        lines.append(f"| {n} | {s['n']} | {s['accuracy']:.2f} | {ci[0]:.1f}-{ci[1]:.1f} | {s['unanswered']:.2f} | {extra} |")
+    avg = with_ci(macro["accuracy"], macro["ci95"]) if macro else f"{macro_average(summaries):.2f}"
+    lines.append(f"\nmacro average over {macro['benchmarks'] if macro else len(summaries)} set(s): {avg}")
     return "\n".join(lines)
 
 
@@ -392,16 +467,19 @@ def write_outputs(out_dir, recs, summaries, label):
         for r in recs:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, os.path.join(out_dir, "responses.jsonl"))
-    for name, text in (("results.md", results_table(summaries, label)), ("results.json", json.dumps(summaries, indent=2))):
+    macro = macro_summary(recs, summaries)
+    table = results_table(summaries, label, macro)
+    for name, text in (("results.md", table), ("results.json", json.dumps(dict(summaries, macro_average=macro),
+                                                                           indent=2))):
         with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
             f.write(text)
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    return table
 
 
 def report(out, recs, summaries, label):
     """Write the outputs and print the table (rank 0)."""
-    write_outputs(out, recs, summaries, label)
-    print(results_table(summaries, label))
+    print(write_outputs(out, recs, summaries, label))
     print(f"wrote {out}/responses.jsonl and {out}/results.md")
 
 
@@ -421,27 +499,88 @@ def evaluate_model(model, tok, benches, rank=0, world=1, lenient=False, **gen):
     return recs, summaries
 
 
+# -----------------------------------------------------------------------------
+# option order: multiple-choice accuracy moves with the position of the options; ask each item K times
+
+
+def permuted(items, k, seed=0):
+    """Each item K times, its options in K seeded orders (the gold letter follows its option's text); ids
+    become id#pJ, and base_id / perm say which item and which order."""
+    out = []
+    for it in items:
+        letters = list(it["options"])
+        for j in range(k):
+            order = letters[:]
+            random.Random(f"{seed}/{j}/{it['id']}").shuffle(order)
+            out.append(dict(it, id=f"{it['id']}#p{j}", options={LETTERS[i]: it["options"][L] for i, L in enumerate(order)},
+                            answer=LETTERS[order.index(it["answer"])], base_id=it["id"], perm=j))
+    return out
+
+
+def shuffle_stats(items, recs, k):
+    """Accuracy under each order, its spread, and consistency: the share of items whose chosen option (its text;
+    no answer counts as one choice) is the same under every order."""
+    by_id = {it["id"]: it for it in items}
+    right, asked, chosen = [0] * k, [0] * k, {}
+    for r in recs:
+        it = by_id.get(r["id"])
+        if it is None or "perm" not in it:
+            continue
+        right[it["perm"]] += r["correct"]
+        asked[it["perm"]] += 1
+        chosen.setdefault(it["base_id"], set()).add(_canon(it["options"][r["extracted"]]) if r["extracted"] else None)
+    per = [100 * a / max(1, n) for a, n in zip(right, asked)]
+    mean = sum(per) / k
+    return dict(orders=k, accuracy_per_order=[round(p, 2) for p in per], accuracy_spread=max(per) - min(per),
+                accuracy_sd=math.sqrt(sum((p - mean) ** 2 for p in per) / k),
+                consistency=100 * sum(len(c) == 1 for c in chosen.values()) / max(1, len(chosen)))
+
+
+def compare(dir_a, dir_b):
+    """Two evaluations of the same items (their responses.jsonl): per benchmark, each accuracy, B - A with its
+    95 % paired-bootstrap interval, and McNemar's exact test on the items only one of them got right."""
+    def load(d):
+        out = {}
+        for _, r in jsonl_rows(os.path.join(d, "responses.jsonl")):
+            out.setdefault(r["benchmark"], {})[r["id"]] = bool(r["correct"])
+        return out
+    a, b = load(dir_a), load(dir_b)
+    lines = [f"A = {dir_a}, B = {dir_b}", "", "| benchmark | items in both | A (%) | B (%) | B - A (points) [95 % CI] | "
+             "only A right | only B right | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    for bench in [n for n in a if n in b]:
+        ids = [i for i in a[bench] if i in b[bench]]
+        if not ids:
+            continue
+        x, y = [a[bench][i] for i in ids], [b[bench][i] for i in ids]
+        d, (lo, hi) = paired_diff_ci(x, y)
+        only_a, only_b = sum(p and not q for p, q in zip(x, y)), sum(q and not p for p, q in zip(x, y))
+        lines.append(f"| {bench} | {len(ids)} | {100 * sum(x) / len(x):.2f} | {100 * sum(y) / len(y):.2f} | "
+                     f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {only_a} | {only_b} | {mcnemar(only_a, only_b):.3g} |")
+    return "\n".join(lines)
+
+
 STAGES = [("base", "Base (random init)"), ("sft", "+CoT cold start"), ("grpo_stage1", "+RL stage 1"),
           ("grpo_stage2", "+RL stage 2")]
 
 
 def stage_table(run_dir, bench="kg"):
-    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh, and for each later
-    stage its gain over the cold start of the same seed (mean +- std of the paired differences): the seeds
-    share the test items, so the paired gain is the comparison that the seed-to-seed spread does not swamp."""
+    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh; each later stage's gain
+    over the cold start of the same seed (mean +- std of the paired differences: the seeds share the test items,
+    so the paired gain is the comparison the seed-to-seed spread does not swamp); and each stage's gain over the
+    previous stage with a 95 % paired-bootstrap interval, per seed and pooled (the seeds' mean gain, the test items
+    resampled: an interval over items, not over seeds)."""
     import glob
     import statistics
     rows = ["| stage | accuracy (%) mean +- std | per seed | gain over cold start, same seed (points) | "
-            "format-failure / unanswered (%) |", "|---|---|---|---|---|"]
+            "gain over the previous stage, pooled [95 % CI] (per seed) | unanswered (%) |", "|---|---|---|---|---|---|"]
     seeds = sorted(glob.glob(os.path.join(run_dir, "seed*")))
-    acc = {}   # (stage, seed dir) -> accuracy
-    means = {}
+    acc, correct, means, prev = {}, {}, {}, None   # (stage, seed dir) -> accuracy / {item id: 0 or 1}
 
     def mean_sd(xs):
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
     for key, label in STAGES:
-        accs, unans, gains = [], [], []
+        accs, unans, gains, steps = [], [], [], []
         for sd in seeds:
             p = os.path.join(sd, f"eval_{key}", "results.json")
             if os.path.exists(p):
@@ -451,12 +590,29 @@ def stage_table(run_dir, bench="kg"):
                 unans.append(r["unanswered"])
                 if key not in ("base", "sft") and ("sft", sd) in acc:
                     gains.append(r["accuracy"] - acc["sft", sd])
+                resp = os.path.join(sd, f"eval_{key}", "responses.jsonl")
+                if os.path.exists(resp):
+                    correct[key, sd] = {r["id"]: int(r["correct"]) for _, r in jsonl_rows(resp) if r["benchmark"] == bench}
+                if prev and (prev, sd) in correct and (key, sd) in correct:
+                    steps.append({i: c - correct[prev, sd][i] for i, c in correct[key, sd].items()
+                                  if i in correct[prev, sd]})
         if not accs:
             continue
         means[key] = mean_sd(accs)
         gain = "-" if not gains else "{:+.1f} +- {:.1f} ({})".format(*mean_sd(gains), ", ".join(f"{g:+.1f}" for g in gains))
+        step = "-"
+        if steps:
+            per_seed = []
+            for j, d in enumerate(steps):
+                lo, hi = percentile_ci(bootstrap_means(list(d.values()), seed=j))
+                per_seed.append(f"{100 * sum(d.values()) / len(d):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+            ids = [i for i in steps[0] if all(i in d for d in steps)]
+            pooled = [sum(d[i] for d in steps) / len(steps) for i in ids]
+            lo, hi = percentile_ci(bootstrap_means(pooled))
+            step = f"{100 * sum(pooled) / len(pooled):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] ({'; '.join(per_seed)})"
         rows.append(f"| {label} | {means[key][0]:.1f} +- {means[key][1]:.1f} | " + ", ".join(f"{a:.1f}" for a in accs) +
-                    f" | {gain} | {statistics.mean(unans):.1f} |")
+                    f" | {gain} | {step} | {statistics.mean(unans):.1f} |")
+        prev = key
     return "\n".join(rows), means
 
 
@@ -489,7 +645,14 @@ def main():
     ap.add_argument("--label", nargs="+", default=None, help="row label in the table, one per --model (default: "
                     "ours, or each model folder's name)")
     ap.add_argument("--stage-table", default=None, help="print the stage table of a run.sh folder (seed*/eval_*) and exit")
+    ap.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"), help="two evaluation folders of the same "
+                    "items: per benchmark, B - A with a paired-bootstrap 95 %% interval and McNemar's test; then exit")
+    ap.add_argument("--shuffle-options", type=at_least(1), default=None, metavar="K", help="ask each item K times, its "
+                    "options in K seeded orders: mean accuracy, its spread, and how often the chosen option is the same")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(*args.compare))
+        return
     if args.stage_table:
         text, _ = stage_table(args.stage_table)
         with open(os.path.join(args.stage_table, "stage_table.md"), "w") as f:
@@ -512,6 +675,16 @@ def main():
                 print(f"warning: {n}: {notes[n]}: not comparable with the paper's rows (marked †)")
     if not benches:
         sys.exit("no benchmark could be loaded (see the [skip] lines)")
+    asked = {n: permuted(items, args.shuffle_options, args.seed) for n, items in benches.items()} \
+        if args.shuffle_options else benches
+
+    def finish(recs, summaries):   # the comparability notes, and the option-order statistics
+        for n in summaries:
+            if notes.get(n):
+                summaries[n] = dict(summaries[n], not_comparable=notes[n])
+            if args.shuffle_options:
+                summaries[n] = dict(summaries[n], **shuffle_stats(asked[n], recs, args.shuffle_options))
+        return summaries
 
     if args.responses:
         saved = {}
@@ -520,12 +693,12 @@ def main():
                 sys.exit(f"{args.responses}:{i + 1}: needs fields benchmark, id, response")
             saved.setdefault(r["benchmark"], {})[str(r["id"])] = r.get("responses") or [r["response"]]
         recs, summaries = [], {}
-        for n, items in benches.items():
+        for n, items in asked.items():
             if n in saved:
                 rr, s = score_items(items, saved[n], n, args.lenient)
                 recs += rr
-                summaries[n] = dict(s, not_comparable=notes[n]) if notes[n] else s
-        report(args.out[0], recs, summaries, (args.label or ["ours"])[0])
+                summaries[n] = s
+        report(args.out[0], recs, finish(recs, summaries), (args.label or ["ours"])[0])
         return
 
     if not args.model:
@@ -544,13 +717,12 @@ def main():
     for path, out, label in zip(args.model, args.out, labels):
         model = load_model(path, device=device, dtype=dtype).eval()
         tok = load_tokenizer(path)
-        recs, summaries = evaluate_model(model, tok, benches, rank, world, args.lenient,
+        recs, summaries = evaluate_model(model, tok, asked, rank, world, args.lenient,
                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                          temperature=args.temperature, n_samples=args.n_samples, seed=args.seed,
                                          cuda_graph=args.cuda_graph and device.type == "cuda")
-        summaries = {n: dict(s, not_comparable=notes[n]) if notes[n] else s for n, s in summaries.items()}
         if rank == 0:
-            report(out, recs, summaries, label)
+            report(out, recs, finish(recs, summaries), label)
     close_distributed()
 
 

@@ -172,7 +172,7 @@ def test_responses_rescoring_cli(tmp_path):
     # 20 items of the 5-option MedQA: warned, marked, and said why (the paper's MedQA: 1,273 items, 4 options)
     why = res["medqa"]["not_comparable"]
     assert "20 items where the paper's set has 1,273" in why and "5 (20 items) where the paper's set has 4" in why
-    assert "warning: medqa:" in out and "| 50.00 † |" in out and "† MedQA: not comparable" in out
+    assert "warning: medqa:" in out and "| 50.00 (29.9-70.1) † |" in out and "† MedQA: not comparable" in out
     lines = [json.loads(l) for l in open(tmp_path / "ev" / "responses.jsonl")]
     assert {"id", "prompt", "response", "extracted", "gold", "correct"} <= set(lines[0])
 
@@ -192,3 +192,62 @@ def test_stage_table_paired_gain(tmp_path):
     assert "+1.5 +- 0.7 (+2.0, +1.0)" in rows["+RL stage 1"]
     assert "+5.0 +- 0.0 (+5.0)" in rows["+RL stage 2"]
     assert rows["+CoT cold start"].split(" | ")[3] == "-"
+
+
+def test_intervals_and_paired_tests_by_hand():
+    """Wilson's interval for 8 of 10 is 49.02-94.33 %; McNemar's exact p for 10 vs 2 discordant pairs is
+    2 x (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 158 / 4096; the bootstrap draws are numpy's for the seed."""
+    import numpy as np
+    from evaluate import bootstrap_means, mcnemar, paired_diff_ci, percentile_ci, wilson
+    lo, hi = wilson(8, 10)
+    assert abs(lo - 49.016) < 1e-3 and abs(hi - 94.332) < 1e-3
+    assert wilson(0, 20)[0] == 0 and abs(wilson(20, 20)[1] - 100) < 1e-9
+    assert mcnemar(10, 2) == 158 / 4096 and mcnemar(2, 10) == 158 / 4096 and mcnemar(0, 0) == 1.0
+    assert mcnemar(5, 5) == 1.0
+    v = [1, 0, 1, 1, 0, 0, 1, 1, 1, 0]
+    rng = np.random.default_rng(7)
+    naive = [np.mean([v[i] for i in rng.integers(0, 10, 10)]) for _ in range(500)]   # the same draws, one by one
+    assert np.allclose(bootstrap_means(v, reps=500, seed=7), naive)
+    assert percentile_ci(bootstrap_means([1] * 30, seed=3)) == (1.0, 1.0)
+    d, (lo, hi) = paired_diff_ci([0, 1, 0, 1], [1, 1, 1, 1])   # B right wherever A was, and on two more
+    assert d == 50.0 and 0 <= lo <= 50 <= hi <= 100
+
+
+def test_shuffled_options_keep_the_gold_answer():
+    from evaluate import permuted, shuffle_stats
+    items = load_benchmark("medqa", os.path.join(FIX, "medqa_5opt_sample.jsonl"))
+    asked = permuted(items, 3, seed=0)
+    assert len(asked) == 60 and len({a["id"] for a in asked}) == 60
+    orders = set()
+    for a in asked:
+        it = next(i for i in items if i["id"] == a["base_id"])
+        assert a["options"][a["answer"]] == it["options"][it["answer"]]        # the gold text, at its new letter
+        assert sorted(a["options"].values()) == sorted(it["options"].values())
+        orders.add(tuple(a["options"].values()))
+    assert len(orders) > 40                                                   # the orders do differ
+    # a model that always picks the same text is fully consistent; one that always says "A" is not
+    same = [dict(id=a["id"], correct=True, extracted=a["answer"]) for a in asked]
+    assert shuffle_stats(asked, same, 3)["consistency"] == 100.0
+    first = [dict(id=a["id"], correct=a["answer"] == "A", extracted="A") for a in asked]
+    st = shuffle_stats(asked, first, 3)
+    assert st["consistency"] < 50 and len(st["accuracy_per_order"]) == 3
+
+
+def test_stage_table_gains_over_the_previous_stage_with_intervals(tmp_path):
+    """With per-item outputs, each stage's gain over the previous one, per seed and pooled, with its interval: the
+    pooled gain is the mean of the seeds' gains on the same items (here +10 and +30 points: +20)."""
+    correct = {"seed0": dict(sft=[1, 0, 0, 1, 0, 1, 0, 0, 1, 0], grpo_stage1=[1, 1, 0, 1, 0, 1, 0, 0, 1, 0]),
+               "seed1": dict(sft=[0, 0, 0, 1, 0, 1, 0, 0, 1, 0], grpo_stage1=[1, 1, 1, 1, 0, 1, 0, 0, 1, 0])}
+    for sd, per in correct.items():
+        for stage, c in per.items():
+            d = tmp_path / sd / f"eval_{stage}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": 10.0 * sum(c), "unanswered": 0}}))
+            (d / "responses.jsonl").write_text("".join(json.dumps(dict(benchmark="kg", id=str(i), correct=bool(x)))
+                                                       + "\n" for i, x in enumerate(c)))
+    text, _ = stage_table(str(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| +RL stage 1"))
+    step = row.split(" | ")[4]
+    assert step.startswith("+20.0 [") and "(+10.0 [" in step and "; +30.0 [" in step
+    lo, hi = (float(x) for x in step.split("[")[1].split("]")[0].split(", "))
+    assert 0 <= lo < 20 < hi <= 60

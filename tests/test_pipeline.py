@@ -104,7 +104,8 @@ def test_evaluate_shared_samples_one_and_two_ranks(tiny):
     assert "| ours |" in out and "Fleming-R1-7B (paper)" in out
     r1 = json.load(open(tiny / "e1" / "results.json"))
     r2 = json.load(open(tiny / "e2" / "results.json"))
-    assert r1 == r2 and set(r1) == {"medqa", "medbullets", "medxpertqa"} and r1["medqa"]["n"] == 20
+    assert r1 == r2 and set(r1) == {"medqa", "medbullets", "medxpertqa", "macro_average"} and r1["medqa"]["n"] == 20
+    assert r1["macro_average"]["benchmarks"] == 3 and len(r1["macro_average"]["ci95"]) == 2
     rows1 = sorted(open(tiny / "e1" / "responses.jsonl").read().splitlines())
     rows2 = sorted(open(tiny / "e2" / "responses.jsonl").read().splitlines())
     assert rows1 == rows2 and len(rows1) == 60
@@ -167,3 +168,15 @@ def test_grpo_two_rank_export_loads_in_transformers(tiny):
     ids = torch.tensor([[5, 17, 33, 2, 9, 44]])
     with torch.no_grad():
         assert (ref(ids).logits - ours(ids)).abs().max() <= 1e-5
+
+
+def test_evaluate_with_shuffled_options(tiny):
+    """--shuffle-options 3: every item asked in three orders, and the report says how consistent the model is."""
+    out = run(["evaluate.py", "--model", str(tiny / "sft"), "--benchmarks", "medbullets", "--file",
+               f"medbullets={FIX}/medbullets_op4_sample.jsonl", "--max-new-tokens", "16", "--batch-size", "20",
+               "--shuffle-options", "3", "--out", str(tiny / "shuf")])
+    r = json.load(open(tiny / "shuf" / "results.json"))["medbullets"]
+    assert r["n"] == 60 and r["orders"] == 3 and len(r["accuracy_per_order"]) == 3 and 0 <= r["consistency"] <= 100
+    assert "consistency" in out
+    rows = [json.loads(line) for line in open(tiny / "shuf" / "responses.jsonl")]
+    assert sorted({x["id"].rsplit("#p", 1)[1] for x in rows}) == ["0", "1", "2"]
