@@ -1,6 +1,7 @@
 """
-common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun setup, the LR schedule,
-JSONL metrics and PNG curves. FSDP2 sharding, sharded loading and checkpoints are in fsdp.py.
+common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun setup and collectives, the LR
+schedule, JSONL metrics, the run folder (refused, resumed or overwritten; locked), the end of a run. FSDP2
+sharding, loading and checkpoints are in fsdp.py; curves and report.html in report.py.
 """
 import atexit
 import json
@@ -78,6 +79,33 @@ def all_reduce_sum(x):
     t = torch.tensor(float(x), dtype=torch.float64)
     dist.all_reduce(t)
     return t.item()
+
+
+def all_reduce_max(x):
+    """Largest value of a float/int across ranks (identity on one process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def gather_objects(x):
+    """Every rank's x (picklable), in rank order; [x] on one process."""
+    if not dist.is_initialized():
+        return [x]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x)
+    return parts
+
+
+def even_micro_batches(keep, size):
+    """keep (this rank's sequence indices) in micro-batches of `size`, as [(indices, weight)]. Every rank gets
+    the same number: FSDP's forwards are collective, so a rank with fewer runs empty-weight passes (weight 0, on
+    sequence 0) until the others are done."""
+    n = math.ceil(len(keep) / size)
+    n = max(int(all_reduce_max(n)), 1) if dist.is_initialized() else n
+    return [(keep[i:i + size] or [0], 1.0 if keep[i:i + size] else 0.0) for i in range(0, n * size, size)]
 
 
 def wants_autocast(bf16, device, world):
@@ -209,68 +237,21 @@ def read_metrics(path):
         return [json.loads(l) for l in f if l.strip()]
 
 
-def plot_metrics(jsonl, png, keys, title=""):
-    """PNG of the given keys against step (matplotlib is optional: skipped quietly if absent)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = read_metrics(jsonl)
-    keys = [k for k in keys if any(k in r for r in rows)]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
-
-
-def memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def plot_runs(run_dir):
-    """One PNG for a run.sh folder: SFT loss, GRPO reward, training accuracy, zero-variance fraction and
-    held-out accuracy by step, one line per seed."""
-    import glob
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib not installed: no plot"
-    panels = [("sft", "loss", "SFT loss"), ("sft", "val_loss", "SFT held-out loss"), ("grpo", "reward", "GRPO reward"),
-              ("grpo", "accuracy", "GRPO rollout accuracy"), ("grpo", "zero_var_frac", "zero-variance groups"),
-              ("grpo", "val_accuracy", "GRPO held-out accuracy (%)")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (stage, key, title) in zip(axes.flat, panels):
-        for sd in sorted(glob.glob(os.path.join(run_dir, "seed*"))):
-            p = os.path.join(sd, stage, "metrics.jsonl")
-            if os.path.exists(p):
-                pts = [(r["step"], r[key]) for r in read_metrics(p) if r.get(key) is not None]
-                ax.plot([a for a, _ in pts], [b for _, b in pts], label=os.path.basename(sd), marker="." if len(pts) < 15 else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend()
-    fig.tight_layout()
-    out = os.path.join(run_dir, "curves.png")
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+def finish_run(model, tok, args, rank, world, meter, planned, title, keys, png="curves.png"):
+    """The end of a training run: the model in the HF layout at --out (not after --stop-after), its curves and
+    report.html, each rank's peak memory beside the plan, and the process group torn down."""
+    from fsdp import export_hf
+    from memplan import report_peaks
+    if args.stop_after is None or args.stop_after >= args.steps:
+        with meter.phase("export"):
+            export_hf(model, tok, args.out, rank)
+        if rank == 0:
+            from report import plot_metrics, write_report
+            plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, png), keys, title)
+            write_report(args.out)
+        print0(f"saved {args.out} (HF layout), {args.out}/{png} and {args.out}/report.html")
+    report_peaks(meter, planned, rank, world)
+    close_distributed()
 
 
 def need(path, what, hint):

@@ -9,6 +9,7 @@ gradient and of its optimizer state, and never the whole model: not when loading
     save_checkpoint / load_checkpoint        model + optimizer + RNG with torch.distributed.checkpoint: each rank
                                              writes its own shards; resumes on any world size; crash-safe
     export_hf(model, tok, path, rank)        the Hugging Face layout, gathered to rank 0 one weight at a time
+    with unsharded(model): ...               every weight gathered once, for a whole rollout
 
 One process (world 1): the same calls, with nothing sharded.
 """
@@ -201,3 +202,27 @@ def load_checkpoint(path, model, optimizer):
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class unsharded:
+    """with unsharded(model): FSDP2 gathers every weight once for a whole rollout (not once per layer per
+    generated token) and keeps them until generation ends, so ranks may run different numbers of decode steps.
+    No-op without FSDP."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.model, self.mods = model, [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        self.model.eval()
+        for m in self.mods:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in self.mods:
+            m.unshard()
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+        self.model.train()

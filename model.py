@@ -944,7 +944,8 @@ def fixed_shape_step(model, tok_in, pos_in, cache):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
-             num_samples=1, seed=None, pad_id=0, compact_frac=0.25, waste=0.15, cuda_graph=False):
+             num_samples=1, seed=None, pad_id=0, compact_frac=0.25, waste=0.15, cuda_graph=False,
+             return_logprobs=False):
     """prompts: list of token-id lists (ragged). Returns (completions, finish_reasons), one per prompt and
     sample, in order prompt0-sample0, prompt0-sample1, ...; each completion ends with its stop token if it
     stopped ("stop"), else it is max_new_tokens long ("length").
@@ -957,7 +958,9 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     seed: an int (prompt i gets seed + i) or one seed per prompt; sample j of a prompt is a function of its
     prompt's seed and j only, never of the rest of the batch.
     cuda_graph: decode with fixed shapes (attention over the whole cache, finished rows kept) so that the step
-    is one CUDA graph replay on a GPU (see fixed_shape_step); same tokens up to float rounding. Not under FSDP."""
+    is one CUDA graph replay on a GPU (see fixed_shape_step); same tokens up to float rounding. Not under FSDP.
+    return_logprobs: also each sampled token's log-probability under the model (temperature 1, before top-k /
+    top-p), for comparing the trainer's scoring with the rollout's."""
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(dev.type):
@@ -999,6 +1002,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
             logits, lens = logits[rep], lens[rep]
         N = B * G
         out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)   # -1 = not generated
+        logps = torch.zeros(N, max_new_tokens, device=dev) if return_logprobs else None
         stopped = torch.zeros(N, dtype=torch.bool, device=dev)
         rows = torch.arange(N, device=dev)   # output row of each batch row; -1 once finished (until dropped)
         next_pos = lens.clone()
@@ -1010,6 +1014,9 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
             tok = sample_next(logits, temperature, top_k, top_p, row_seeds, step)
             live = rows >= 0
             out[rows[live], step] = tok[live]
+            if return_logprobs:
+                lp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+                logps[rows[live], step] = lp[live]
             done = live & torch.isin(tok, stop)
             stopped[rows[done]] = True
             rows = torch.where(done, -1, rows)
@@ -1034,6 +1041,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     out = out.tolist()
     completions = [[t for t in row if t != -1] for row in out]
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
+    if return_logprobs:
+        return completions, reasons, [lp[:len(c)] for lp, c in zip(logps.tolist(), completions)]
     return completions, reasons
 
 

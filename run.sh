@@ -36,7 +36,7 @@ if [ "$QUICK" = 1 ]; then
   SEEDS=${SEEDS:-"0"}
   DATA="--kg-questions 400 --kg-max-diseases 40"
   SFT="--steps 30 --seq-len 384 --eval-every 15"
-  GRPO="--steps 6 --stage2-at 3 --questions-per-step 4 --group-size 4 --stage2-group-size 6 --val-size 16 --mine-max 16 --mine-every 2 --eval-every 3 --share-prompt 4"
+  GRPO="--steps 6 --stage2-at 3 --questions-per-step 4 --group-size 4 --stage2-group-size 6 --val-size 16 --mine-max 16 --mine-every 2 --eval-every 3 --share-prompt 4 --print-every 3"
   EVAL="--limit 24"
 else
   SEEDS=${SEEDS:-"0 1 2"}
@@ -77,5 +77,5 @@ for s in $SEEDS; do
 done
 echo "== stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s))"
 python evaluate.py --stage-table "$OUT"
-python -c "from common import plot_runs; print(plot_runs('$OUT'))"
-echo "== done in $(( $(date +%s) - t0 )) s; see $OUT/stage_table.md and $OUT/curves.png"
+python report.py "$OUT"   # curves.png and report.html: the stage table, the curves, seed0's rollout groups
+echo "== done in $(( $(date +%s) - t0 )) s; see $OUT/stage_table.md, $OUT/curves.png and $OUT/report.html"

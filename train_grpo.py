@@ -21,12 +21,15 @@ from collections import deque
 import torch
 
 from cli import Parser, at_least, between, fraction, guard
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    lr_at, need, plot_metrics, prepare_out, print0, set_seed, wants_autocast)
-from evaluate import extract_answer, format_ok, prompt_ids, read_records, score_items
-from fsdp import checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded, save_checkpoint
-from memplan import Meter, announce, plan, report_peaks, size
+from common import (MetricsLog, add_run_flags, all_reduce_max, all_reduce_sum, autocast, check_bf16, even_micro_batches,
+                    finish_run, gather_objects, init_distributed, lr_at, need, prepare_out, print0, set_seed,
+                    wants_autocast)
+from evaluate import build_messages, extract_answer, format_ok, prompt_ids, read_records, score_items
+from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
+                  save_checkpoint, unsharded)
+from memplan import Meter, announce, plan, size
 from model import DocBuckets, flex_block_mask, generate, has_tokenizer, load_tokenizer, read_config
+from watch import Canaries, RolloutLog, Wandb, answer_signals, merge_signals
 
 # -----------------------------------------------------------------------------
 # reward: correctness + format, nothing else
@@ -218,143 +221,225 @@ class Curriculum:
 
 def get_args(argv=None):
     ap = Parser(description=__doc__)
-    # --- data and model
+    # --- the paper's recipe
     ap.add_argument("--init", default="runs/sft", help="policy checkpoint (HF layout), usually train_sft.py's output")
     ap.add_argument("--data", default="data/kg/rl_train.jsonl", help="RL items from make_data.py (with difficulty)")
     ap.add_argument("--exclude", default=None, help="JSONL whose ids are left out of --data (e.g. the SFT file)")
     ap.add_argument("--val-size", type=at_least(0), default=128, help="items held out of --data for periodic evaluation")
-    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
-                    "precision on several GPUs)")
-    # --- rollouts
     ap.add_argument("--questions-per-step", type=at_least(1), default=8, help="questions per step (global)")
     ap.add_argument("--group-size", type=at_least(2), default=8, help="k: completions per question in stage 1")
-    ap.add_argument("--stage2-group-size", type=at_least(2), default=12, help="k in stage 2 (more rollouts, broader exploration)")
-    ap.add_argument("--max-new-tokens", type=at_least(1), default=96, help="completion budget (longer is truncated: no reward)")
+    ap.add_argument("--stage2-group-size", type=at_least(2), default=12, help="k in stage 2 (more rollouts, broader "
+                    "exploration)")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=96, help="completion budget (longer is truncated: "
+                    "no reward)")
     ap.add_argument("--temperature", type=at_least(0, float), default=1.0, help="rollout sampling temperature")
     ap.add_argument("--top-p", type=between(0.01, 1), default=1.0, help="rollout nucleus sampling")
-    ap.add_argument("--gen-batch", type=at_least(1), default=32, help="questions per generate call when mining and "
-                    "evaluating (memory: their KV cache; 32 on a CPU is ~10 %% faster than 16)")
-    ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts and evals one "
-                    "CUDA graph replay (4-5x faster generation measured on an H200 by bench/generate.py); ignored on "
-                    "CPU and under FSDP (its hooks gather parameters inside the forward)")
-    # --- reward (correctness + format only; no length term, by design)
     ap.add_argument("--w-correct", type=float, default=1.0, help="reward for the right final answer")
-    ap.add_argument("--w-format", type=float, default=0.1, help="reward for the required format")
-    ap.add_argument("--require-think", action="store_true", help="format also needs a leading <think>...</think>")
-    ap.add_argument("--require-option", action="store_true", help="format also needs the answer to name one of the "
-                    "options (so an answer outside the options earns less than a wrong option)")
-    # --- loss
+    ap.add_argument("--w-format", type=float, default=0.1, help="reward for the required format (no length term, by "
+                    "design)")
+    ap.add_argument("--kl-beta", type=at_least(0, float), default=0.0, help="KL(pi||ref) weight; the reference is "
+                    "loaded only if > 0")
+    ap.add_argument("--steps", type=at_least(0), default=60, help="optimizer steps (both stages)")
+    ap.add_argument("--lr", type=at_least(0, float), default=2e-4, help="learning rate after warmup")
+    ap.add_argument("--min-lr", type=at_least(0, float), default=None, help="cosine decay to this by the last step "
+                    "(default: none, --lr throughout)")
+    ap.add_argument("--warmup", type=at_least(0), default=5, help="linear warmup steps")
+    ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip")
+    ap.add_argument("--stage1-tiers", default="Easy,Moderate", help="tiers in the stage 1 pool")
+    ap.add_argument("--sparsity-threshold", type=between(0, 1), default=0.5, help="stage 2 when the zero-variance-"
+                    "group fraction averages at least this over --sparsity-window steps")
+    ap.add_argument("--sparsity-window", type=at_least(1), default=8, help="steps in that average")
+    ap.add_argument("--stage2-at", type=at_least(1), default=None, help="or switch at this step regardless")
+    ap.add_argument("--mine-every", type=at_least(1), default=20, help="re-mine the stage 2 pool every M steps (not "
+                    "in the last M steps: a pool that would serve fewer steps is not worth mining)")
+    ap.add_argument("--mine-samples", type=at_least(1), default=4, help="samples per item when mining")
+    ap.add_argument("--hard-below", type=between(0, 1), default=0.5, help="mined as hard if its pass rate is below this")
+    ap.add_argument("--mix-right", type=fraction, default=0.25, help="share of already-solved items in the stage 2 pool")
+    # --- ablations: not the paper's recipe, to measure what it leaves out
     ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "seq-sum", "token-sum"],
-                    help="normalisation (see aggregate())")
-    ap.add_argument("--adv-std", action="store_true", help="divide advantages by the group std (classic GRPO)")
-    ap.add_argument("--ppo-epochs", type=at_least(1), default=1, help="updates per rollout batch (> 1 turns on ratio clipping)")
-    ap.add_argument("--clip-low", type=between(0, 1), default=0.2, help="PPO clip: 1 - low")
-    ap.add_argument("--clip-high", type=at_least(0, float), default=0.28, help="PPO clip: 1 + high")
-    ap.add_argument("--kl-beta", type=at_least(0, float), default=0.0, help="KL(pi||ref) weight; the reference is loaded only if > 0")
-    ap.add_argument("--skip-zero-var", action="store_true", help="leave all-equal groups out of the update")
+                    help="ablation: the normalisation (see aggregate(); seq-sum is eq. 1 literally)")
+    ap.add_argument("--adv-std", action="store_true", help="ablation: divide advantages by the group std (classic GRPO)")
+    ap.add_argument("--ppo-epochs", type=at_least(1), default=1, help="ablation: updates per rollout batch (> 1 turns "
+                    "on ratio clipping)")
+    ap.add_argument("--clip-low", type=between(0, 1), default=0.2, help="ablation: PPO clip, 1 - low")
+    ap.add_argument("--clip-high", type=at_least(0, float), default=0.28, help="ablation: PPO clip, 1 + high")
+    ap.add_argument("--require-think", action="store_true", help="ablation: format also needs a leading <think>...</think>")
+    ap.add_argument("--require-option", action="store_true", help="ablation: format also needs the answer to name one "
+                    "of the options (so an answer outside the options earns less than a wrong option)")
+    ap.add_argument("--skip-zero-var", action="store_true", help="leave all-equal groups out of the update (they carry "
+                    "no gradient: A = 0; saves their forward and backward)")
+    ap.add_argument("--mine-max", type=at_least(0), default=0, help="mine over at most N items (0 = the full set)")
+    # --- memory and speed (the same results)
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
+                    "precision on several GPUs)")
     ap.add_argument("--micro-batch", type=at_least(1), default=32, help="sequences per forward/backward")
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block when scoring (saves "
                     "memory at long completions)")
-    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary logits exist at once when "
-                    "scoring (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory at a real vocabulary)")
-    ap.add_argument("--share-prompt", type=at_least(1), default=1, help="completions of one prompt scored in one row behind "
-                    "a single copy of it (same log-probs, ~2x less work for short answers to long prompts; a dense "
-                    "mask, so no flash-attn: keep 1 for long completions on GPUs)")
-    # --- optimisation
-    ap.add_argument("--steps", type=at_least(0), default=60, help="optimizer steps (both stages)")
-    ap.add_argument("--lr", type=at_least(0, float), default=2e-4, help="learning rate after warmup")
-    ap.add_argument("--min-lr", type=at_least(0, float), default=None, help="cosine decay to this by the last step (default: "
-                    "none, --lr throughout)")
-    ap.add_argument("--warmup", type=at_least(0), default=5, help="linear warmup steps")
-    ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip")
-    # --- curriculum
-    ap.add_argument("--stage1-tiers", default="Easy,Moderate", help="tiers in the stage 1 pool")
-    ap.add_argument("--sparsity-threshold", type=between(0, 1), default=0.5, help="stage 2 when the zero-variance-group "
-                    "fraction averages at least this over --sparsity-window steps")
-    ap.add_argument("--sparsity-window", type=at_least(1), default=8, help="steps in that average")
-    ap.add_argument("--stage2-at", type=at_least(1), default=None, help="or switch at this step regardless")
-    ap.add_argument("--mine-every", type=at_least(1), default=20, help="re-mine the stage 2 pool every M steps "
-                    "(not in the last M steps: a pool that would serve fewer steps is not worth mining)")
-    ap.add_argument("--mine-samples", type=at_least(1), default=4, help="samples per item when mining")
-    ap.add_argument("--mine-max", type=at_least(0), default=0, help="mine over at most N items (0 = the full set)")
-    ap.add_argument("--hard-below", type=between(0, 1), default=0.5, help="mined as hard if its pass rate is below this")
-    ap.add_argument("--mix-right", type=fraction, default=0.25, help="share of already-solved items in the stage 2 pool")
+    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary logits exist at once "
+                    "when scoring (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory)")
+    ap.add_argument("--share-prompt", type=at_least(1), default=1, help="completions of one prompt scored in one row "
+                    "behind a single copy of it (same log-probs, ~2x less work for short answers to long prompts)")
+    ap.add_argument("--gen-batch", type=at_least(1), default=32, help="questions per generate call when mining and "
+                    "evaluating (memory: their KV cache)")
+    ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts and evals one "
+                    "CUDA graph replay (bench/generate.py); ignored on CPU and under FSDP")
+    # --- what the policy writes, and warnings (watch.py)
+    ap.add_argument("--log-groups", type=at_least(0), default=8, help="groups per step kept in rollouts.jsonl")
+    ap.add_argument("--print-every", type=at_least(0), default=10, help="print one group every N steps (0: never)")
+    ap.add_argument("--warn-truncation", type=between(0, 1), default=0.2, help="warn when this share of completions "
+                    "hits --max-new-tokens")
+    ap.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (WANDB_MODE=offline "
+                    "works without a network)")
     # --- run
     add_run_flags(ap, "runs/grpo", 20, 20, "held-out accuracy every N steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
     return ap.parse_args(argv)
 
 
-def fsdp_modules(model):
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+# -----------------------------------------------------------------------------
+# one GRPO step, in the paper's order: questions -> rollouts -> rewards -> group advantages -> loss -> update
 
 
-class Rollout:
-    """Under FSDP2, gather the full parameters once for the whole rollout (not one all-gather per layer per
-    token), and keep them gathered until generation ends; ranks may then run different numbers of steps."""
-
-    def __init__(self, model):
-        self.model, self.mods = model, fsdp_modules(model)
-
-    def __enter__(self):
-        self.model.eval()
-        for m in self.mods:
-            m.set_reshard_after_forward(False, recurse=False)
-        for m in self.mods:
-            m.unshard()
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.mods:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
-        self.model.train()
+def pick_questions(cur, args, step):
+    """The step's questions: a pure function of (seed, step, pool), so resume and world size change nothing."""
+    qrng = random.Random(args.seed * 100003 + step)
+    return [cur.pool[j] for j in qrng.sample(range(len(cur.pool)), min(args.questions_per_step, len(cur.pool)))]
 
 
-def sample_groups(model, tok, items, G, args, seeds, device):
-    """G completions per item -> (token lists, texts, finish reasons, prompt id lists). seeds: one per item."""
+def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
+    """G completions per item -> dict of prompts (token lists), outs (token lists), texts, reasons, and the
+    rollout's own log-prob of each token (logprobs=True). seeds: one per item, so a completion depends only on its
+    item and step, never on the batch or the rank."""
     prompts = [prompt_ids(tok, it) for it in items]
-    stop = [tok.convert_tokens_to_ids("<|im_end|>")]
-    with autocast(device, args.autocast):
-        outs, reasons = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, stop_ids=stop, num_samples=G, seed=seeds, pad_id=tok.pad_token_id or 0,
-                                 cuda_graph=args.use_graph)
-    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
-    return outs, texts, reasons, prompts
+    with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
+        res = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G,
+                       seed=seeds, pad_id=tok.pad_token_id or 0, cuda_graph=args.use_graph, return_logprobs=logprobs)
+    outs, reasons = res[0], res[1]
+    return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
+                texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0)
+
+
+def score_groups(g, items, G, args):
+    """Reward parts of each completion (correct, format, reward), rewards (N,), advantages A = r - group mean
+    (eq. 2), and which groups are all-equal (A = 0 everywhere: no signal)."""
+    parts = [reward_parts(t, items[j // G], r, args.require_think, args.require_option)
+             for j, (t, r) in enumerate(zip(g["texts"], g["reasons"]))]
+    parts = [(c, f, args.w_correct * c + args.w_format * f) for c, f in parts]
+    rewards = args.w_correct * torch.tensor([c for c, _, _ in parts]) + args.w_format * torch.tensor([f for _, f, _ in parts])
+    return parts, rewards, group_advantages(rewards, G, args.adv_std), (rewards.view(-1, G).std(1) == 0).float()
+
+
+def policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter):
+    """The GRPO loss over this rank's kept completions (eq. 1-3), one optimizer step per --ppo-epochs. Returns
+    the step's statistics (sums over this rank; the caller adds the ranks up)."""
+    pr, pad = g["prompts_of"], g["pad"]
+    n_seq = all_reduce_sum(len(keep))
+    n_tok = all_reduce_sum(sum(len(g["outs"][j]) for j in keep))
+    denom = grpo_denominator(args.loss_agg, n_tok, n_seq, args.max_new_tokens)
+    micro = even_micro_batches(keep, args.micro_batch)
+    stats = dict(loss=0.0, kl=0.0, entropy=0.0, mismatch=0.0, grad_norm=0.0, skipped=n_seq == 0)
+    if stats["skipped"]:   # every group all-equal and skipped, on all ranks: the 0/0 normaliser would put NaN in
+        return stats       # every weight, and there is nothing to learn
+
+    def score(m, mb, entropy=False):
+        return completion_logprobs(m, [pr[j] for j in mb], [g["outs"][j] for j in mb], device, pad, args.share_prompt,
+                                   want_entropy=entropy, chunk=args.logits_chunk)
+
+    t = time.time()
+    old, refl = [], []   # the reference's log-probs (KL), and the sampling policy's (--ppo-epochs > 1)
+    if ref is not None or args.ppo_epochs > 1:
+        with meter.phase("reference"), torch.no_grad(), autocast(device, args.autocast):
+            for mb, _ in micro:
+                if ref is not None:
+                    refl.append(score(ref, mb)[0])
+                if args.ppo_epochs > 1:
+                    old.append(score(model, mb)[0])
+    stats["ref_s"] = time.time() - t
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with meter.phase("train"):
+        for epoch in range(args.ppo_epochs):
+            for mi, (mb, weight) in enumerate(micro):
+                with autocast(device, args.autocast):
+                    logp, mask, ent = score(model, mb, entropy=epoch == 0)   # log pi(y_t | x, y_<t), (n, L)
+                # the loss, per token: -A * log pi (eq. 1 with A = r - mean r, eq. 2), or PPO's clipped ratio
+                # when the data is reused (--ppo-epochs > 1), plus beta * KL(pi || ref) (k3, eq. 3); normalised
+                # over all tokens of all ranks (token-mean). FSDP averages gradients over ranks, hence * world; an
+                # empty padding micro-batch (even_micro_batches) weighs 0
+                per_tok = token_objective(logp, old[mi] if old else logp.detach(), adv[mb].to(device),
+                                          args.clip_low, args.clip_high, args.ppo_epochs > 1)
+                if ref is not None:
+                    kl = kl_k3(logp, refl[mi])
+                    per_tok = per_tok + args.kl_beta * kl
+                    stats["kl"] += weight * float((kl.detach() * mask).sum()) / max(n_tok, 1) * (epoch == 0)
+                loss = aggregate(per_tok, mask, args.loss_agg, denom) * world * weight
+                loss.backward()
+                stats["loss"] += float(loss.detach()) / world
+                if epoch == 0:
+                    stats["entropy"] += weight * float((ent * mask).sum()) / max(n_tok, 1)
+                    if g["logps"] is not None:   # trainer vs rollout: the same model, two code paths
+                        roll = torch.zeros_like(logp)
+                        for r, j in enumerate(mb):
+                            roll[r, :len(g["logps"][j])] = torch.tensor(g["logps"][j])
+                        stats["mismatch"] += weight * float(((logp.detach() - roll).abs() * mask).sum()) / max(n_tok, 1)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            stats["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            if not math.isfinite(stats["grad_norm"]):   # the same on every rank: stepping would corrupt the weights
+                print0(f"\nnon-finite gradient norm, update skipped")
+                opt.zero_grad(set_to_none=True)
+                stats["skipped"] = True
+                break
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return stats
 
 
 def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
     """Fraction of k samples correct for each item index in idx (sharded over ranks, gathered)."""
     mine = idx[rank::world]
     rates = {}
-    with Rollout(model), torch.no_grad():
-        for b in range(0, len(mine), args.gen_batch):   # gen_batch items x k samples a generate call
-            chunk = mine[b:b + args.gen_batch]
-            _, texts, reasons, _ = sample_groups(model, tok, [items[i] for i in chunk], k, args,
-                                                 [seed * 1_000_003 + i for i in chunk], device)
-            for j, i in enumerate(chunk):
-                rates[i] = sum(reward_parts(texts[j * k + s], items[i], reasons[j * k + s])[0] for s in range(k)) / k
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, rates)
-        rates = {i: p for part in parts for i, p in part.items()}
-    return rates
+    for b in range(0, len(mine), args.gen_batch):   # gen_batch items x k samples a generate call
+        chunk = mine[b:b + args.gen_batch]
+        g = sample_groups(model, tok, [items[i] for i in chunk], k, args, [seed * 1_000_003 + i for i in chunk], device)
+        for j, i in enumerate(chunk):
+            rates[i] = sum(reward_parts(g["texts"][j * k + s], items[i], g["reasons"][j * k + s])[0] for s in range(k)) / k
+    return {i: p for part in gather_objects(rates) for i, p in part.items()}
 
 
 def evaluate_policy(model, tok, val, args, rank, world, device):
     """Greedy accuracy and format rate on the held-out items."""
     from evaluate import run_items
-    with Rollout(model), torch.no_grad(), autocast(device, args.autocast):
-        resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, temperature=0.0,
-                         rank=rank, world=world, progress=False, cuda_graph=args.use_graph)
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, resp)
-        resp = {k: v for p in parts for k, v in p.items()}
+    with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
+        resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                         temperature=0.0, rank=rank, world=world, progress=False, cuda_graph=args.use_graph)
+    resp = {k: v for p in gather_objects(resp) for k, v in p.items()}
     _, s = score_items(val, resp, "val")
     s["format"] = 100 * sum(format_ok(resp[it["id"]][0]) for it in val) / max(1, len(val))
     return s
+
+
+def curriculum_step(cur, row, step, last_mine, model, tok, items, args, rank, world, device, meter):
+    """Stage 2 once rewards go sparse (the stage-1 policy exported then), and hard-sample mining at the switch
+    and every --mine-every steps after. Returns the step of the last mining."""
+    switch = cur.observe(row["zero_var_frac"], step)
+    if switch:   # the stage-1 policy, kept for the stage table (HF layout)
+        with meter.phase("export"):
+            export_hf(model, tok, os.path.join(args.out, "stage1"), rank)
+    remine = (cur.stage == 2 and last_mine is not None and step - last_mine >= args.mine_every
+              and args.steps - step >= args.mine_every)
+    if switch or remine:
+        t = time.time()
+        idx = list(range(len(items)))
+        if args.mine_max and len(idx) > args.mine_max:
+            idx = sorted(random.Random(args.seed + step - 1).sample(idx, args.mine_max))
+        with meter.phase("mining"):
+            rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + step - 1)
+        info = cur.mine(rates, step)
+        row.update({f"mined_{k}": v for k, v in info.items()}, mining_s=time.time() - t)
+        print0(f"\nstep {step}: {'stage 2 begins' if switch else 're-mined'}: {info}")
+        return step
+    return last_mine
 
 
 def memory_plan(args, cfg, tok, items, world, device):
@@ -374,6 +459,47 @@ def memory_plan(args, cfg, tok, items, world, device):
                     args, cuda)
 
 
+def load_items(args, world, device):
+    """The RL items (less --exclude), the tokenizer, and the memory plan; then the held-out / train split."""
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
+    src = ckpt or args.init
+    tok = load_tokenizer(src) if has_tokenizer(src) or not args.dry_run else None   # a dry run plans from config.json
+    rows = read_records(args.data)
+    for i, it in enumerate(rows):
+        if it.get("answer") not in (it.get("options") or {}):
+            raise SystemExit(f"{args.data}:{i + 1}: field 'answer' is not one of the options")
+    if args.exclude:   # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
+        seen = {str(r.get("id")) for r in read_records(args.exclude)}
+        rows = [it for it in rows if str(it.get("id")) not in seen]
+    planned = memory_plan(args, read_config(src), tok, rows, world, device)
+    order = list(range(len(rows)))
+    random.Random(args.seed).shuffle(order)
+    return ckpt, tok, [rows[i] for i in order[:args.val_size]], [rows[i] for i in order[args.val_size:]], planned
+
+
+def load_policy(ckpt, args, world, device, meter):
+    """The policy (from --init, or a checkpoint's shape to be filled by load_checkpoint) and the frozen reference,
+    sharded over the ranks as they load."""
+    with meter.phase("load"):
+        if ckpt:
+            model = empty_model(read_config(ckpt), device, world, bf16=args.bf16)
+        else:
+            model = load_sharded(args.init, device, world, bf16=args.bf16)
+        ref = None
+        if args.kl_beta > 0:   # the starting policy, for the KL term; bf16 under --bf16 (it is never trained)
+            ref = load_sharded(args.init, device, world, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                               bf16=args.bf16, frozen=True)
+    if ref is not None:
+        held = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in ref.parameters())
+        whole = sum(p.numel() * p.element_size() for p in ref.parameters())
+        print0(f"reference model: {held / 2**20:.1f} MB on rank 0, 1/{world} of its {whole / 2**20:.1f} MB")
+    if args.act_ckpt:
+        checkpoint_blocks(model)
+    return model, ref
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
@@ -391,44 +517,11 @@ def main(argv=None):
     set_seed(args.seed)
     if not args.dry_run:
         prepare_out(args.out, args.resume, args.overwrite, rank)
-    ckpt = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and ckpt is None:
-        print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
-    src = ckpt or args.init
-    tok = load_tokenizer(src) if has_tokenizer(src) or not args.dry_run else None   # a dry run plans from config.json
-    rows = read_records(args.data)
-    for i, it in enumerate(rows):
-        if it.get("answer") not in (it.get("options") or {}):
-            raise SystemExit(f"{args.data}:{i + 1}: field 'answer' is not one of the options")
-    if args.exclude:   # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
-        seen = {str(r.get("id")) for r in read_records(args.exclude)}
-        rows = [it for it in rows if str(it.get("id")) not in seen]
-    planned = memory_plan(args, read_config(ckpt or args.init), tok, rows, world, device)
-    rng = random.Random(args.seed)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    val = [rows[i] for i in order[:args.val_size]]
-    items = [rows[i] for i in order[args.val_size:]]
+    ckpt, tok, val, items, planned = load_items(args, world, device)
     cur = Curriculum(items, set(args.stage1_tiers.split(",")), args.sparsity_threshold, args.sparsity_window,
                      args.stage2_at, args.mix_right, args.hard_below, args.seed)
-
-    # --- policy and reference, sharded over the ranks as they load
     meter = Meter(device)
-    with meter.phase("load"):
-        if ckpt:   # the weights come from the checkpoint, below
-            model = empty_model(read_config(ckpt), device, world, bf16=args.bf16)
-        else:
-            model = load_sharded(args.init, device, world, bf16=args.bf16)
-        ref = None
-        if args.kl_beta > 0:   # the frozen starting policy, for the KL term; bf16 under --bf16 (it is never trained)
-            ref = load_sharded(args.init, device, world, dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                               bf16=args.bf16, frozen=True)
-    if ref is not None:
-        mine_b = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in ref.parameters())
-        print0(f"reference model: {mine_b / 2**20:.1f} MB on rank 0, 1/{world} of its "
-               f"{sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20:.1f} MB")
-    if args.act_ckpt:
-        checkpoint_blocks(model)
+    model, ref = load_policy(ckpt, args, world, device, meter)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, last_mine = 0, None
     if ckpt:
@@ -437,142 +530,48 @@ def main(argv=None):
         last_mine = extra["last_mine"]
         print0(f"resumed from {ckpt} at step {start} (stage {cur.stage})")
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume_step=start if ckpt else None)
-    pad = tok.pad_token_id or 0
+    rollout_log = RolloutLog(args.out, rank, args.log_groups, args.print_every, resume_step=start if ckpt else None)
+    canaries, wandb = Canaries(truncation=args.warn_truncation), Wandb(args.wandb, args, rank)
     print0(f"GRPO: {len(items)} train items ({len(cur.pool)} in the stage-1 pool), {len(val)} val | world {world} on {device}")
     if start == 0:
         s = evaluate_policy(model, tok, val, args, rank, world, device)
-        log.log(step=0, val_accuracy=s["accuracy"], val_format=s["format"], stage=1)
+        log.log(step=0, val_accuracy=s["accuracy"], val_n=s["n"], val_format=s["format"], stage=1)
         print0(f"step 0: val accuracy {s['accuracy']:.1f}%  format {s['format']:.1f}%")
 
     from tqdm import tqdm
     bar = tqdm(range(start, args.steps), desc="grpo", disable=rank != 0, initial=start, total=args.steps)
     for step in bar:
         G = args.group_size if cur.stage == 1 else args.stage2_group_size
-        # --- which questions: a pure function of (seed, step, pool), so resume and world size change nothing
-        qrng = random.Random(args.seed * 100003 + step)
-        batch = [cur.pool[j] for j in qrng.sample(range(len(cur.pool)), min(args.questions_per_step, len(cur.pool)))]
-        mine = batch[rank::world]
+        mine = pick_questions(cur, args, step)[rank::world]
         t0 = time.time()
-        with meter.phase("rollout"), Rollout(model), torch.no_grad():
-            # seeds per (step, item): rollouts do not depend on how items are split over ranks
-            outs, texts, reasons, prompts = sample_groups(model, tok, [items[i] for i in mine], G, args,
-                                                          [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine], device)
+        with meter.phase("rollout"):   # seeds per (step, item): rollouts do not depend on how items are split
+            g = sample_groups(model, tok, [items[i] for i in mine], G, args,
+                              [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine], device, logprobs=True)
         t_roll = time.time() - t0
-        parts = [reward_parts(texts[j], items[mine[j // G]], reasons[j], args.require_think,
-                              args.require_option) for j in range(len(texts))]
-        correct = torch.tensor([c for c, _ in parts])
-        fmt = torch.tensor([f for _, f in parts])
-        rewards = args.w_correct * correct + args.w_format * fmt
-        adv = group_advantages(rewards, G, args.adv_std)
-        zero_var = (rewards.view(-1, G).std(1) == 0).float()
-        pr = [prompts[j // G] for j in range(len(outs))]   # each completion's prompt (one list per group)
-        keep = list(range(len(outs)))
-        if args.skip_zero_var:   # they carry no gradient anyway (A = 0); skipping saves their forward/backward
-            keep = [j for j in keep if not zero_var[j // G]]
-        n_seq_g = all_reduce_sum(len(keep))
-        n_tok_g = all_reduce_sum(sum(len(outs[j]) for j in keep))
-        denom = grpo_denominator(args.loss_agg, n_tok_g, n_seq_g, args.max_new_tokens)
-
-        # every rank walks the same number of micro-batches: FSDP forwards are collective, so a rank with fewer
-        # completions kept runs empty-weight passes (on completion 0) until the others are done
-        n_micro = math.ceil(len(keep) / args.micro_batch)
-        n_micro = int(max(all_gather_max(n_micro, world), 1)) if world > 1 else n_micro
-        micro = [(keep[m0:m0 + args.micro_batch] or [0], 1.0 if keep[m0:m0 + args.micro_batch] else 0.0)
-                 for m0 in range(0, n_micro * args.micro_batch, args.micro_batch)]
-
-        # every group all-equal and skipped (on all ranks): nothing to learn, and the 0/0 normaliser would put NaN
-        # into every weight, so there is no update this step
-        skipped = n_seq_g == 0
-
-        # --- reference and old log-probs (only when used)
-        t1 = time.time()
-        old, refl = [], []
-        if (ref is not None or args.ppo_epochs > 1) and not skipped:
-            with meter.phase("reference"), torch.no_grad():
-                for mb, _ in micro:
-                    with autocast(device, args.autocast):
-                        if ref is not None:
-                            refl.append(completion_logprobs(ref, [pr[j] for j in mb], [outs[j] for j in mb], device,
-                                                            pad, args.share_prompt, chunk=args.logits_chunk)[0])
-                        if args.ppo_epochs > 1:
-                            old.append(completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device,
-                                                           pad, args.share_prompt, chunk=args.logits_chunk)[0])
-        t_ref = time.time() - t1
-
-        # --- policy update(s)
-        t2 = time.time()
-        stats = dict(loss=0.0, kl=0.0, entropy=0.0)
-        gnorm = 0.0
+        parts, rewards, adv, zero_var = score_groups(g, [items[i] for i in mine], G, args)
+        g["prompts_of"] = [g["prompts"][j // G] for j in range(len(g["outs"]))]
+        keep = [j for j in range(len(g["outs"])) if not (args.skip_zero_var and zero_var[j // G])]
         lr = lr_at(step, args.steps, args.lr, args.lr if args.min_lr is None else args.min_lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with meter.phase("train"):
-            for epoch in range(0 if skipped else args.ppo_epochs):
-                for mi, (mb, weight) in enumerate(micro):
-                    with autocast(device, args.autocast):
-                        logp, mask, ent = completion_logprobs(model, [pr[j] for j in mb], [outs[j] for j in mb], device, pad,
-                                                              args.share_prompt, want_entropy=epoch == 0,
-                                                              chunk=args.logits_chunk)
-                    a = adv[mb].to(device)
-                    old_lp = old[mi] if old else logp.detach()
-                    per_tok = token_objective(logp, old_lp, a, args.clip_low, args.clip_high, args.ppo_epochs > 1)
-                    if ref is not None:
-                        kl = kl_k3(logp, refl[mi])
-                        per_tok = per_tok + args.kl_beta * kl
-                        stats["kl"] += weight * float((kl.detach() * mask).sum()) / max(n_tok_g, 1) * (epoch == 0)
-                    loss = aggregate(per_tok, mask, args.loss_agg, denom) * world * weight
-                    loss.backward()
-                    stats["loss"] += float(loss.detach()) / world
-                    if epoch == 0:
-                        stats["entropy"] += weight * float((ent * mask).sum()) / max(n_tok_g, 1)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-                if not math.isfinite(gnorm):   # the same on every rank (a global norm); stepping would corrupt the weights
-                    print0(f"\nstep {step + 1}: non-finite gradient norm, update skipped")
-                    opt.zero_grad(set_to_none=True)
-                    skipped = True
-                    break
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        t_train = time.time() - t2
-
-        # --- logging (global means over ranks)
-        n_all = all_reduce_sum(len(texts))
-        row = dict(step=step + 1, stage=cur.stage, group_size=G, pool=len(cur.pool), lr=lr,
-                   reward=all_reduce_sum(float(rewards.sum())) / n_all,
-                   accuracy=all_reduce_sum(float(correct.sum())) / n_all,
-                   format_rate=all_reduce_sum(float(fmt.sum())) / n_all,
-                   zero_var_frac=all_reduce_sum(float(zero_var.sum())) / all_reduce_sum(len(zero_var)),
-                   truncated_frac=all_reduce_sum(sum(r == "length" for r in reasons)) / n_all,
-                   response_len=all_reduce_sum(sum(len(o) for o in outs)) / n_all,
-                   entropy=all_reduce_sum(stats["entropy"]), loss=all_reduce_sum(stats["loss"]), grad_norm=gnorm,
-                   skipped_update=skipped, rollout_s=t_roll, ref_s=t_ref, train_s=t_train,
-                   rollout_tok_s=sum(len(o) for o in outs) / max(t_roll, 1e-9),
-                   mem_mb=meter.overall() / 2**20)
-        if ref is not None:
-            row["kl"] = all_reduce_sum(stats["kl"])
-        # --- curriculum: stage 2 on reward sparsity, then mining every M steps
-        switch = cur.observe(row["zero_var_frac"], step + 1)
-        if switch:   # the stage-1 policy, kept for the stage table (HF layout)
-            with meter.phase("export"):
-                export_hf(model, tok, os.path.join(args.out, "stage1"), rank)
-        remine = (cur.stage == 2 and last_mine is not None and step + 1 - last_mine >= args.mine_every
-                  and args.steps - (step + 1) >= args.mine_every)
-        if switch or remine:
-            idx = list(range(len(items)))
-            if args.mine_max and len(idx) > args.mine_max:
-                idx = sorted(random.Random(args.seed + step).sample(idx, args.mine_max))
-            with meter.phase("mining"):
-                rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + step)
-            info = cur.mine(rates, step + 1)
-            last_mine = step + 1
-            row.update({f"mined_{k}": v for k, v in info.items()})
-            print0(f"\nstep {step + 1}: {'stage 2 begins' if switch else 're-mined'}: {info}")
+        t2 = time.time()
+        stats = policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
+        row = step_metrics(step + 1, cur, G, lr, g, [items[i] for i in mine], parts, rewards, zero_var, stats,
+                           t_roll, time.time() - t2 - stats.get("ref_s", 0), meter, args)
+        picked = [extract_answer(t, items[mine[j // G]]["options"]) for j, t in enumerate(g["texts"])]
+        signals = answer_signals(g["texts"], picked, [items[i]["answer"] for i in mine], parts, args.w_format)
+        row["warnings"] = canaries.check(step + 1, row, merge_signals(gather_objects(signals)))
+        index = [j * world + rank for j in range(len(mine))]
+        groups = [x for part in gather_objects(rollout_log.groups(
+            step + 1, cur.stage, [items[i] for i in mine], [build_messages(items[i])[1]["content"] for i in mine], g["texts"],
+            parts, adv, g["reasons"], [len(o) for o in g["outs"]], G, index)) for x in part]
+        rollout_log.write(step + 1, groups)
+        last_mine = curriculum_step(cur, row, step + 1, last_mine, model, tok, items, args, rank, world, device, meter)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             s = evaluate_policy(model, tok, val, args, rank, world, device)
-            row.update(val_accuracy=s["accuracy"], val_format=s["format"])
+            row.update(val_accuracy=s["accuracy"], val_n=s["n"], val_format=s["format"])
         log.log(**row)
-        bar.set_postfix(stage=cur.stage, r=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", zv=f"{row['zero_var_frac']:.2f}")
+        wandb.log(row, groups if args.print_every and (step + 1) % args.print_every == 0 else ())
+        bar.set_postfix(stage=cur.stage, r=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
+                        zv=f"{row['zero_var_frac']:.2f}")
         done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
         if (step + 1) % args.save_every == 0 or done:
             with meter.phase("save"):
@@ -581,21 +580,32 @@ def main(argv=None):
         if done:
             break
     bar.close()
-    if args.stop_after is None or args.stop_after >= args.steps:
-        with meter.phase("export"):
-            export_hf(model, tok, args.out, rank)
-        if rank == 0:
-            plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "curves.png"),
-                         ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len"], "GRPO")
-        print0(f"saved {args.out} (HF layout) and {args.out}/curves.png")
-    report_peaks(meter, planned, rank, world)
-    close_distributed()
+    wandb.finish()
+    finish_run(model, tok, args, rank, world, meter, planned, "GRPO",
+               ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len", "entropy", "truncated_frac"])
 
 
-def all_gather_max(x, world):
-    t = torch.tensor(float(x))
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
+def step_metrics(step, cur, G, lr, g, items, parts, rewards, zero_var, stats, t_roll, t_train, meter, args):
+    """The step's row of metrics.jsonl: global means over ranks."""
+    lens = [len(o) for o in g["outs"]]
+    n_all = all_reduce_sum(len(lens))
+    tokens = all_reduce_sum(sum(lens))
+    row = dict(step=step, stage=cur.stage, group_size=G, pool=len(cur.pool), lr=lr,
+               reward=all_reduce_sum(float(rewards.sum())) / n_all,
+               accuracy=all_reduce_sum(sum(p[0] for p in parts)) / n_all,
+               format_rate=all_reduce_sum(sum(p[1] for p in parts)) / n_all,
+               zero_var_frac=all_reduce_sum(float(zero_var.sum())) / all_reduce_sum(len(zero_var)),
+               truncated_frac=all_reduce_sum(sum(r == "length" for r in g["reasons"])) / n_all,
+               response_len=tokens / n_all, response_len_max=all_reduce_max(max(lens)),
+               entropy=all_reduce_sum(stats["entropy"]), loss=all_reduce_sum(stats["loss"]),
+               grad_norm=stats["grad_norm"], skipped_update=stats["skipped"],
+               logp_mismatch=all_reduce_sum(stats["mismatch"]),
+               slot_use=tokens / all_reduce_sum(len(lens) * max(lens)),   # generated / (rows x decode steps)
+               rollout_s=t_roll, ref_s=stats.get("ref_s", 0.0), train_s=t_train,
+               rollout_tok_s=tokens / max(all_reduce_max(t_roll), 1e-9), mem_mb=meter.overall() / 2**20)
+    if args.kl_beta > 0:
+        row["kl"] = all_reduce_sum(stats["kl"])
+    return row
 
 
 if __name__ == "__main__":

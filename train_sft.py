@@ -19,12 +19,12 @@ import time
 import torch
 
 from cli import Parser, at_least, fraction, guard
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, close_distributed, init_distributed,
-                    lr_at, need, plot_metrics, prepare_out, print0, set_seed, wants_autocast)
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, finish_run, init_distributed, lr_at,
+                    need, prepare_out, print0, set_seed, wants_autocast)
 from evaluate import jsonl_rows
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, shard_model)
-from memplan import Meter, announce, plan, report_peaks, size
+from memplan import Meter, announce, plan, size
 from model import ModelConfig, Transformer, has_tokenizer, load_tokenizer, read_config, train_tokenizer
 
 
@@ -308,15 +308,7 @@ def main(argv=None):
         if done:
             break
     bar.close()
-    if args.stop_after is None or args.stop_after >= args.steps:   # the final model, in the HF layout, at {out}
-        with meter.phase("export"):
-            export_hf(model, tok, args.out, rank)
-        if rank == 0:
-            plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "loss.png"),
-                         ["loss", "val_loss", "lr", "grad_norm"], "SFT")
-        print0(f"saved {args.out} (HF layout) and {args.out}/loss.png")
-    report_peaks(meter, planned, rank, world)
-    close_distributed()
+    finish_run(model, tok, args, rank, world, meter, planned, "SFT", ["loss", "val_loss", "lr", "grad_norm"], "loss.png")
 
 
 if __name__ == "__main__":

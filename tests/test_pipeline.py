@@ -12,15 +12,6 @@ from helpers import metrics, run
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipe")
-    make_data.main(["--out", str(d / "data"), "--kg-questions", "300", "--kg-max-diseases", "30", "--seed", "3"])
-    run(["train_sft.py", "--data", str(d / "data" / "sft.jsonl"), "--out", str(d / "sft"), "--preset", "nano",
-         "--vocab-size", "600", "--seq-len", "384", "--steps", "15", "--rows-per-step", "4", "--eval-every", "15"])
-    return d
-
-
 def grpo_args(tiny, out):
     return ["--init", str(tiny / "sft"), "--data", str(tiny / "data" / "rl_train.jsonl"),
             "--out", str(out), "--steps", "4", "--questions-per-step", "4", "--group-size", "4",
