@@ -271,6 +271,8 @@ def add_run_flags(ap, out, eval_every, save_every, eval_help):
                     "are removed first); without it such an --out is refused")
     ap.add_argument("--stop-after", type=at_least(1), default=None, help="stop after this step (tests of resume)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    ap.add_argument("--plain", action="store_true", help="the textbook paths only (model.py's attention and "
+                    "generate, no speed path of fast.py): the same numbers up to float rounding, slower")
     ap.add_argument("--dry-run", action="store_true", help="print the memory plan per rank and exit: 0 if it fits, "
                     "1 (naming the flag to change) if not; reads config.json, never the weights")
     ap.add_argument("--plan-world", type=at_least(1), default=None, help="plan for this many ranks (default: this launch's)")

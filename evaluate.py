@@ -308,7 +308,7 @@ def run_items(model, tok, items, max_new_tokens=512, batch_size=16, temperature=
               rank=0, world=1, progress=True, cuda_graph=False):
     """Generate for this rank's share (sorted by prompt length so batches pad little). Returns
     {item id: [responses]} for the items of this rank."""
-    from model import generate
+    from fast import generate
     from tqdm import tqdm
     mine = items[rank::world]
     prompts = [prompt_ids(tok, it) for it in mine]
@@ -635,6 +635,7 @@ def main():
     ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports pass@n and majority vote")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--plain", action="store_true", help="model.py's generate, not fast.py's (the same tokens)")
     ap.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step one CUDA graph replay (4-5x "
                     "faster generation measured on an H200 by bench/generate.py; same tokens); ignored on CPU")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -710,7 +711,9 @@ def main():
                  f"names ({len(labels)})")
     import torch
     from common import close_distributed, init_distributed
-    from model import load_model, load_tokenizer
+    import fast
+    from hf_io import load_model, load_tokenizer
+    fast.ON = not args.plain
     rank, world, device = init_distributed(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # several models in one launch: the process start-up (torch, tokenizers, the process group) is paid once

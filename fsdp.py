@@ -22,7 +22,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from model import Transformer, check_weights, load_model, load_rows, read_config, safetensors_index, save_model
+from hf_io import check_weights, load_model, load_rows, read_config, safetensors_index, save_model
+from model import Transformer
 
 
 def shard_model(model, device, world, bf16=False, reshard_after_forward=True):

@@ -241,7 +241,7 @@ class ChatModel:
         self.key = os.environ.get(key_env) if url else None   # never printed or written
         self.local = None
         if ckpt:
-            from model import load_model, load_tokenizer
+            from hf_io import load_model, load_tokenizer
             self.local = (load_model(ckpt).eval(), load_tokenizer(ckpt))
             self.model = ckpt
         self.calls, self.retried, self.seconds = 0, 0, 0.0   # answers, retries, time waiting for them
@@ -325,7 +325,7 @@ class ChatModel:
                 todo.setdefault(key, msgs)   # the same conversation twice is asked once
         answers = {}
         if self.local and todo:
-            from model import generate
+            from fast import generate
             m, tok = self.local
             stop = [tok.convert_tokens_to_ids("<|im_end|>")]
             items = list(todo.items())

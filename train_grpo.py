@@ -28,7 +28,8 @@ from evaluate import build_messages, extract_answer, format_ok, prompt_ids, read
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, unsharded)
 from memplan import Meter, announce, plan, size
-from model import DocBuckets, flex_block_mask, generate, has_tokenizer, load_tokenizer, read_config
+import fast
+from hf_io import has_tokenizer, load_tokenizer, read_config
 from watch import Canaries, RolloutLog, Wandb, answer_signals, merge_signals
 
 # -----------------------------------------------------------------------------
@@ -100,76 +101,24 @@ def grpo_denominator(mode, n_tokens, n_seqs, const):
     return {"token-mean": n_tokens, "seq-mean": n_seqs, "seq-sum": n_seqs, "token-sum": n_seqs * const}[mode]
 
 
-def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entropy=False, chunk=0):
-    """Score completions: prompts[i] + outs[i] -> (log-prob of each completion token (N, Lc), mask (N, Lc), entropy).
-
-    share: how many completions of the same prompt go into one row behind a single copy of it, e.g.
-    [prompt, c1, c2, c3, c4]: each c_k attends to the prompt and to itself, not to the other c's, and restarts
-    its positions where the prompt ends, so its log-probs are the ones of [prompt, c_k] alone. A GRPO group
-    shares its prompt, and KG prompts are ~2x longer than the answers, so this does ~half the forward/backward
-    work (bench/grpo.py prints the ratio against share=1).
-    On CPU the rows are laid end to end in a single row with no padding (padding to the longest row was ~20 % of
-    the tokens) and each prompt and each completion attends as its own short sequence (model.DocBuckets; SDPA
-    under a dense mask computed every (query, key) pair of the row). On a GPU the rows are padded and attend with
-    SDPA under a dense (T, T) mask per row, which rules out flash-attn and grows with share: for long
-    completions there, keep share=1, one padded row per completion with the plain causal mask (no mask at all).
-    Logits are computed only where a completion token is predicted: the prompt positions carry no loss, and the
-    lm_head + log-softmax over them would be most of the cost."""
-    rows = []   # (prompt, [completion indices])
+def completion_logprobs(model, prompts, outs, device, pad_id, want_entropy=False, chunk=0):
+    """log pi(y_t | x, y_<t) of each completion token: prompts[i] + outs[i] -> (log-probs (N, Lc), mask (N, Lc),
+    entropy or None). One right-padded row per completion, causal attention; log-probs only where a completion
+    token is predicted (the prompt carries no loss). fast.completion_logprobs gives the same with less work."""
+    L = max(len(p) + len(o) for p, o in zip(prompts, outs))
+    ids = torch.full((len(outs), L), pad_id, dtype=torch.long)
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        if rows and len(rows[-1][1]) < share and rows[-1][0] == p:
-            rows[-1][1].append(i)
-        else:
-            rows.append((p, [i]))
-    lens = [len(p) + sum(len(outs[i]) for i in idx) for p, idx in rows]
-    longest = max(len(p) + len(o) for p, o in zip(prompts, outs))
-    packed = torch.device(device).type == "cpu" and longest <= DocBuckets.MAX_LEN
-    if packed:   # (batch row, start) of each row
-        place, B, T = [(0, sum(lens[:r])) for r in range(len(rows))], 1, sum(lens)
-    else:
-        place, B, T = [(r, 0) for r in range(len(rows))], len(rows), max(lens)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)   # -1 pad, 0 prompt, k >= 1 the row's k-th completion
-    seqs = []    # packed: (prefix start, prefix length, start, length) of each attention sequence (DocBuckets)
-    where = []   # per completion: (batch row, [position predicting each of its tokens])
-    for (p, idx), (r, s0) in zip(rows, place):
-        P = len(p)
-        ids[r, s0:s0 + P] = torch.tensor(p)
-        pos[r, s0:s0 + P] = torch.arange(P)
-        seg[r, s0:s0 + P] = 0
-        seqs.append((0, 0, s0, P))
-        s = s0 + P
-        for k, i in enumerate(idx):
-            n = len(outs[i])
-            ids[r, s:s + n] = torch.tensor(outs[i], dtype=torch.long)
-            pos[r, s:s + n] = torch.arange(P, P + n)
-            seg[r, s:s + n] = k + 1
-            seqs.append((s0, P, s, n))
-            # token 0 is predicted by the prompt's last position, token j > 0 by the completion's token j - 1
-            where.append((r, ([s0 + P - 1] + list(range(s, s + n - 1)))[:n]))
-            s += n
-    mask = None
-    if packed:
-        mask = DocBuckets(seqs, T, device)
-    elif share > 1 and torch.device(device).type == "cuda":   # flex_attention skips the blocks no one sees
-        mask = flex_block_mask(seg.to(device), shared_prefix=True)
-    elif share > 1:
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
-        mask = ((same & causal) | torch.eye(T, dtype=torch.bool))[:, None].to(device)   # a pad sees itself: no NaN
-    # the scored tokens: where each is predicted (flat index into the (B, T) row positions; a shared prompt's last
-    # position predicts the first token of each of its completions) and the token itself
-    at = torch.tensor([r * T + j for r, js in where for j in js], device=device)
-    tgt = torch.tensor([t for o in outs for t in o], device=device)
-    lp, ent = model(ids.to(device), position_ids=pos.to(device), attention_mask=mask, logits_at=at, targets=tgt,
-                    chunk=chunk, want_entropy=want_entropy)
+        ids[i, :len(p) + len(o)] = torch.tensor(p + o)
+    # token j of completion i is predicted at position len(prompt) - 1 + j of its row
+    at = torch.tensor([i * L + len(p) - 1 + j for i, (p, o) in enumerate(zip(prompts, outs)) for j in range(len(o))])
+    tgt = torch.tensor([t for o in outs for t in o])
+    lp, ent = model(ids.to(device), logits_at=at.to(device), targets=tgt.to(device), chunk=chunk,
+                    want_entropy=want_entropy)
     lens = torch.tensor([len(o) for o in outs])
-    Lc = int(lens.max())
-    mask_c = (torch.arange(Lc)[None] < lens[:, None]).float()
-    col = torch.where(mask_c.bool(), (lens.cumsum(0) - lens)[:, None] + torch.arange(Lc), 0)  # -> index into lp
-    col, mask_c = col.to(device), mask_c.to(device)
-    return lp[col] * mask_c, mask_c, (ent[col] * mask_c if want_entropy else None)
+    mask = (torch.arange(int(lens.max()))[None] < lens[:, None]).to(device)
+    out = torch.zeros(mask.shape, device=device, dtype=lp.dtype).masked_scatter(mask, lp)
+    ent = torch.zeros(mask.shape, device=device).masked_scatter(mask, ent) if want_entropy else None
+    return out, mask.float(), ent
 
 
 # -----------------------------------------------------------------------------
@@ -312,9 +261,10 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
     item and step, never on the batch or the rank."""
     prompts = [prompt_ids(tok, it) for it in items]
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
-        res = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G,
-                       seed=seeds, pad_id=tok.pad_token_id or 0, cuda_graph=args.use_graph, return_logprobs=logprobs)
+        res = fast.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G,
+                            seed=seeds, pad_id=tok.pad_token_id or 0, cuda_graph=args.use_graph,
+                            return_logprobs=logprobs)   # model.generate's tokens, less work (--plain: that one)
     outs, reasons = res[0], res[1]
     return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
                 texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0)
@@ -342,9 +292,11 @@ def policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
     if stats["skipped"]:   # every group all-equal and skipped, on all ranks: the 0/0 normaliser would put NaN in
         return stats       # every weight, and there is nothing to learn
 
-    def score(m, mb, entropy=False):
-        return completion_logprobs(m, [pr[j] for j in mb], [g["outs"][j] for j in mb], device, pad, args.share_prompt,
-                                   want_entropy=entropy, chunk=args.logits_chunk)
+    def score(m, mb, entropy=False):   # fast.completion_logprobs: the same log-probs, less work (--share-prompt)
+        p, o = [pr[j] for j in mb], [g["outs"][j] for j in mb]
+        if fast.ON:
+            return fast.completion_logprobs(m, p, o, device, pad, args.share_prompt, entropy, args.logits_chunk)
+        return completion_logprobs(m, p, o, device, pad, entropy, args.logits_chunk)
 
     t = time.time()
     old, refl = [], []   # the reference's log-probs (KL), and the sampling policy's (--ppo-epochs > 1)
@@ -502,6 +454,7 @@ def load_policy(ckpt, args, world, device, meter):
 
 def main(argv=None):
     args = get_args(argv)
+    fast.ON = not args.plain
     rank, world, device = init_distributed(args.device)
     if not args.dry_run:
         check_bf16(args.bf16, device)

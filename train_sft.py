@@ -25,7 +25,9 @@ from evaluate import jsonl_rows
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, shard_model)
 from memplan import Meter, announce, plan, size
-from model import ModelConfig, Transformer, has_tokenizer, load_tokenizer, read_config, train_tokenizer
+import fast
+from hf_io import has_tokenizer, load_tokenizer, read_config, train_tokenizer
+from model import ModelConfig, Transformer
 
 
 # -----------------------------------------------------------------------------
@@ -98,9 +100,11 @@ def batch_tensors(rows, device):
 
 def masked_loss_sum(model, ids, mask, docs, chunk=0):
     """Sum of next-token cross-entropy over the masked (assistant) targets, and their count. Log-probs are
-    made for those positions only (prompt tokens carry no loss), chunk tokens at a time (model.token_logprobs)."""
+    made for those positions only (prompt tokens carry no loss), chunk tokens at a time (model.token_logprobs).
+    Each packed document attends only to itself: fast.doc_attention does that with less work than the dense mask."""
     m = mask[:, 1:].bool() & (docs[:, 1:] == docs[:, :-1])   # never predict across a document boundary
-    logp, _ = model(ids[:, :-1], doc_ids=docs[:, :-1], logits_at=m, targets=ids[:, 1:][m], chunk=chunk)
+    logp, _ = model(ids[:, :-1], doc_ids=docs[:, :-1], attention_mask=fast.doc_attention(docs[:, :-1]), logits_at=m,
+                    targets=ids[:, 1:][m], chunk=chunk)
     return -logp.sum(), int(m.sum())
 
 
@@ -143,7 +147,7 @@ def memory_plan(args, cfg, world, device, longest):
     """memplan.py's budget for these flags; --dry-run stops here."""
     world = args.plan_world or world
     cuda = device.type == "cuda" or args.gpu_mem is not None
-    # on a CPU, documents up to DocBuckets.MAX_LEN attend alone; a longer one makes its whole row attend as one
+    # on a CPU, documents up to fast.DocBuckets.MAX_LEN attend alone; a longer one makes its row attend as one
     sdpa = 0 if cuda else (longest if longest <= 1024 else args.seq_len)
     rows = plan(cfg, world, cuda, args.bf16, "sft", args.micro_rows * args.seq_len, args.seq_len, args.act_ckpt,
                 args.logits_chunk, sdpa_len=min(sdpa, args.seq_len))
@@ -153,6 +157,7 @@ def memory_plan(args, cfg, world, device, longest):
 
 def main(argv=None):
     args = get_args(argv)
+    fast.ON = not args.plain
     rank, world, device = init_distributed(args.device)
     if not args.dry_run:
         check_bf16(args.bf16, device)

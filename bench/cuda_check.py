@@ -1,6 +1,7 @@
 """
 CUDA path checks (run on a GPU machine): logits parity with transformers in fp32 and bf16, greedy generation
-equal to transformers' on the same GPU, flash-attn availability, and packed (doc_ids) attention on CUDA.
+equal to transformers' on the same GPU, fast.generate (and its CUDA graph) equal to model.generate, and packed
+(doc_ids) rows through flex_attention (fast.doc_attention) equal to each document alone.
 
     python bench/cuda_check.py
 """
@@ -13,11 +14,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import transformers  # noqa: E402
 
+import fast  # noqa: E402
 import model as M  # noqa: E402
+from hf_io import load_model  # noqa: E402
 
 assert torch.cuda.is_available(), "needs a CUDA device"
-print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"flash-attn importable: {M.HAVE_FLASH}")
+print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}")
 torch.manual_seed(0)
 for kind in ("qwen2", "qwen3"):
     Cfg = transformers.Qwen2Config if kind == "qwen2" else transformers.Qwen3Config
@@ -29,13 +31,13 @@ for kind in ("qwen2", "qwen3"):
     ids = torch.randint(3, 1000, (4, 96), device="cuda")
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.15)):
         r = ref.to("cuda", dtype)
-        ours = M.load_model(path, device="cuda", dtype=dtype)
+        ours = load_model(path, device="cuda", dtype=dtype)
         with torch.no_grad():
             d = (r(ids).logits.float() - ours(ids).float()).abs().max().item()
         print(f"{kind} {str(dtype):>15}: max |logit diff| vs transformers {d:.2e} ({'ok' if d <= tol else 'FAIL'} <= {tol})")
     # a fresh copy: the loop above moved ref to bf16 in place (Module.to), and back to fp32 keeps the rounding
     r = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
-    ours = M.load_model(path, device="cuda", dtype=torch.float32)
+    ours = load_model(path, device="cuda", dtype=torch.float32)
     prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (5, 40, 17)]
     outs, _ = M.generate(ours, prompts, max_new_tokens=24, temperature=0.0)
     theirs = [r.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, do_sample=False, eos_token_id=None,
@@ -51,15 +53,17 @@ for kind in ("qwen2", "qwen3"):
     print(f"{kind} greedy generation (ragged batch) == transformers per prompt: {outs == theirs} (first difference at "
           f"step {first}); worst gap of our token below transformers' max logit {max(gaps):.1e} "
           f"({'ok' if max(gaps) <= 1e-4 else 'FAIL'} <= 1e-4)")
-    # fixed-shape decoding captured as a CUDA graph (model.fixed_shape_step) against the default path
-    graph_same = [M.generate(ours, prompts, 24, cuda_graph=True, **kw) == M.generate(ours, prompts, 24, **kw)
-                  for kw in (dict(temperature=0.0), dict(temperature=1.0, num_samples=4, seed=3, stop_ids=range(3, 60)))]
-    print(f"{kind} generate(cuda_graph=True) == default path, greedy / sampled with early stops: {graph_same}")
+    # fast.generate, eager and with each decode step a CUDA graph (fast.fixed_shape_step), against model.generate
+    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=4, seed=3, stop_ids=range(3, 60)))
+    same = [[fast.generate(ours, prompts, 24, cuda_graph=g, **kw) == M.generate(ours, prompts, 24, **kw) for kw in kws]
+            for g in (False, True)]
+    print(f"{kind} fast.generate == model.generate, greedy / sampled with early stops: eager {same[0]}, "
+          f"CUDA graph {same[1]}")
     docs = [torch.randint(3, 1000, (n,)).tolist() for n in (30, 50, 20)]
     packed = torch.tensor([sum(docs, [])], device="cuda")
     doc_ids = torch.tensor([[i for i, d in enumerate(docs) for _ in d]], device="cuda")
-    ob = M.load_model(path, device="cuda", dtype=torch.bfloat16)
+    ob = load_model(path, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        lp = ob(packed, doc_ids=doc_ids)[0].float()
+        lp = ob(packed, doc_ids=doc_ids, attention_mask=fast.doc_attention(doc_ids))[0].float()
         alone = torch.cat([ob(torch.tensor([d], device="cuda"))[0].float() for d in docs])
-    print(f"{kind} packed bf16 vs separate: max diff {(lp - alone).abs().max().item():.2e}")
+    print(f"{kind} packed bf16 (flex_attention) vs separate: max diff {(lp - alone).abs().max().item():.2e}")

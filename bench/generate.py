@@ -19,7 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import cpu_has_native_bf16  # noqa: E402
-from model import ModelConfig, Transformer, generate, load_model, save_model  # noqa: E402
+from fast import generate  # noqa: E402
+from hf_io import load_model, save_model  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="20m", help="model preset (20m ~ 20M parameters)")

@@ -21,7 +21,7 @@ step() {   # step SECONDS NAME CMD...: run with a limit, log output, record time
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; lscpu | grep "Model name"
   python -c "import torch, transformers, model; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-'transformers', transformers.__version__, 'flash-attn', model.HAVE_FLASH, 'cpu bf16', torch.cpu._is_avx512_bf16_supported())"
+'transformers', transformers.__version__, 'cpu bf16', torch.cpu._is_avx512_bf16_supported())"
 } 2>&1 | tee "$OUT/summary.txt" >>"$LOG"
 step 120 "cuda_check (parity, greedy, packed)"  python bench/cuda_check.py
 # SFT tokens/s and MFU at the Qwen2.5-1.5B shape (packed rows, flex_attention), decode vs the HBM roofline

@@ -90,7 +90,8 @@ def make_checkpoint(shape, out, data):
     """A random-init checkpoint of the shape, HF layout in several safetensors shards, with a small BPE tokenizer
     trained on the SFT data (the embedding is larger than the tokenizer's vocabulary, as Qwen's own is)."""
     import torch
-    from model import ModelConfig, Transformer, save_model, train_tokenizer
+    from hf_io import save_model, train_tokenizer
+    from model import ModelConfig, Transformer
     texts = [m["content"] for line in open(data) for m in json.loads(line)["messages"]]
     tok = train_tokenizer(texts, 4096, out)
     cfg = ModelConfig(vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
@@ -170,7 +171,8 @@ def roofline(args):
     as train_sft.py runs), and generate()'s decode tokens/s against the HBM roofline (each step reads every
     weight and the KV cache once), with and without the CUDA graph."""
     import torch
-    from model import ModelConfig, Transformer, generate
+    from fast import generate
+    from model import ModelConfig, Transformer
     from train_sft import masked_loss_sum, pack
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"   # elsewhere (a smoke test of this code): fp32, and give --peak-tflops / --hbm-tbs

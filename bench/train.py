@@ -27,7 +27,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import cpu_has_native_bf16  # noqa: E402
-from model import ModelConfig, Transformer, doc_attention_mask, doc_positions, save_model  # noqa: E402
+from hf_io import save_model  # noqa: E402
+from model import ModelConfig, Transformer, doc_attention_mask, doc_positions  # noqa: E402
 from train_sft import masked_loss_sum, pack  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

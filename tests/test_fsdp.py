@@ -10,13 +10,14 @@ import torch
 
 from fsdp import latest_checkpoint
 from helpers import ROOT, run
-from model import ModelConfig, Transformer, save_model
+from hf_io import save_model
+from model import ModelConfig, Transformer
 
 SHARD_CHECK = r'''
 import sys, torch, torch.distributed as dist
 from common import init_distributed
 from fsdp import load_sharded, owned_rows
-from model import load_model
+from hf_io import load_model
 rank, world, device = init_distributed("cpu")
 for path, dtype in zip(sys.argv[1::2], sys.argv[2::2]):
     dtype = getattr(torch, dtype)
@@ -91,7 +92,7 @@ def test_dry_run_refuses_what_cannot_fit_and_accepts_the_recipe(tmp_path):
     d = tmp_path / "qwen7b"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg.to_hf("bfloat16")))
-    from model import train_tokenizer
+    from hf_io import train_tokenizer
     train_tokenizer(["a b c"] * 10, 300, str(d))
     data = tmp_path / "rl.jsonl"
     data.write_text(json.dumps(dict(id="1", question="q " * 300, options={"A": "x", "B": "y"}, answer="A")) + "\n")

@@ -1,5 +1,4 @@
-"""model.py against transformers: logits parity, checkpoint round trips, generation."""
-import contextlib
+"""model.py and hf_io.py against transformers: logits parity, checkpoint round trips, the plain generate."""
 import json
 import os
 
@@ -7,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-import model as model_mod
-from model import ModelConfig, Transformer, generate, load_model, prefill_buckets, save_model
+from hf_io import load_model, save_model
+from model import ModelConfig, Transformer, generate
 
 
 def hf_model(kind, tied, tmp_path, seed=0):
@@ -82,40 +81,6 @@ def test_packed_documents_match_separate(tmp_path):
             off += len(d)
 
 
-@pytest.mark.parametrize("bucketed", [True, False])
-def test_packed_attention_gradients_match_separate(bucketed, monkeypatch):
-    """Packed rows (several documents each, as train_sft.py makes them): the gradients must be those of each
-    document run alone, through the CPU's per-document attention (model_mod.DocBuckets) and through the masked SDPA
-    it falls back to for long documents. Row 1 is one document with the same id (0) as the document that starts
-    row 2: a row boundary must end a document."""
-    attends = []   # calls of the per-document path
-    real = model_mod.DocBuckets.attend
-    monkeypatch.setattr(model_mod.DocBuckets, "attend", lambda self, *a: attends.append(1) or real(self, *a))
-    if not bucketed:
-        monkeypatch.setattr(model_mod.DocBuckets, "MAX_LEN", 0)
-    lens = [[5, 7, 4], [16], [9, 7], [3, 3, 3, 3, 4]]
-    cfg = ModelConfig.from_name("nano", vocab_size=61, model_type="qwen3", qk_norm=True, attention_bias=False)
-    m = Transformer(cfg).init_weights(2)
-    g = torch.Generator().manual_seed(0)
-    docs = [[torch.randint(1, 61, (n,), generator=g).tolist() for n in row] for row in lens]
-    ids = torch.tensor([sum(row, []) for row in docs])
-    doc_ids = torch.tensor([[d for d, toks in enumerate(row) for _ in toks] for row in docs])
-    w = torch.randn(ids.shape + (61,), generator=g)
-    (m(ids, doc_ids=doc_ids) * w).sum().backward()
-    packed = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    total = 0
-    for r, row in enumerate(docs):
-        off = 0
-        for toks in row:
-            total = total + (m(torch.tensor([toks]))[0] * w[r, off:off + len(toks)]).sum()
-            off += len(toks)
-    total.backward()
-    for n, p in m.named_parameters():
-        assert (packed[n] - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
-    assert len(attends) == (cfg.num_hidden_layers if bucketed else 0)
-
-
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_save_model_loads_in_transformers(kind, tmp_path):
     cfg = ModelConfig(model_type=kind, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -170,23 +135,6 @@ def test_greedy_batch_matches_transformers_alone(kind, tmp_path):
         assert o == want.tolist() and r == "length"
 
 
-def test_bucketed_prefill(tmp_path):
-    """Prefill in length buckets gives the same tokens as one left-padded (B, P) prefill; buckets cover every
-    row once and keep their padding within the allowed share (or hold a single row)."""
-    _, path = hf_model("qwen3", True, tmp_path, seed=21)
-    m = load_model(path)
-    lens = [3, 20, 4, 18, 9, 19, 1]
-    prompts = ragged_batch(97, lens, seed=22)
-    buckets = prefill_buckets(lens, waste=0.15)
-    assert sorted(i for rows, _ in buckets for i in rows) == list(range(len(lens))) and len(buckets) > 1
-    for rows, longest in buckets:
-        assert longest == max(lens[i] for i in rows)
-        assert len(rows) == 1 or len(rows) * longest <= 1.15 * sum(lens[i] for i in rows)
-    for kw in (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5)):
-        one = generate(m, prompts, max_new_tokens=10, waste=1e9, **kw)   # a single bucket: the plain padded prefill
-        assert generate(m, prompts, max_new_tokens=10, **kw) == one
-
-
 def test_stop_tokens_and_finish_reasons(tmp_path):
     ref, path = hf_model("qwen2", True, tmp_path, seed=9)
     ours = load_model(path)
@@ -220,74 +168,11 @@ def test_sampling_reproducible_and_group_case(tmp_path):
     assert g[:3] == [s[0]] * 3 and g[3:] == [s[1]] * 3
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
-def test_fixed_shape_decoding_matches(kind, tmp_path):
-    """generate(cuda_graph=True) decodes with fixed shapes (attention over the whole cache, a device-side slot,
-    no row dropping), the form a CUDA graph captures; on CPU the same step runs eagerly and must give the same
-    tokens and finish reasons as the default path, greedy and sampled, with rows stopping early."""
-    _, path = hf_model(kind, False, tmp_path, seed=15)
-    m = load_model(path)
-    prompts = ragged_batch(97, [3, 14, 7, 9], seed=16)
-    for kw in (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20))):
-        ref = generate(m, prompts, max_new_tokens=12, **kw)
-        assert generate(m, prompts, max_new_tokens=12, cuda_graph=True, **kw) == ref
-    assert "stop" in ref[1] and "length" in ref[1]   # the sampled case had rows finish early, and rows run out
-
-
 def test_top_k_one_is_greedy(tmp_path):
     _, path = hf_model("qwen2", False, tmp_path, seed=13)
     m = load_model(path)
     prompts = ragged_batch(97, [6, 3], seed=14)
     assert generate(m, prompts, 6, temperature=0.7, top_k=1, seed=0)[0] == generate(m, prompts, 6, temperature=0.0)[0]
-
-
-@pytest.mark.skipif(not model_mod.cpu_has_native_bf16(), reason="packing is used only on CPUs with native bf16")
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
-def test_packed_bf16_decoding_matches(kind, tmp_path, monkeypatch):
-    """In bf16 on CPU, generate() decodes through weights pre-packed for oneDNN (model.packed_linears). The packed
-    matmul must equal F.linear bit for bit, and generation must give the tokens it gives without packing, with bf16
-    weights and with fp32 weights under bf16 autocast (the GRPO rollout case, whose KV cache is then bf16)."""
-    _, path = hf_model(kind, False, tmp_path, seed=17)
-    prompts = ragged_batch(97, [3, 14, 7, 9], seed=18)
-    lin = model_mod.Linear(24, 40, bias=True).to(torch.bfloat16)
-    x = torch.randn(5, 1, 24, dtype=torch.bfloat16)
-    with model_mod.packed_linears(lin, 5, torch.bfloat16):
-        assert lin.packed is not None
-        packed = lin(x)
-    assert lin.packed is None and torch.equal(packed, lin(x))
-    runs = []
-    for dtype, amp in ((torch.bfloat16, False), (torch.float32, True)):
-        m = load_model(path, dtype=dtype)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            runs.append(same_tokens_without_packing(m, prompts, monkeypatch))
-    assert "stop" in runs[0][1][1] and "length" in runs[0][1][1]
-
-
-def same_tokens_without_packing(m, prompts, monkeypatch):
-    """Greedy and sampled generate() through the packed weights, then again with packing off: the same
-    completions and finish reasons. Returns the runs."""
-    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20)))
-    runs = [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws]
-    with monkeypatch.context() as mp:
-        mp.setattr(model_mod, "packed_linears", lambda *args: contextlib.nullcontext())
-        assert [generate(m, prompts, max_new_tokens=12, **kw) for kw in kws] == runs
-    return runs
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
-def test_packed_fp32_decoding_matches(kind, tmp_path, monkeypatch):
-    """In fp32 on CPU, generate() also decodes through oneDNN-packed weights (MKL's fp32 matmul is 2-4x slower
-    on some CPUs). Another summation order, so not bit-equal: close outputs, and the same tokens as without."""
-    _, path = hf_model(kind, False, tmp_path, seed=19)
-    prompts = ragged_batch(97, [3, 14, 7, 9], seed=20)
-    lin = model_mod.Linear(24, 40, bias=True)
-    x = torch.randn(5, 1, 24)
-    with model_mod.packed_linears(lin, 5, torch.float32):
-        assert lin.packed is not None and lin.packed[0].dtype == torch.float32
-        packed = lin(x)
-    assert lin.packed is None and torch.allclose(packed, lin(x), atol=1e-5, rtol=1e-5)
-    same_tokens_without_packing(load_model(path), prompts, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -319,29 +204,6 @@ def test_chunked_logprobs_match_plain(dtype):
         for got, want in ((lp, res[0][0]), (ent, -(full.exp() * full).sum(-1)), (gh, res[0][2]), (gw, res[0][3])):
             assert (got - want).abs().max() <= tol * max(1.0, want.abs().max())
     assert res[0][3].abs().max() > 0
-
-
-def test_flex_block_masks_match_dense_masks():
-    """The block masks CUDA uses for packed rows (flex_attention; run here on CPU, forward only) give the logits
-    of the dense masks: packed SFT documents, and GRPO completions behind a shared prompt."""
-    from model import doc_attention_mask, flex_block_mask
-    m = Transformer(ModelConfig.from_name("nano", vocab_size=97, num_key_value_heads=2)).init_weights(0).eval()
-    g = torch.Generator().manual_seed(0)
-    T = 150
-    docs = torch.tensor([[0] * 40 + [1] * 70 + [-1] * 40, [0] * 90 + [1] * 60])
-    ids = torch.randint(0, 97, (2, T), generator=g)
-    with torch.no_grad():
-        pos = torch.arange(T).expand(2, T)
-        dense = m(ids, position_ids=pos, attention_mask=doc_attention_mask(docs) | torch.eye(T, dtype=torch.bool))
-        flex = m(ids, position_ids=pos, attention_mask=flex_block_mask(docs))
-        assert (flex - dense).abs().max() < 1e-4
-        seg = torch.tensor([[0] * 50 + [1] * 30 + [2] * 45 + [-1] * 25])   # a prompt, two completions, padding
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
-        dense = m(ids[:1], position_ids=pos[:1], attention_mask=((same & causal) | torch.eye(T, dtype=torch.bool))[:, None])
-        flex = m(ids[:1], position_ids=pos[:1], attention_mask=flex_block_mask(seg, shared_prefix=True))
-        real = seg[0] >= 0
-        assert (flex - dense)[:, real].abs().max() < 1e-4
 
 
 def test_config_defaults_follow_transformers(tmp_path):

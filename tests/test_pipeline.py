@@ -150,7 +150,7 @@ def test_grpo_two_rank_export_loads_in_transformers(tiny):
     """The final model of a 2-rank run, gathered one weight at a time, loads in transformers with our logits."""
     import torch
     import transformers
-    from model import load_model
+    from hf_io import load_model
     path = str(tiny / "w2")
     if not os.path.exists(os.path.join(path, "config.json")):
         grpo(tiny, tiny / "w2", nproc=2)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import transformers
 
 from helpers import metrics, run, write_toy_sft
-from model import ModelConfig, Transformer, load_model
+from hf_io import load_model
+from model import ModelConfig, Transformer
 from train_sft import masked_loss_sum, pack
 
 COMMON = ["train_sft.py", "--preset", "nano", "--vocab-size", "300", "--seq-len", "128", "--steps", "8",

@@ -16,16 +16,16 @@ def test_trainer_and_rollout_logprobs_agree(dtype):
     """The same model scores a completion twice: token by token while sampling (KV cache, oneDNN-packed weights
     on a CPU) and all at once when training. fp32: the same numbers up to summation order; bf16 autocast:
     bounded."""
-    from model import ModelConfig, Transformer, generate
-    from train_grpo import completion_logprobs
+    import fast
+    from model import ModelConfig, Transformer
     m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 7)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        outs, _, roll = generate(m, prompts, max_new_tokens=12, temperature=1.0, num_samples=4, seed=[1, 2, 3],
-                                 return_logprobs=True)
+        outs, _, roll = fast.generate(m, prompts, max_new_tokens=12, temperature=1.0, num_samples=4, seed=[1, 2, 3],
+                                      return_logprobs=True)
         pr = [p for p in prompts for _ in range(4)]
-        lp, mask, _ = completion_logprobs(m, pr, outs, torch.device("cpu"), 0, share=4)
+        lp, mask, _ = fast.completion_logprobs(m, pr, outs, torch.device("cpu"), 0, share=4)
     roll_t = torch.zeros_like(lp)
     for i, r in enumerate(roll):
         roll_t[i, :len(r)] = torch.tensor(r)

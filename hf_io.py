@@ -1,0 +1,229 @@
+"""
+hf_io.py: the Hugging Face layout on disk: config.json, safetensors (one file or shards + index), tokenizers.
+
+    from hf_io import load_model, save_model, load_tokenizer
+    model = load_model("/models/Qwen2.5-7B-Instruct", dtype=torch.bfloat16)   # any HF-layout Qwen2/Qwen3 folder
+    save_model(model, "runs/export")                                        # loads in transformers and vLLM
+
+Weights are read with plain file reads of their byte ranges (safetensors_index, read_rows), straight into the
+model's own tensors: loading holds the model's bytes once, and fsdp.load_sharded reads only a rank's rows.
+"""
+import json
+import math
+import os
+
+import torch
+
+from model import ModelConfig, Transformer, fused_projections, ours_to_hf
+
+
+def _atomic_write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def read_config(path):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: no config.json (expected a Hugging Face model directory)")
+    with open(cfg_path, encoding="utf-8") as f:
+        try:
+            return ModelConfig.from_hf(json.load(f), cfg_path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+
+
+def safetensors_index(path):
+    """{Hugging Face tensor name: (file, dtype, shape, byte offset of its data)} over model.safetensors or the
+    shards an index lists. Only the headers are read; every size is checked against the file's."""
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        with open(index_file, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    index = {}
+    for name in files:
+        fp = os.path.join(path, name)
+        if not os.path.exists(fp):
+            raise FileNotFoundError(f"{fp}: listed in {index_file} but missing")
+        size = os.path.getsize(fp)
+        with open(fp, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{fp}: not a safetensors file (its header does not parse)")
+        for k, v in header.items():
+            if k == "__metadata__" or "rotary_emb" in k:
+                continue
+            if v["dtype"] not in ST_DTYPES:
+                raise ValueError(f"{fp}: tensor {k} has dtype {v['dtype']} (supported: {', '.join(ST_DTYPES)})")
+            start, end = v["data_offsets"]
+            if 8 + n + end > size:
+                raise ValueError(f"{fp}: truncated: tensor {k} ends at byte {8 + n + end:,}, the file has {size:,}")
+            index[k] = (fp, ST_DTYPES[v["dtype"]], v["shape"], 8 + n + start)
+    return index
+
+
+def read_rows(entry, lo, hi, out):
+    """Rows lo..hi of one safetensors tensor (dim 0) into out, with plain file reads: straight into out's memory
+    when dtype and device allow, else through 64 MB buffers. Nothing else of the file is read or mapped, so a
+    rank that owns 1/world of a weight reads 1/world of it."""
+    path, dtype, shape, offset = entry
+    row = math.prod(shape[1:]) * dtype.itemsize
+    step = max(1, (64 << 20) // max(row, 1))
+    direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+    with open(path, "rb") as f:
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
+            buf = out[a - lo:b - lo] if direct else torch.empty((b - a, *shape[1:]), dtype=dtype)
+            f.seek(offset + a * row)
+            if f.readinto(buf.reshape(-1).view(torch.uint8).numpy()) != (b - a) * row:
+                raise ValueError(f"{path}: truncated while reading a tensor")
+            if not direct:
+                out[a - lo:b - lo].copy_(buf)
+
+
+def load_rows(index, cfg, name, lo, hi, out):
+    """Rows lo..hi of our parameter `name` into out; a fused projection reads them from its Hugging Face parts."""
+    fused = [(f, parts) for f, parts in fused_projections(cfg).items() if f".{f}." in name]
+    if not fused:
+        read_rows(index[name], lo, hi, out)
+        return
+    f, (parts, sizes) = fused[0]
+    start = 0
+    for part, n in zip(parts, sizes):   # this part holds rows start .. start + n of the fused weight
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            read_rows(index[name.replace(f, part)], a - start, b - start, out[a - lo:b - lo])
+        start += n
+
+
+def check_weights(index, model, path):
+    """The file's tensors are exactly the model's (by Hugging Face name) and of the right shapes."""
+    cfg = model.config
+    expected = {k: list(v.shape) for k, v in ours_to_hf(model.state_dict(), cfg).items()}
+    extra = [k for k in index if k not in expected and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in expected if k not in index]
+    if missing or extra:
+        raise ValueError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, shape in expected.items():
+        if list(index[k][2]) != shape:
+            raise ValueError(f"{path}: tensor {k} has shape {index[k][2]}, config.json says {shape}")
+
+
+def load_model(path, device=None, dtype=None):
+    """Load an HF-layout directory (config.json + model.safetensors, or shards + index) into our Transformer.
+    dtype: the parameters' (default: the file's). The model is built on the meta device and each weight read
+    once into its place, so loading holds the model's bytes once (fsdp.load_sharded: 1/world of them)."""
+    cfg = read_config(path)
+    index = safetensors_index(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    check_weights(index, model, path)
+    model = model.to(dtype or index["model.embed_tokens.weight"][1]).to_empty(device=device or "cpu")
+    if cfg.tie_word_embeddings:   # to_empty gives each module its own tensor
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            load_rows(index, cfg, name, 0, p.shape[0], p)
+    return model
+
+
+def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, tensors=None):
+    """Write config.json, generation_config.json and safetensors (sharded above max_shard_bytes).
+    tensors: (our name, tensor) pairs to write instead of model.state_dict(), e.g. fsdp.full_tensors gathering
+    one weight at a time: only one shard file's tensors are ever held. Each file goes through a temp name and
+    a rename, and weight files of an earlier save that this one did not write are removed."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    parts, cur, size, total, dtype = [], {}, 0, 0, "float32"
+
+    def flush():
+        parts.append((os.path.join(path, f"part-{len(parts):05d}.safetensors.tmp"), list(cur)))
+        save_file(cur, parts[-1][0], metadata={"format": "pt"})
+
+    for k, v in (tensors if tensors is not None else model.state_dict().items()):
+        # HF names (fused projections split); a tied lm_head is written once, as the embedding
+        for hk, hv in ours_to_hf({k: v}, cfg).items():
+            hv = hv.detach().contiguous().cpu()
+            n = hv.numel() * hv.element_size()
+            if cur and size + n > max_shard_bytes:
+                flush()
+                cur, size = {}, 0
+            cur[hk], size, total, dtype = hv, size + n, total + n, str(hv.dtype).replace("torch.", "")
+    flush()
+    names = ["model.safetensors"] if len(parts) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for (tmp, _), name in zip(parts, names):
+        os.replace(tmp, os.path.join(path, name))
+    if len(parts) > 1:
+        wmap = {k: name for name, (_, keys) in zip(names, parts) for k in keys}
+        _atomic_write_text(os.path.join(path, "model.safetensors.index.json"),
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
+    for f in os.listdir(path):   # an earlier, differently sharded save must not be read back
+        if (f.endswith(".safetensors") and f not in names) or (f == "model.safetensors.index.json" and len(parts) == 1):
+            os.remove(os.path.join(path, f))
+    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(cfg.to_hf(dtype), indent=2))
+    gen = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                                "pad_token_id": cfg.pad_token_id, "do_sample": False}
+    _atomic_write_text(os.path.join(path, "generation_config.json"), json.dumps(gen, indent=2))
+
+
+def has_tokenizer(path):
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_tokenizer(path):
+    """The tokenizer exactly as its tokenizer.json specifies (never trust_remote_code). We avoid AutoTokenizer
+    when tokenizer.json exists: with a qwen2 config.json beside it, transformers 5 picks Qwen2Tokenizer, which
+    rebuilds the pre-tokenizer from vocab + merges and tokenises our trained BPE differently."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+# ChatML, as Qwen uses; written into tokenizers we train so apply_chat_template works like on Qwen
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+# Qwen2's pre-tokenizer split (the regex its tokenizer uses); ours is identical so that transformers'
+# Qwen2Tokenizer, which AutoTokenizer picks for a qwen2 checkpoint, tokenises our BPE exactly as we do
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def train_tokenizer(texts, vocab_size, path):
+    """Byte-level BPE trained on our own text, saved with the ChatML special tokens and template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+

@@ -1,0 +1,219 @@
+"""fast.py against the textbook paths it replaces: each speed path gives their numbers (tokens, logits,
+log-probs, gradients) up to float rounding."""
+import contextlib
+
+import pytest
+import torch
+
+import fast
+from hf_io import load_model
+from model import ModelConfig, Transformer, cpu_has_native_bf16, generate
+from test_model import hf_model, ragged_batch
+from train_grpo import completion_logprobs
+
+SAMPLED = dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_fast_generate_makes_the_plain_tokens(kind, tmp_path):
+    """fast.generate (bucketed prefill, one prefill for G samples, finished rows dropped, packed weights, folded
+    decode heads) against model.generate: the same completions and finish reasons, greedy and sampled, with rows
+    stopping early; and the same log-probs of the sampled tokens."""
+    _, path = hf_model(kind, kind == "qwen2", tmp_path, seed=15)
+    m = load_model(path)
+    prompts = ragged_batch(97, [3, 14, 7, 1, 9], seed=16)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3), SAMPLED):
+        plain = generate(m, prompts, max_new_tokens=12, return_logprobs=True, **kw)
+        quick = fast.generate(m, prompts, max_new_tokens=12, return_logprobs=True, **kw)
+        assert quick[:2] == plain[:2], kw
+        assert max(abs(a - b) for x, y in zip(quick[2], plain[2]) for a, b in zip(x, y)) < 1e-3
+    assert "stop" in plain[1] and "length" in plain[1]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_fixed_shape_decoding_matches(kind, tmp_path):
+    """generate(cuda_graph=True) decodes with fixed shapes (attention over the whole cache, a device-side slot,
+    no row dropping), the form a CUDA graph captures; on a CPU the same step runs eagerly: the same tokens."""
+    _, path = hf_model(kind, False, tmp_path, seed=15)
+    m = load_model(path)
+    prompts = ragged_batch(97, [3, 14, 7, 9], seed=16)
+    for kw in (dict(temperature=0.0), SAMPLED):
+        assert fast.generate(m, prompts, max_new_tokens=12, cuda_graph=True, **kw) == \
+            generate(m, prompts, max_new_tokens=12, **kw)
+
+
+def test_bucketed_prefill(tmp_path):
+    """Buckets cover every row once and keep their padding within the allowed share (or hold a single row); a
+    single bucket (the plain padded prefill) gives the same tokens."""
+    _, path = hf_model("qwen3", True, tmp_path, seed=21)
+    m = load_model(path)
+    lens = [3, 20, 4, 18, 9, 19, 1]
+    prompts = ragged_batch(97, lens, seed=22)
+    buckets = fast.prefill_buckets(lens, waste=0.15)
+    assert sorted(i for rows, _ in buckets for i in rows) == list(range(len(lens))) and len(buckets) > 1
+    for rows, longest in buckets:
+        assert longest == max(lens[i] for i in rows)
+        assert len(rows) == 1 or len(rows) * longest <= 1.15 * sum(lens[i] for i in rows)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, num_samples=3, seed=5)):
+        one = fast.generate(m, prompts, max_new_tokens=10, waste=1e9, **kw)
+        assert fast.generate(m, prompts, max_new_tokens=10, **kw) == one
+
+
+def packing_off(kind, tmp_path, dtype, amp, seed):
+    """Tokens with the oneDNN-packed weights, and without (packed_linears a no-op): the same."""
+    _, path = hf_model(kind, False, tmp_path, seed=seed)
+    prompts = ragged_batch(97, [3, 14, 7, 9], seed=seed + 1)
+    m = load_model(path, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        runs = [fast.generate(m, prompts, max_new_tokens=12, **kw) for kw in (dict(temperature=0.0), SAMPLED)]
+        real = fast.packed_linears
+        fast.packed_linears = lambda *a: contextlib.nullcontext()
+        try:
+            assert [fast.generate(m, prompts, max_new_tokens=12, **kw) for kw in (dict(temperature=0.0), SAMPLED)] == runs
+        finally:
+            fast.packed_linears = real
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_packed_fp32_linears(kind, tmp_path):
+    """fp32 weights packed for oneDNN: another summation order (close outputs), the same tokens, and nn.Linear's
+    own forward back afterwards."""
+    lin = torch.nn.Linear(24, 40, bias=True)
+    x = torch.randn(5, 1, 24)
+    with fast.packed_linears(lin, 5, torch.float32):
+        assert "forward" in vars(lin)
+        packed = lin(x)
+    assert "forward" not in vars(lin) and torch.allclose(packed, lin(x), atol=1e-5, rtol=1e-5)
+    packing_off(kind, tmp_path, torch.float32, False, 19)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is packed only on CPUs with native bf16")
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_packed_bf16_linears(kind, tmp_path):
+    """bf16: the packed matmul equals F.linear bit for bit; the same tokens with bf16 weights and with fp32
+    weights under bf16 autocast (the GRPO rollout case)."""
+    lin = torch.nn.Linear(24, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(5, 1, 24, dtype=torch.bfloat16)
+    with fast.packed_linears(lin, 5, torch.bfloat16):
+        packed = lin(x)
+    assert torch.equal(packed, lin(x))
+    packing_off(kind, tmp_path, torch.bfloat16, False, 17)
+    packing_off(kind, tmp_path, torch.float32, True, 17)
+
+
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_doc_attention_gradients_match_separate(bucketed, monkeypatch):
+    """Packed rows (several documents each, as train_sft.py makes them): fast.doc_attention (per-document
+    matmuls on a CPU) and the dense mask it falls back to for long documents give the gradients of each document
+    run alone. Row 1 is one document with the same id (0) as the one that starts row 2: a row boundary must end
+    a document."""
+    attends = []
+    real = fast.DocBuckets.attend
+    monkeypatch.setattr(fast.DocBuckets, "attend", lambda self, *a: attends.append(1) or real(self, *a))
+    if not bucketed:
+        monkeypatch.setattr(fast.DocBuckets, "MAX_LEN", 0)
+    lens = [[5, 7, 4], [16], [9, 7], [3, 3, 3, 3, 4]]
+    cfg = ModelConfig.from_name("nano", vocab_size=61, model_type="qwen3", qk_norm=True, attention_bias=False)
+    m = Transformer(cfg).init_weights(2)
+    g = torch.Generator().manual_seed(0)
+    docs = [[torch.randint(1, 61, (n,), generator=g).tolist() for n in row] for row in lens]
+    ids = torch.tensor([sum(row, []) for row in docs])
+    doc_ids = torch.tensor([[d for d, toks in enumerate(row) for _ in toks] for row in docs])
+    w = torch.randn(ids.shape + (61,), generator=g)
+    (m(ids, doc_ids=doc_ids, attention_mask=fast.doc_attention(doc_ids)) * w).sum().backward()
+    packed = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    total = 0
+    for r, row in enumerate(docs):
+        off = 0
+        for toks in row:
+            total = total + (m(torch.tensor([toks]))[0] * w[r, off:off + len(toks)]).sum()
+            off += len(toks)
+    total.backward()
+    for n, p in m.named_parameters():
+        assert (packed[n] - p.grad).abs().max() <= 1e-5 * (1 + p.grad.abs().max()), n
+    assert len(attends) == (cfg.num_hidden_layers if bucketed else 0)
+
+
+def score_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompt_of = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (11, 8, 7)]
+    which, clens = [0, 0, 0, 0, 1, 1, 1, 1, 2], [3, 7, 1, 5, 6, 2, 4, 4, 9]
+    prompts = [prompt_of[w] for w in which]
+    outs = [torch.randint(3, 97, (c,), generator=g).tolist() for c in clens]
+    return prompts, outs, torch.randn(len(outs), generator=g)
+
+
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_fast_completion_logprobs_match_plain(bucketed, monkeypatch):
+    """fast.completion_logprobs (a group's completions behind one copy of their prompt; on a CPU one unpadded row
+    with per-sequence attention, or padded rows under a dense mask for long sequences) against train_grpo's plain
+    one-padded-row-per-completion scoring: the same log-probs, entropies and GRPO gradient, for share = 1, 2, 4
+    (full, partial and single-completion rows)."""
+    if not bucketed:
+        monkeypatch.setattr(fast.DocBuckets, "MAX_LEN", 0)
+    prompts, outs, adv = score_case()
+    cpu = torch.device("cpu")
+    grads = []
+    for share in (None, 1, 2, 4):
+        m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0)
+        if share is None:
+            lp, mask, ent = completion_logprobs(m, prompts, outs, cpu, 0, want_entropy=True)
+            want = (lp.detach(), mask, ent)
+        else:
+            lp, mask, ent = fast.completion_logprobs(m, prompts, outs, cpu, 0, share, want_entropy=True)
+            assert torch.equal(mask, want[1])
+            assert torch.allclose(lp.detach(), want[0], atol=1e-5) and torch.allclose(ent, want[2], atol=1e-4)
+        (-(adv[:, None] * lp * mask).sum() / mask.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert grads[0].abs().max() > 0
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_plain_completion_logprobs_by_hand():
+    """The plain scoring: each completion's log-probs are those of a full forward of prompt + completion."""
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0).eval()
+    prompts, outs, _ = score_case(1)
+    with torch.no_grad():
+        lp, mask, _ = completion_logprobs(m, prompts, outs, torch.device("cpu"), 0)
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            full = torch.log_softmax(m(torch.tensor([p + o]))[0].float(), -1)
+            want = full[len(p) - 1:len(p) - 1 + len(o)].gather(-1, torch.tensor(o)[:, None])[:, 0]
+            assert mask[i].sum() == len(o) and torch.allclose(lp[i, :len(o)], want, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_masks_match_dense_masks():
+    """The attention packed rows get on CUDA (flex_attention; here on a CPU, forward only) gives the logits of
+    the dense masks: packed SFT documents, and GRPO completions behind a shared prompt."""
+    from model import doc_attention_mask
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=97, num_key_value_heads=2)).init_weights(0).eval()
+    g = torch.Generator().manual_seed(0)
+    T = 150
+    docs = torch.tensor([[0] * 40 + [1] * 70 + [-1] * 40, [0] * 90 + [1] * 60])
+    ids = torch.randint(0, 97, (2, T), generator=g)
+    with torch.no_grad():
+        pos = torch.arange(T).expand(2, T)
+        dense = m(ids, position_ids=pos, attention_mask=doc_attention_mask(docs) | torch.eye(T, dtype=torch.bool))
+        flex = m(ids, position_ids=pos, attention_mask=fast.FlexMask(docs))
+        assert (flex - dense).abs().max() < 1e-4
+        seg = torch.tensor([[0] * 50 + [1] * 30 + [2] * 45 + [-1] * 25])   # a prompt, two completions, padding
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+        dense = m(ids[:1], position_ids=pos[:1], attention_mask=((same & causal) | torch.eye(T, dtype=torch.bool))[:, None])
+        flex = m(ids[:1], position_ids=pos[:1], attention_mask=fast.FlexMask(seg, shared_prefix=True))
+        assert (flex - dense)[:, seg[0] >= 0].abs().max() < 1e-4
+
+
+def test_plain_switch():
+    """--plain: fast.generate is model.generate, and packed SFT rows take the dense mask."""
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0)
+    try:
+        fast.ON = False
+        assert fast.doc_attention(torch.zeros(1, 8, dtype=torch.long)) is None
+        assert fast.generate(m, [[1, 2, 3]], 5, temperature=0.0) == generate(m, [[1, 2, 3]], 5, temperature=0.0)
+    finally:
+        fast.ON = True
+    assert fast.doc_attention(torch.zeros(1, 8, dtype=torch.long)) is not None
