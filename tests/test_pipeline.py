@@ -4,9 +4,6 @@ import json
 import os
 import re
 
-import pytest
-
-import make_data
 from helpers import metrics, run
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -23,41 +20,49 @@ def grpo(tiny, out, nproc=1, extra=()):
     return run(["train_grpo.py"] + grpo_args(tiny, out) + list(extra), nproc=nproc)
 
 
+def odd_reward_runner(tiny):
+    """train_grpo.py with a stand-in reward that gives some groups variance and leaves others all-equal (the tiny
+    policy never answers right): the parity of the completion's length, for questions of odd length."""
+    runner = tiny / "odd_reward_grpo.py"
+    runner.write_text("import sys\nimport train_grpo\n"
+                      "train_grpo.reward_parts = lambda text, item, reason, *a: "
+                      "(float(len(text) % 2 * len(item['question']) % 2), 1.0)\n"
+                      "train_grpo.main(sys.argv[1:])\n")
+    return str(runner)
+
+
+# KL on, all-equal groups skipped, two completions a micro-batch: the ranks keep different numbers of completions
+KL = ["--kl-beta", "0.05", "--skip-zero-var", "--micro-batch", "2", "--warmup", "0"]
+
+
+def two_rank_run(tiny):
+    """The 2-rank run the tests below compare with (each group's prompt scored once: --share-prompt 4)."""
+    if not (tiny / "g2" / "model.safetensors").exists():
+        out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g2") + KL + ["--share-prompt", "4"], nproc=2)
+        (tiny / "g2.log").write_text(out)
+    return tiny / "g2"
+
+
 def test_grpo_two_ranks_match_one_and_stages(tiny):
-    grpo(tiny, tiny / "g1")
-    grpo(tiny, tiny / "g2", nproc=2, extra=["--share-prompt", "4"])   # and each group's prompt scored once
-    a, b = metrics(tiny / "g1" / "metrics.jsonl"), metrics(tiny / "g2" / "metrics.jsonl")
+    """1 rank and 2 (FSDP2, gloo): the same rollouts, rewards, losses and KL. The rank with fewer kept
+    completions runs empty-weight passes to keep the collective FSDP forwards in step; those passes once looked up
+    reference log-probs that had not been computed for them. The reference is sharded: half of it on each rank."""
+    run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g1") + KL)
+    g2 = two_rank_run(tiny)
+    held, whole = map(float, re.search(r"reference model: ([\d.]+) MB on rank 0, 1/2 of its ([\d.]+) MB",
+                                       (tiny / "g2.log").read_text()).groups())
+    assert abs(held - whole / 2) < 0.02 * whole
+    a, b = metrics(tiny / "g1" / "metrics.jsonl"), metrics(g2 / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    assert a[4]["kl"] > 0 and 0 < sum(r["zero_var_frac"] for r in a[1:]) < 4
     for x, y in zip(a[1:], b[1:]):
-        for k in ("reward", "accuracy", "format_rate", "zero_var_frac", "response_len"):
-            assert abs(x[k] - y[k]) < 1e-9, (k, x, y)      # identical rollouts
-        assert abs(x["loss"] - y["loss"]) <= 1e-4 * max(1e-3, abs(x["loss"])) + 1e-6, (x["loss"], y["loss"])
+        for k in ("reward", "accuracy", "format_rate", "zero_var_frac", "response_len", "loss", "kl"):
+            assert abs(x[k] - y[k]) <= 1e-4 * abs(x[k]) + 1e-7, (k, x, y)
     assert [r.get("stage") for r in a[1:]] == [1, 1, 2, 2]
     assert "mined_pool" in a[2] and a[3]["group_size"] == 6
     assert "mined_pool" not in a[4]   # no re-mining for a pool that no step would use
-    for f in ("config.json", "model.safetensors", "curves.png", "stage1/config.json"):
+    for f in ("config.json", "model.safetensors", "curves.png", "report.html", "stage1/config.json"):
         assert os.path.exists(tiny / "g1" / f), f
-
-
-def test_grpo_kl_and_skipped_groups_two_ranks_match_one(tiny):
-    """The KL term and --skip-zero-var on 2 ranks, as on 1. The tiny policy never answers right, so a stand-in
-    reward (the parity of the completion's length, for questions of odd length) gives some groups variance and
-    leaves others all-equal; the ranks then keep different numbers of completions, and the one with fewer
-    micro-batches runs empty-weight passes to keep the collective FSDP forwards in step. Those passes once looked
-    up reference log-probs that had not been computed for them."""
-    runner = odd_reward_runner(tiny)
-    extra = ["--kl-beta", "0.05", "--skip-zero-var", "--micro-batch", "2", "--steps", "3", "--warmup", "0"]
-    out1 = tiny / "kl1"
-    run([runner] + grpo_args(tiny, out1) + extra)
-    out2 = run([runner] + grpo_args(tiny, tiny / "kl2") + extra, nproc=2)
-    # the reference is sharded too: each rank holds half of it
-    held, whole = map(float, re.search(r"reference model: ([\d.]+) MB on rank 0, 1/2 of its ([\d.]+) MB", out2).groups())
-    assert abs(held - whole / 2) < 0.02 * whole
-    a, b = metrics(out1 / "metrics.jsonl"), metrics(tiny / "kl2" / "metrics.jsonl")
-    assert len(a) == len(b) == 4 and a[3]["kl"] > 0 and 0 < a[1]["zero_var_frac"] + a[2]["zero_var_frac"] < 2
-    for x, y in zip(a[1:], b[1:]):
-        for k in ("reward", "zero_var_frac", "loss", "kl"):
-            assert abs(x[k] - y[k]) <= 1e-4 * abs(x[k]) + 1e-7, (k, x, y)
 
 
 def test_grpo_exclude_leaves_out_the_sft_questions(tiny):
@@ -104,35 +109,22 @@ def test_evaluate_shared_samples_one_and_two_ranks(tiny):
     assert sorted(open(tiny / "e3" / "responses.jsonl").read().splitlines()) == rows1
 
 
-def odd_reward_runner(tiny):
-    """train_grpo.py with a stand-in reward that gives some groups variance (the tiny policy never answers right):
-    the parity of the completion's length, for questions of odd length."""
-    runner = tiny / "odd_reward_grpo.py"
-    runner.write_text("import sys\nimport train_grpo\n"
-                      "train_grpo.reward_parts = lambda text, item, reason, *a: "
-                      "(float(len(text) % 2 * len(item['question']) % 2), 1.0)\n"
-                      "train_grpo.main(sys.argv[1:])\n")
-    return str(runner)
-
-
 def test_grpo_sharded_checkpoint_resumes_on_any_world_size(tiny):
     """A 2-rank checkpoint is written as per-rank shards (torch.distributed.checkpoint) and resumes on 2 ranks
-    exactly as the uninterrupted run goes on, and on 1 rank as a 1-rank run matches a 2-rank one (identical
-    rollouts and rewards, losses to float rounding). KL on, and a reward with signal, so the steps change the
-    weights and the optimizer state matters."""
+    exactly as the uninterrupted run goes on, and on 1 rank as a 1-rank run matches a 2-rank one (the same
+    rollouts, losses to float rounding)."""
     import shutil
-    runner = odd_reward_runner(tiny)
-    extra = ["--kl-beta", "0.05", "--warmup", "0", "--lr", "1e-3"]
-    run([runner] + grpo_args(tiny, tiny / "w2") + extra, nproc=2)
-    run([runner] + grpo_args(tiny, tiny / "cut2") + extra + ["--stop-after", "2", "--save-every", "100"], nproc=2)
+    runner, full = odd_reward_runner(tiny), two_rank_run(tiny)
+    args = grpo_args(tiny, tiny / "cut2") + KL + ["--share-prompt", "4"]
+    run([runner] + args + ["--stop-after", "2", "--save-every", "100"], nproc=2)
     ck = tiny / "cut2" / "ckpt"
     assert os.listdir(ck) == ["step-000002"]
     files = set(os.listdir(ck / "step-000002"))
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "COMPLETE", "trainer_state.json", "config.json"} <= files
     shutil.copytree(tiny / "cut2", tiny / "cut1")
-    run([runner] + grpo_args(tiny, tiny / "cut2") + extra + ["--resume"], nproc=2)
-    run([runner] + grpo_args(tiny, tiny / "cut1") + extra + ["--resume"])
-    full, two, one = (metrics(tiny / d / "metrics.jsonl") for d in ("w2", "cut2", "cut1"))
+    run([runner] + args + ["--resume"], nproc=2)
+    run([runner] + grpo_args(tiny, tiny / "cut1") + KL + ["--share-prompt", "4", "--resume"])
+    full, two, one = (metrics(d / "metrics.jsonl") for d in (full, tiny / "cut2", tiny / "cut1"))
     assert [r["step"] for r in full] == [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 4]
     assert any(r.get("loss") for r in full) and any(r.get("kl") for r in full[2:])
     keys = ("reward", "accuracy", "zero_var_frac", "response_len", "loss", "kl", "entropy", "grad_norm",
@@ -140,9 +132,7 @@ def test_grpo_sharded_checkpoint_resumes_on_any_world_size(tiny):
     for x, y in zip(full, two):
         assert all(x.get(k) == y.get(k) for k in keys), (x, y)          # bit for bit
     for x, y in zip(full[3:], one[3:]):
-        for k in ("reward", "zero_var_frac", "response_len"):   # the same rollouts (float32 sums per rank)
-            assert abs(x[k] - y[k]) < 1e-6, (k, x, y)
-        for k in ("loss", "kl"):
+        for k in ("reward", "zero_var_frac", "response_len", "loss", "kl"):
             assert abs(x[k] - y[k]) <= 1e-4 * abs(x[k]) + 1e-7, (k, x, y)
 
 
@@ -151,9 +141,7 @@ def test_grpo_two_rank_export_loads_in_transformers(tiny):
     import torch
     import transformers
     from hf_io import load_model
-    path = str(tiny / "w2")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        grpo(tiny, tiny / "w2", nproc=2)
+    path = str(two_rank_run(tiny))
     ours = load_model(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([[5, 17, 33, 2, 9, 44]])
