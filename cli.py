@@ -75,6 +75,7 @@ def guard(main):
         if os.environ.get("NANOFLEMING_DEBUG"):
             raise
         if rank0:
-            where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e) else ""
+            named = isinstance(e, OSError) and e.filename and str(e.filename) not in str(e)
+            where = f" ({e.filename})" if named else ""
             print(f"error: {e}{where}", file=sys.stderr, flush=True)
         os._exit(1) if "RANK" in os.environ else sys.exit(1)

@@ -1,7 +1,7 @@
 """
-common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun setup and collectives, the LR
-schedule, JSONL metrics, the run folder (refused, resumed or overwritten; locked), the end of a run. FSDP2
-sharding, loading and checkpoints are in fsdp.py; curves and report.html in report.py.
+common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun setup and collectives,
+the LR schedule, JSONL metrics, the run folder (refused, resumed or overwritten; locked), the end of a
+run. FSDP2 sharding, loading and checkpoints are in fsdp.py; curves and report.html in report.py.
 """
 import atexit
 import json
@@ -53,11 +53,12 @@ def init_distributed(device=None):
 
 
 def close_distributed():
-    """End of a torchrun script: wait for every rank (rank 0 may still be writing files), tear the process group
-    down, and leave the process at once. Even after destroy_process_group, gloo's threads can abort a rank while
-    the interpreter shuts down (SIGABRT, "terminate called without an active exception": seen in a CI run of the
-    2-rank GRPO test and after a 2-rank evaluate.py had written all of its results), which fails
-    the whole launch. Every file here is written and closed by then, so os._exit skips that shutdown."""
+    """End of a torchrun script: wait for every rank (rank 0 may still be writing files), tear the process
+    group down, and leave the process at once. Even after destroy_process_group, gloo's threads can abort
+    a rank while the interpreter shuts down (SIGABRT, "terminate called without an active exception": seen
+    in a CI run of the 2-rank GRPO test and after a 2-rank evaluate.py had written all of its results),
+    which fails the whole launch. Every file here is written and closed by then, so os._exit skips that
+    shutdown."""
     release_lock()
     if dist.is_initialized():
         dist.barrier()
@@ -100,16 +101,16 @@ def gather_objects(x):
 
 
 def even_micro_batches(keep, size):
-    """keep (this rank's sequence indices) in micro-batches of `size`, as [(indices, weight)]. Every rank gets
-    the same number: FSDP's forwards are collective, so a rank with fewer runs empty-weight passes (weight 0, on
-    sequence 0) until the others are done."""
+    """keep (this rank's sequence indices) in micro-batches of `size`, as [(indices, weight)]. Every rank
+    gets the same number: FSDP's forwards are collective, so a rank with fewer runs empty-weight passes
+    (weight 0, on sequence 0) until the others are done."""
     n = math.ceil(len(keep) / size)
     n = max(int(all_reduce_max(n)), 1) if dist.is_initialized() else n
     return [(keep[i:i + size] or [0], 1.0 if keep[i:i + size] else 0.0) for i in range(0, n * size, size)]
 
 
 def wants_autocast(bf16, device, world):
-    """--bf16 means autocast except where FSDP's mixed precision does it already (several GPUs): on CPU, and on a
+    """--bf16 means autocast except where FSDP's mixed precision does it already (several GPUs): on CPU, and a
     single GPU (one process is not sharded, so there is no MixedPrecisionPolicy)."""
     return bf16 and not (device.type == "cuda" and world > 1)
 
@@ -120,7 +121,8 @@ def autocast(device, enabled):
 
 def check_bf16(bf16, device):
     if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
-        print0("warning: --bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): emulated, far slower than fp32")
+        print0("warning: --bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): emulated, far slower than "
+               "fp32")
 
 
 def lr_at(step, total, lr, min_lr, warmup):
@@ -173,7 +175,8 @@ class MetricsLog:
 # the run folder: no run silently written over, one job at a time
 
 RUN_OUTPUTS = ("metrics.jsonl", "ckpt", "stage1", "tokenizer", "config.json", "generation_config.json",
-               "model.safetensors", "model.safetensors.index.json", "curves.png", "loss.png", "rollouts.jsonl",
+               "model.safetensors", "model.safetensors.index.json", "curves.png", "loss.png",
+               "rollouts.jsonl",
                "report.html")
 _lock = None
 
@@ -195,16 +198,16 @@ def prepare_out(out, resume, overwrite, rank):
             except FileExistsError:
                 pid, _, host = open(lock).read().strip().partition(" ")
                 if host == os.uname().nodename and pid.isdigit() and _alive(int(pid)):
-                    raise SystemExit(f"{out} is in use by another run (pid {pid}, {lock}); wait for it to end or "
-                                     f"pick another --out")
+                    raise SystemExit(f"{out} is in use by another run (pid {pid}, {lock}); wait for it to "
+                                     f"end or pick another --out")
                 os.remove(lock)   # its owner is gone: a stale lock
         earlier = [f for f in RUN_OUTPUTS if os.path.exists(os.path.join(out, f))] + \
             [f for f in os.listdir(out) if f.startswith("model-") and f.endswith(".safetensors")]
         if earlier and not resume:
             if not overwrite:
                 release_lock()
-                raise SystemExit(f"{out} already holds a run ({', '.join(earlier[:4])}): --resume continues it, "
-                                 f"--overwrite starts it again")
+                raise SystemExit(f"{out} already holds a run ({', '.join(earlier[:4])}): --resume "
+                                 f"continues it, --overwrite starts it again")
             for f in earlier:
                 p = os.path.join(out, f)
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
@@ -264,17 +267,20 @@ def add_run_flags(ap, out, eval_every, save_every, eval_help):
     """The '# --- run' flags both trainers share."""
     ap.add_argument("--out", default=out, help="output folder")
     ap.add_argument("--eval-every", type=at_least(1), default=eval_every, help=eval_help)
-    ap.add_argument("--save-every", type=at_least(1), default=save_every, help="resumable checkpoint every N steps")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete "
-                    "checkpoint ({out}/ckpt/step-N)")
-    ap.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (its outputs "
-                    "are removed first); without it such an --out is refused")
-    ap.add_argument("--stop-after", type=at_least(1), default=None, help="stop after this step (tests of resume)")
+    ap.add_argument("--save-every", type=at_least(1), default=save_every, help="resumable checkpoint every "
+                    "N steps")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its newest "
+                    "complete checkpoint ({out}/ckpt/step-N)")
+    ap.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run (its "
+                    "outputs are removed first); without it such an --out is refused")
+    ap.add_argument("--stop-after", type=at_least(1), default=None, help="stop after this step (tests "
+                    "of resume)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     ap.add_argument("--plain", action="store_true", help="the textbook paths only (model.py's attention and "
                     "generate, no speed path of fast.py): the same numbers up to float rounding, slower")
-    ap.add_argument("--dry-run", action="store_true", help="print the memory plan per rank and exit: 0 if it fits, "
-                    "1 (naming the flag to change) if not; reads config.json, never the weights")
-    ap.add_argument("--plan-world", type=at_least(1), default=None, help="plan for this many ranks (default: this launch's)")
-    ap.add_argument("--gpu-mem", type=at_least(0.5, float), default=None, help="plan for a GPU with this many GB (default: this "
-                    "device's; on a CPU, this machine's memory shared by its ranks)")
+    ap.add_argument("--dry-run", action="store_true", help="print the memory plan per rank and exit: 0 if "
+                    "it fits, 1 (naming the flag to change) if not; reads config.json, never the weights")
+    ap.add_argument("--plan-world", type=at_least(1), default=None, help="plan for this many ranks "
+                    "(default: this launch's)")
+    ap.add_argument("--gpu-mem", type=at_least(0.5, float), default=None, help="plan for a GPU with this "
+                    "many GB (default: this device's; on a CPU, this machine's memory shared by its ranks)")

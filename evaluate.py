@@ -4,186 +4,29 @@ evaluate.py: the paper's nine-benchmark suite (4.1) with auditable per-item outp
     python evaluate.py --model runs/demo/seed0/grpo --benchmarks kg --file kg=runs/demo/data/test.jsonl
     python evaluate.py --model Qwen2.5-7B-dir --data-dir benchmarks/ --limit 200        # local files
     torchrun --nproc_per_node=2 evaluate.py --model runs/demo/sft --benchmarks kg --file kg=data/kg/test.jsonl
-    python evaluate.py --model runs/a runs/b --out runs/eval_a runs/eval_b --label a b --benchmarks kg --file ...
+    python evaluate.py --model runs/a runs/b --out runs/eval_a runs/eval_b --label a b --benchmarks kg ...
     python evaluate.py --responses vllm_out.jsonl --out runs/rescored                 # re-score, no model
-    python evaluate.py --compare runs/eval_a runs/eval_b          # B - A per benchmark, paired interval, McNemar
-    python evaluate.py --model runs/demo/seed0/grpo --benchmarks medqa --file medqa=medqa.jsonl --shuffle-options 3
+    python evaluate.py --compare runs/eval_a runs/eval_b    # B - A per benchmark, paired interval, McNemar
+    python evaluate.py --model runs/demo/seed0/grpo --file medqa=medqa.jsonl --shuffle-options 3
 
-Each benchmark is read from a local file ({data-dir}/{name}.jsonl|.json|.parquet|.csv, or --file NAME=PATH)
-in its upstream schema, else from the Hugging Face hub by id (skipped with a clear line when offline).
-The prompt and the strict answer parser here are the ones training uses (make_data.py, train_grpo.py).
-Writes {out}/responses.jsonl (id, prompt, response, extracted, gold, correct), {out}/results.md and
-{out}/results.json: each accuracy with its 95 % interval (Wilson; a bootstrap over items for the macro average).
+Each benchmark is read from a local file ({data-dir}/{name}.jsonl|.json|.parquet|.csv, or --file
+NAME=PATH) in its upstream schema, else from the Hugging Face hub by id (skipped with a clear line when
+offline). The prompt and the strict answer parser here are the ones training uses (make_data.py,
+train_grpo.py). Writes {out}/responses.jsonl (id, prompt, response, extracted, gold, correct),
+{out}/results.md and {out}/results.json: each accuracy with its 95 % interval (Wilson; a bootstrap over
+items for the macro average).
 """
 import json
 import math
 import os
 import random
-import re
 import sys
-import unicodedata
 from collections import Counter
 
 from cli import Parser, at_least, guard
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTU"
-
-# -----------------------------------------------------------------------------
-# one prompt format, shared with training
-
-SYSTEM_PROMPT = "You are a medical expert. Reason step by step, then give the final answer."
-INSTRUCTION = "Think it through, then put the letter of the correct option in <answer></answer>."
-
-
-def build_messages(item):
-    """item: {question, options {letter: text}, optional context} -> chat messages (system + user)."""
-    parts = []
-    if item.get("context"):
-        parts.append(f"Context: {item['context']}")
-    parts.append(item["question"].strip())
-    parts.append("\n".join(f"{L}. {t}" for L, t in item["options"].items()))
-    parts.append(INSTRUCTION)
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
-
-
-def prompt_ids(tok, item):
-    ids = tok.apply_chat_template(build_messages(item), add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-# -----------------------------------------------------------------------------
-# strict answer extraction (also the GRPO reward's parser)
-
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
-_PREFIX = re.compile(r"^(the\s+)?(final\s+)?(answer|option|choice|答案|选项)\s*(is)?\s*[:：是为]?\s*", re.IGNORECASE)
-
-
-_EDGES = "*_`'\" \t\r\n.。!,;，；:："
-
-
-def _canon(text):
-    """The form option texts and answers are compared in, the same on both sides: NFKC (full-width letters and
-    punctuation to ASCII), case and runs of spaces folded, quotes, markup and end punctuation trimmed from the
-    ends (public options can end in a stray quote or newline: 'A. "Tell me more."')."""
-    return " ".join(unicodedata.normalize("NFKC", str(text)).lower().split()).strip(_EDGES)
-
-
-def parse_answer_content(content, options):
-    """The inside of one <answer> tag -> a letter, or None (empty, several letters, ambiguous text)."""
-    valid = list(options)
-    canon = {L: _canon(t) for L, t in options.items()}
-
-    def by_text(text):   # the letter whose option text this is, if exactly one
-        hits = [L for L in valid if canon[L] == _canon(text)]
-        return hits[0] if len(hits) == 1 else None
-
-    s = unicodedata.normalize("NFKC", content).strip()
-    if by_text(s):   # the whole content is one option's text (checked before prefixes are stripped)
-        return by_text(s)
-    s = _PREFIX.sub("", s).strip().strip(_EDGES)
-    if not s:
-        return None
-    # a bare letter, maybe bracketed: C, (C), [C], C), c
-    m = re.fullmatch(r"[\(\[]?([A-Za-z])[\)\]]?", s)
-    if m:
-        L = m.group(1).upper()
-        return L if L in valid else None
-    # "C. text" / "(C) text" / "C: text": the letter counts if the text is that option's
-    m = re.fullmatch(r"[\(\[]?([A-Za-z])[\)\]\.:：]\s*(.+)", s, re.DOTALL)
-    if m:
-        L = m.group(1).upper()
-        return L if L in valid and _canon(m.group(2)) == canon[L] else None
-    return by_text(s)   # the text of exactly one option
-
-
-def extract_answer(response, options, lenient=False):
-    """Strict: the last well-formed <answer> tag holding one option letter or one exact option text.
-    lenient: if that fails, phrases like 'the answer is C' (reported separately, never mixed in)."""
-    tags = ANSWER_TAG.findall(response)
-    if tags:
-        return parse_answer_content(tags[-1], options)
-    if lenient:
-        m = re.findall(r"answer\s+is\s*:?\s*\(?([A-Za-z])\)?(?![A-Za-z])", unicodedata.normalize("NFKC", response), re.I)
-        if m and m[-1].upper() in options:
-            return m[-1].upper()
-    return None
-
-
-def format_ok(response, require_think=False):
-    """Exactly one <answer>...</answer>, nothing after it but whitespace / end token; optional <think> block first."""
-    if len(ANSWER_TAG.findall(response)) != 1 or response.lower().count("<answer>") != 1:
-        return False
-    tail = response[ANSWER_TAG.search(response).end():].replace("<|im_end|>", "").replace("<|endoftext|>", "")
-    if tail.strip():
-        return False
-    if require_think:
-        return re.match(r"\s*<think>.+?</think>", response, re.DOTALL) is not None
-    return True
-
-
-# -----------------------------------------------------------------------------
-# benchmarks: upstream schema -> {id, question, options, answer, context?}
-
-def _letters(opts):
-    return {LETTERS[i]: str(t) for i, t in enumerate(opts)}
-
-
-def _strip_listed_options(q):
-    # MedXpertQA's question text can end with "Answer Choices: (A) ... (B) ...": printed once, by us
-    return re.split(r"\n?\s*Answer Choices:\s*\(A\)", q, maxsplit=1)[0].rstrip()
-
-
-def conv_medqa(r, i):
-    return dict(id=r.get("id", i), question=r["question"], options=dict(r["options"]), answer=r["answer_idx"])
-
-
-def conv_medxpertqa(r, i):
-    return dict(id=r.get("id", i), question=_strip_listed_options(r["question"]), options=dict(r["options"]),
-                answer=r["label"])
-
-
-def conv_medmcqa(r, i):
-    return dict(id=r.get("id", i), question=r["question"], options=_letters([r["opa"], r["opb"], r["opc"], r["opd"]]),
-                answer=LETTERS[int(r["cop"])])
-
-
-def conv_careqa(r, i):   # cop is 1-based
-    return dict(id=r.get("unique_id", r.get("id", i)), question=r["question"],
-                options=_letters([r["op1"], r["op2"], r["op3"], r["op4"]]), answer=LETTERS[int(r["cop"]) - 1])
-
-
-def conv_mmlu_pro(r, i):
-    return dict(id=r.get("question_id", i), question=r["question"],
-                options=_letters([o for o in r["options"] if o not in ("N/A", "")]), answer=r["answer"])
-
-
-def conv_jmed(r, i):
-    ans = r["answer"]
-    if isinstance(ans, list):
-        if len(ans) != 1:
-            return None   # multi-answer items are not single-choice
-        ans = ans[0]
-    return dict(id=r.get("id", i), question=r["question"], options=dict(r["options"]), answer=str(ans).strip())
-
-
-def conv_pubmedqa(r, i):
-    ctx = r["context"]["contexts"] if isinstance(r["context"], dict) else r["context"]
-    return dict(id=r.get("pubid", i), question=r["question"], context=" ".join(ctx),
-                options={"A": "yes", "B": "no", "C": "maybe"}, answer="ABC"["yes no maybe".split().index(r["final_decision"])])
-
-
-def conv_medbullets(r, i):
-    if "options" in r:
-        opts = dict(r["options"])
-    else:
-        opts = _letters([r[k] for k in ("opa", "opb", "opc", "opd", "ope") if r.get(k)])
-    return dict(id=r.get("id", i), question=r["question"], options=opts, answer=r["answer_idx"])
-
-
-def conv_ours(r, i):   # make_data.py's schema
-    return dict(id=r["id"], question=r["question"], options=dict(r["options"]), answer=r["answer"],
-                context=r.get("context"))
-
+from mcq import (LETTERS, build_messages, canon, conv_careqa, conv_jmed, conv_medbullets, conv_medmcqa,
+                 conv_medqa, conv_medxpertqa, conv_mmlu_pro, conv_ours, conv_pubmedqa, convert,
+                 extract_answer, jsonl_rows, prompt_ids, read_records)
 
 # name: (column in the paper's Table 3, hub id, config, split, size, converter, row filter, options an item)
 BENCHMARKS = {
@@ -207,57 +50,10 @@ PAPER_ROWS = {   # Table 3, same column order
 }
 
 
-def read_records(path):
-    """JSONL / JSON list / Parquet / CSV rows as dicts; errors name the file and line."""
-    if path.endswith(".parquet") or path.endswith(".csv"):
-        import datasets
-        return list(datasets.load_dataset("parquet" if path.endswith(".parquet") else "csv", data_files=path, split="train"))
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not a UTF-8 JSON file ({type(e).__name__})") from None
-        return data if isinstance(data, list) else list(data.values())
-    return [r for _, r in jsonl_rows(path)]
-
-
-def jsonl_rows(path):
-    """(line number, object) for each non-blank line; errors name the file and line."""
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{line}: not UTF-8 text") from None
-            if text.strip():
-                try:
-                    yield line, json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-
-
-def convert(rows, conv, path, row_filter=None):
-    items = []
-    for i, r in enumerate(rows):
-        if row_filter and r.get(row_filter[0]) != row_filter[1]:
-            continue
-        try:
-            it = conv(r, i)
-        except (KeyError, ValueError, IndexError, TypeError) as e:
-            raise ValueError(f"{path}:{i + 1}: bad record, field {e}") from None
-        if it is None:
-            continue
-        if it["answer"] not in it["options"]:
-            raise ValueError(f"{path}:{i + 1}: field 'answer': {it['answer']!r} is not one of the options {list(it['options'])}")
-        it["id"] = str(it["id"])
-        items.append(it)
-    return items
-
-
 def comparability(name, items, limit=None):
-    """Why a loaded benchmark's accuracy cannot stand beside the paper's Table 3 column ([] if it can): another
-    number of items (a subset, another release) or of options (the 5-option MedQA where the paper's has 4)."""
+    """Why a loaded benchmark's accuracy cannot stand beside the paper's Table 3 column ([] if it can):
+    another number of items (a subset, another release) or of options (the 5-option MedQA where the
+    paper's has 4)."""
     if name not in BENCHMARKS:
         return []
     size, n_opt = BENCHMARKS[name][4], BENCHMARKS[name][7]
@@ -319,12 +115,14 @@ def run_items(model, tok, items, max_new_tokens=512, batch_size=16, temperature=
     for b in bar:
         idx = order[b:b + batch_size]
         # per-item seeds (its index in the full list): the same samples on 1 rank or N, in any batch
-        outs, _ = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                           num_samples=n_samples, stop_ids=[s for s in stop if s is not None],
-                           seed=[seed * 1_000_033 + rank + world * i for i in idx], pad_id=tok.pad_token_id or 0,
-                           cuda_graph=cuda_graph)
+        outs, _ = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                           temperature=temperature, num_samples=n_samples,
+                           stop_ids=[s for s in stop if s is not None],
+                           seed=[seed * 1_000_033 + rank + world * i for i in idx],
+                           pad_id=tok.pad_token_id or 0, cuda_graph=cuda_graph)
         for j, i in enumerate(idx):
-            out[mine[i]["id"]] = [tok.decode(o, skip_special_tokens=True) for o in outs[j * n_samples:(j + 1) * n_samples]]
+            mine_outs = outs[j * n_samples:(j + 1) * n_samples]
+            out[mine[i]["id"]] = [tok.decode(o, skip_special_tokens=True) for o in mine_outs]
     return out
 
 
@@ -355,7 +153,8 @@ def score_items(items, responses, bench, lenient=False):
         summary["pass_at_n"] = 100 * sum(r["pass_at_n"] for r in recs) / n
         summary["majority"] = 100 * sum(r["majority_correct"] for r in recs) / n
     if lenient:
-        summary["lenient_accuracy"] = 100 * sum(r["correct"] or r.get("lenient") == r["gold"] for r in recs) / n
+        right = sum(r["correct"] or r.get("lenient") == r["gold"] for r in recs)
+        summary["lenient_accuracy"] = 100 * right / n
     return recs, summary
 
 
@@ -365,8 +164,8 @@ def macro_average(summaries):
 
 
 # -----------------------------------------------------------------------------
-# intervals and paired comparisons: on Medbullets (308 items) a 95 % interval is about +-5.5 points, wider than
-# most steps in the paper's Table 4
+# intervals and paired comparisons: on Medbullets (308 items) a 95 % interval is about +-5.5 points, wider
+# than most steps in the paper's Table 4
 
 Z95 = 1.959963984540054
 
@@ -436,8 +235,8 @@ def results_table(summaries, label="ours", macro=None):
              "|---" * (len(names) + 2) + "|"]
     if any(n in summaries for n in names):
         mark = lambda n: " †" if summaries[n].get("not_comparable") else ""   # noqa: E731
-        cells = [with_ci(summaries[n]["accuracy"], summaries[n].get("ci95")) + mark(n) if n in summaries else "-"
-                 for n in names]
+        cells = [with_ci(summaries[n]["accuracy"], summaries[n].get("ci95")) + mark(n) if n in summaries
+                 else "-" for n in names]
         nine = {n: summaries[n] for n in names if n in summaries}
         avg = with_ci(macro_average(nine), macro and macro.get("ci95"))
         avg += " †" if any(mark(n) for n in nine) or len(nine) < len(names) else ""
@@ -446,15 +245,17 @@ def results_table(summaries, label="ours", macro=None):
         lines.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     for n in names:
         if n in summaries and summaries[n].get("not_comparable"):
-            lines.append(f"\n† {BENCHMARKS[n][0]}: not comparable with the paper's rows: {summaries[n]['not_comparable']}")
+            why = summaries[n]["not_comparable"]
+            lines.append(f"\n† {BENCHMARKS[n][0]}: not comparable with the paper's rows: {why}")
     lines.append("\n(95 % intervals: Wilson per benchmark, a bootstrap over items for the average)\n")
     lines.append("| benchmark | n | accuracy | 95 % interval | unanswered | extra |")
     lines.append("|---|---|---|---|---|---|")
     for n, s in summaries.items():
-        extra = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, float) and k not in ("accuracy",
-                                                                                                     "unanswered"))
+        extra = ", ".join(f"{k} {v:.2f}" for k, v in s.items()
+                          if isinstance(v, float) and k not in ("accuracy", "unanswered"))
         ci = s.get("ci95") or [float("nan")] * 2
-        lines.append(f"| {n} | {s['n']} | {s['accuracy']:.2f} | {ci[0]:.1f}-{ci[1]:.1f} | {s['unanswered']:.2f} | {extra} |")
+        lines.append(f"| {n} | {s['n']} | {s['accuracy']:.2f} | {ci[0]:.1f}-{ci[1]:.1f} | "
+                     f"{s['unanswered']:.2f} | {extra} |")
     avg = with_ci(macro["accuracy"], macro["ci95"]) if macro else f"{macro_average(summaries):.2f}"
     lines.append(f"\nmacro average over {macro['benchmarks'] if macro else len(summaries)} set(s): {avg}")
     return "\n".join(lines)
@@ -469,8 +270,8 @@ def write_outputs(out_dir, recs, summaries, label):
     os.replace(tmp, os.path.join(out_dir, "responses.jsonl"))
     macro = macro_summary(recs, summaries)
     table = results_table(summaries, label, macro)
-    for name, text in (("results.md", table), ("results.json", json.dumps(dict(summaries, macro_average=macro),
-                                                                           indent=2))):
+    results = json.dumps(dict(summaries, macro_average=macro), indent=2)
+    for name, text in (("results.md", table), ("results.json", results)):
         with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
             f.write(text)
         os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
@@ -512,14 +313,16 @@ def permuted(items, k, seed=0):
         for j in range(k):
             order = letters[:]
             random.Random(f"{seed}/{j}/{it['id']}").shuffle(order)
-            out.append(dict(it, id=f"{it['id']}#p{j}", options={LETTERS[i]: it["options"][L] for i, L in enumerate(order)},
-                            answer=LETTERS[order.index(it["answer"])], base_id=it["id"], perm=j))
+            options = {LETTERS[i]: it["options"][L] for i, L in enumerate(order)}
+            answer = LETTERS[order.index(it["answer"])]
+            out.append(dict(it, id=f"{it['id']}#p{j}", options=options, answer=answer, base_id=it["id"],
+                            perm=j))
     return out
 
 
 def shuffle_stats(items, recs, k):
-    """Accuracy under each order, its spread, and consistency: the share of items whose chosen option (its text;
-    no answer counts as one choice) is the same under every order."""
+    """Accuracy under each order, its spread, and consistency: the share of items whose chosen option (its
+    text; no answer counts as one choice) is the same under every order."""
     by_id = {it["id"]: it for it in items}
     right, asked, chosen = [0] * k, [0] * k, {}
     for r in recs:
@@ -528,7 +331,8 @@ def shuffle_stats(items, recs, k):
             continue
         right[it["perm"]] += r["correct"]
         asked[it["perm"]] += 1
-        chosen.setdefault(it["base_id"], set()).add(_canon(it["options"][r["extracted"]]) if r["extracted"] else None)
+        choice = canon(it["options"][r["extracted"]]) if r["extracted"] else None
+        chosen.setdefault(it["base_id"], set()).add(choice)
     per = [100 * a / max(1, n) for a, n in zip(right, asked)]
     mean = sum(per) / k
     return dict(orders=k, accuracy_per_order=[round(p, 2) for p in per], accuracy_spread=max(per) - min(per),
@@ -545,8 +349,9 @@ def compare(dir_a, dir_b):
             out.setdefault(r["benchmark"], {})[r["id"]] = bool(r["correct"])
         return out
     a, b = load(dir_a), load(dir_b)
-    lines = [f"A = {dir_a}, B = {dir_b}", "", "| benchmark | items in both | A (%) | B (%) | B - A (points) [95 % CI] | "
-             "only A right | only B right | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"A = {dir_a}, B = {dir_b}", "", "| benchmark | items in both | A (%) | B (%) | "
+             "B - A (points) [95 % CI] | only A right | only B right | McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
     for bench in [n for n in a if n in b]:
         ids = [i for i in a[bench] if i in b[bench]]
         if not ids:
@@ -555,7 +360,8 @@ def compare(dir_a, dir_b):
         d, (lo, hi) = paired_diff_ci(x, y)
         only_a, only_b = sum(p and not q for p, q in zip(x, y)), sum(q and not p for p, q in zip(x, y))
         lines.append(f"| {bench} | {len(ids)} | {100 * sum(x) / len(x):.2f} | {100 * sum(y) / len(y):.2f} | "
-                     f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {only_a} | {only_b} | {mcnemar(only_a, only_b):.3g} |")
+                     f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {only_a} | {only_b} | "
+                     f"{mcnemar(only_a, only_b):.3g} |")
     return "\n".join(lines)
 
 
@@ -564,15 +370,16 @@ STAGES = [("base", "Base (random init)"), ("sft", "+CoT cold start"), ("grpo_sta
 
 
 def stage_table(run_dir, bench="kg"):
-    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh; each later stage's gain
-    over the cold start of the same seed (mean +- std of the paired differences: the seeds share the test items,
-    so the paired gain is the comparison the seed-to-seed spread does not swamp); and each stage's gain over the
-    previous stage with a 95 % paired-bootstrap interval, per seed and pooled (the seeds' mean gain, the test items
-    resampled: an interval over items, not over seeds)."""
+    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh; each later
+    stage's gain over the cold start of the same seed (mean +- std of the paired differences: the seeds
+    share the test items, so the paired gain is the comparison the seed-to-seed spread does not swamp);
+    and each stage's gain over the previous stage with a 95 % paired-bootstrap interval, per seed and
+    pooled (the seeds' mean gain, the test items resampled: an interval over items, not over seeds)."""
     import glob
     import statistics
     rows = ["| stage | accuracy (%) mean +- std | per seed | gain over cold start, same seed (points) | "
-            "gain over the previous stage, pooled [95 % CI] (per seed) | unanswered (%) |", "|---|---|---|---|---|---|"]
+            "gain over the previous stage, pooled [95 % CI] (per seed) | unanswered (%) |",
+            "|---|---|---|---|---|---|"]
     seeds = sorted(glob.glob(os.path.join(run_dir, "seed*")))
     acc, correct, means, prev = {}, {}, {}, None   # (stage, seed dir) -> accuracy / {item id: 0 or 1}
 
@@ -592,14 +399,17 @@ def stage_table(run_dir, bench="kg"):
                     gains.append(r["accuracy"] - acc["sft", sd])
                 resp = os.path.join(sd, f"eval_{key}", "responses.jsonl")
                 if os.path.exists(resp):
-                    correct[key, sd] = {r["id"]: int(r["correct"]) for _, r in jsonl_rows(resp) if r["benchmark"] == bench}
+                    correct[key, sd] = {r["id"]: int(r["correct"]) for _, r in jsonl_rows(resp)
+                                        if r["benchmark"] == bench}
                 if prev and (prev, sd) in correct and (key, sd) in correct:
                     steps.append({i: c - correct[prev, sd][i] for i, c in correct[key, sd].items()
                                   if i in correct[prev, sd]})
         if not accs:
             continue
         means[key] = mean_sd(accs)
-        gain = "-" if not gains else "{:+.1f} +- {:.1f} ({})".format(*mean_sd(gains), ", ".join(f"{g:+.1f}" for g in gains))
+        gain = "-"
+        if gains:
+            gain = "{:+.1f} +- {:.1f} ({})".format(*mean_sd(gains), ", ".join(f"{g:+.1f}" for g in gains))
         step = "-"
         if steps:
             per_seed = []
@@ -609,9 +419,11 @@ def stage_table(run_dir, bench="kg"):
             ids = [i for i in steps[0] if all(i in d for d in steps)]
             pooled = [sum(d[i] for d in steps) / len(steps) for i in ids]
             lo, hi = percentile_ci(bootstrap_means(pooled))
-            step = f"{100 * sum(pooled) / len(pooled):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] ({'; '.join(per_seed)})"
-        rows.append(f"| {label} | {means[key][0]:.1f} +- {means[key][1]:.1f} | " + ", ".join(f"{a:.1f}" for a in accs) +
-                    f" | {gain} | {step} | {statistics.mean(unans):.1f} |")
+            step = (f"{100 * sum(pooled) / len(pooled):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                    f"({'; '.join(per_seed)})")
+        per = ", ".join(f"{a:.1f}" for a in accs)
+        rows.append(f"| {label} | {means[key][0]:.1f} +- {means[key][1]:.1f} | {per} | {gain} | {step} | "
+                    f"{statistics.mean(unans):.1f} |")
         prev = key
     return "\n".join(rows), means
 
@@ -619,37 +431,47 @@ def stage_table(run_dir, bench="kg"):
 def main():
     ap = Parser(description=__doc__)
     # --- what to evaluate
-    ap.add_argument("--model", nargs="+", default=None, help="HF-layout checkpoint directory (ours or a real Qwen); "
-                    "several: each in turn in this one launch, with one --out and one --label each")
+    ap.add_argument("--model", nargs="+", default=None, help="HF-layout checkpoint "
+                    "directory (ours or a real Qwen); several: each in turn in this one launch, with one "
+                    "--out and one --label each")
     ap.add_argument("--benchmarks", default=",".join(BENCHMARKS),
                     help="comma list; the nine: " + ",".join(BENCHMARKS) + "; any other name needs --file")
-    ap.add_argument("--data-dir", default=None, help="folder of local files named {benchmark}.jsonl/.json/.parquet/.csv")
+    ap.add_argument("--data-dir", default=None, help="folder of local files named "
+                    "{benchmark}.jsonl/.json/.parquet/.csv")
     ap.add_argument("--file", action="append", default=[], help="NAME=PATH for one benchmark (repeatable)")
-    ap.add_argument("--limit", type=at_least(1), default=None, help="first N items per benchmark (quick runs)")
-    ap.add_argument("--responses", default=None, help="re-score a saved responses JSONL (fields benchmark, id, "
-                    "response; items looked up from the benchmarks) without any model")
+    ap.add_argument("--limit", type=at_least(1), default=None, help="first N items per "
+                    "benchmark (quick runs)")
+    ap.add_argument("--responses", default=None, help="re-score a saved responses JSONL (fields benchmark, "
+                    "id, response; items looked up from the benchmarks) without any model")
     # --- generation
     ap.add_argument("--max-new-tokens", type=at_least(1), default=512, help="generation budget per answer")
     ap.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per generation batch")
     ap.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0 = greedy")
-    ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports pass@n and majority vote")
+    ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports "
+                    "pass@n and majority vote")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
-    ap.add_argument("--plain", action="store_true", help="model.py's generate, not fast.py's (the same tokens)")
-    ap.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step one CUDA graph replay (4-5x "
-                    "faster generation measured on an H200 by bench/generate.py; same tokens); ignored on CPU")
+    ap.add_argument("--plain", action="store_true", help="model.py's generate, not "
+                    "fast.py's (the same tokens)")
+    ap.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step one "
+                    "CUDA graph replay (4-5x faster generation measured on an H200 by bench/generate.py; "
+                    "same tokens); ignored on CPU")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     # --- output
-    ap.add_argument("--lenient", action="store_true", help="also report a lenient extraction ('the answer is C')")
-    ap.add_argument("--out", nargs="+", default=["runs/eval"], help="output folder (responses.jsonl, results.md, "
-                    "results.json); one per --model")
-    ap.add_argument("--label", nargs="+", default=None, help="row label in the table, one per --model (default: "
-                    "ours, or each model folder's name)")
-    ap.add_argument("--stage-table", default=None, help="print the stage table of a run.sh folder (seed*/eval_*) and exit")
-    ap.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"), help="two evaluation folders of the same "
-                    "items: per benchmark, B - A with a paired-bootstrap 95 %% interval and McNemar's test; then exit")
-    ap.add_argument("--shuffle-options", type=at_least(1), default=None, metavar="K", help="ask each item K times, its "
-                    "options in K seeded orders: mean accuracy, its spread, and how often the chosen option is the same")
+    ap.add_argument("--lenient", action="store_true", help="also report a lenient "
+                    "extraction ('the answer is C')")
+    ap.add_argument("--out", nargs="+", default=["runs/eval"], help="output folder (responses.jsonl, "
+                    "results.md, results.json); one per --model")
+    ap.add_argument("--label", nargs="+", default=None, help="row label in the table, one per --model "
+                    "(default: ours, or each model folder's name)")
+    ap.add_argument("--stage-table", default=None, help="print the stage table of a run.sh "
+                    "folder (seed*/eval_*) and exit")
+    ap.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"), help="two evaluation folders of "
+                    "the same items: per benchmark, B - A with a paired-bootstrap 95 %% interval and "
+                    "McNemar's test; then exit")
+    ap.add_argument("--shuffle-options", type=at_least(1), default=None, metavar="K", help="ask each item K "
+                    "times, its options in K seeded orders: mean accuracy, its spread, and how often the "
+                    "chosen option is the same")
     args = ap.parse_args()
     if args.compare:
         print(compare(*args.compare))
@@ -707,22 +529,24 @@ def main():
     names = [os.path.basename(os.path.normpath(m)) for m in args.model]
     labels = args.label or (["ours"] if len(args.model) == 1 else names)
     if not len(args.model) == len(args.out) == len(labels):
-        sys.exit(f"--model has {len(args.model)} paths: give as many --out folders ({len(args.out)}) and --label "
-                 f"names ({len(labels)})")
+        sys.exit(f"--model has {len(args.model)} paths: give as many --out folders ({len(args.out)}) and "
+                 f"--label names ({len(labels)})")
     import torch
     from common import close_distributed, init_distributed
     import fast
     from hf_io import load_model, load_tokenizer
     fast.ON = not args.plain
     rank, world, device = init_distributed(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else dtype
     # several models in one launch: the process start-up (torch, tokenizers, the process group) is paid once
     for path, out, label in zip(args.model, args.out, labels):
         model = load_model(path, device=device, dtype=dtype).eval()
         tok = load_tokenizer(path)
         recs, summaries = evaluate_model(model, tok, asked, rank, world, args.lenient,
                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                         temperature=args.temperature, n_samples=args.n_samples, seed=args.seed,
+                                         temperature=args.temperature, n_samples=args.n_samples,
+                                         seed=args.seed,
                                          cuda_graph=args.cuda_graph and device.type == "cuda")
         if rank == 0:
             report(out, recs, finish(recs, summaries), label)

@@ -1,16 +1,16 @@
 """
-fast.py: the speed paths, apart from the textbook path in model.py they replace. Each gives model.py's numbers
-up to float rounding (tests/test_fast.py checks each against the plain path) and is on by default; --plain
-(ON = False) runs the textbook path alone, for reading and for timing against (bench/*.py).
+fast.py: the speed paths, apart from the textbook path in model.py they replace. Each gives model.py's
+numbers up to float rounding (tests/test_fast.py checks each against the plain path) and is on by default;
+--plain (ON = False) runs the textbook path alone, for reading and for timing against (bench/*.py).
 
-    generate               model.generate with: prompts prefilled in buckets of similar length, G samples from
-                           one prefill, finished rows dropped from the batch, weights packed for oneDNN on a CPU
-                           (packed_linears), query heads folded in decode attention (Fold), and on a GPU each
-                           decode step one CUDA graph replay (cuda_graph=True, fixed_shape_step)
+    generate               model.generate with: prompts prefilled in buckets of similar length, G samples
+                           from one prefill, finished rows dropped from the batch, weights packed for oneDNN
+                           on a CPU (packed_linears), query heads folded in decode attention (Fold), and on a
+                           GPU each decode step one CUDA graph replay (cuda_graph=True, fixed_shape_step)
     doc_attention          packed SFT rows: each document attends alone, per-document matmuls on a CPU
-                           (DocBuckets), flex_attention on a GPU (FlexMask), instead of SDPA under a dense mask
-    completion_logprobs    GRPO scoring: a group's completions behind one copy of their prompt (--share-prompt),
-                           laid end to end in one unpadded row on a CPU
+                           (DocBuckets), flex_attention on a GPU (FlexMask), not SDPA under a dense mask
+    completion_logprobs    GRPO scoring: a group's completions behind one copy of their prompt
+                           (--share-prompt), laid end to end in one unpadded row on a CPU
 Why each is faster, measured: bench/RESULTS.md.
 """
 import os
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import KVCache, cpu_has_native_bf16, doc_attention_mask, doc_starts, sample_next
+from model import KVCache, cpu_has_native_bf16, doc_starts, sample_next
 from model import generate as model_generate
 
 ON = True   # False: --plain, the textbook paths of model.py / train_grpo.py only
@@ -32,15 +32,17 @@ ON = True   # False: --plain, the textbook paths of model.py / train_grpo.py onl
 
 @contextmanager
 def packed_linears(model, rows, dtype):
-    """While the block runs, every nn.Linear multiplies through a copy of its weight in oneDNN's blocked layout
-    for rows-row inputs, then the copies are dropped (weights change between GRPO rollouts). dtype: the compute
-    dtype (the weights', or autocast's). Why: F.linear in bf16 re-lays-out the weight on every call, and fp32
-    F.linear goes to MKL, slow on some CPUs (bench/generate.py). Packs fp32, and bf16 on CPUs with native bf16;
-    a no-op on GPU and without oneDNN. Same math, another summation order (fp32: ~1e-4 on the outputs)."""
+    """While the block runs, every nn.Linear multiplies through a copy of its weight in oneDNN's blocked
+    layout for rows-row inputs, then the copies are dropped (weights change between GRPO rollouts). dtype:
+    the compute dtype (the weights', or autocast's). Why: F.linear in bf16 re-lays-out the weight on every
+    call, and fp32 F.linear goes to MKL, slow on some CPUs (bench/generate.py). Packs fp32, and bf16 on
+    CPUs with native bf16; a no-op on GPU and without oneDNN. Same math, another summation order (fp32:
+    ~1e-4 on the outputs)."""
     on = (next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available()
           and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())))
     # under FSDP2 outside a rollout the weights are DTensor shards: left alone by the type check
-    mods = [m for m in model.modules() if isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter] if on else []
+    mods = [m for m in model.modules() if isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter]
+    mods = mods if on else []
     for m in mods:
         w = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
         b = None if m.bias is None else m.bias.detach().to(dtype)
@@ -58,42 +60,48 @@ def packed_linears(model, rows, dtype):
 
 
 class Fold:
-    """One decode step (T = 1): the H // Hkv query heads that share a KV head folded into the query axis,
-    (B, Hkv, H // Hkv, D), so SDPA sees a few queries per KV head instead of one per head; the CPU kernel handles a
-    single query badly. mask (B, 1, 1, S) is the same for every one of those queries."""
+    """One decode step (T = 1): the H // Hkv query heads that share a KV head folded into the query axis, (B,
+    Hkv, H // Hkv, D), so SDPA sees a few queries per KV head instead of one per head; the CPU kernel
+    handles a single query badly. mask (B, 1, 1, S) is the same for every one of those queries."""
 
     def __init__(self, mask):
         self.mask = mask
 
     def attend(self, q, k, v):
         B, H, T, D = q.shape
-        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], D), k, v, attn_mask=self.mask)
+        Hkv = k.shape[1]
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=self.mask)
         return y.reshape(B, T, H * D)
 
 
 class DocBuckets:
     """Packed rows on CPU: attention per sequence instead of over whole rows under a mask. Each sequence is a
-    run of query tokens that attend causally to themselves and, optionally, to a shared prefix elsewhere in the
-    row (a GRPO prompt that several completions sit behind). The sequences are regrouped into buckets of similar
-    length (prefill_buckets), each a right-padded (n, L) batch, and attend with plain matmuls; one gather puts the
-    outputs back in place. Why: over a whole row, SDPA's CPU kernel computes every (query, key) pair the mask
-    throws away, and its backward is slow (bench/train.py). The masked SDPA's numbers up to rounding."""
-    MAX_LEN = 1024   # longer sequences keep the masked SDPA: the scores here are a full (Lq, L) matrix per head
+    run of query tokens that attend causally to themselves and, optionally, to a shared prefix elsewhere
+    in the row (a GRPO prompt that several completions sit behind). The sequences are regrouped into
+    buckets of similar length (prefill_buckets), each a right-padded (n, L) batch, and attend with plain
+    matmuls; one gather puts the outputs back in place. Why: over a whole row, SDPA's CPU kernel computes
+    every (query, key) pair the mask throws away, and its backward is slow (bench/train.py). The masked
+    SDPA's numbers up to rounding."""
+    # longer sequences keep the masked SDPA: the scores here are a full (Lq, L) matrix per head
+    MAX_LEN = 1024
 
     def __init__(self, seqs, n_tokens, device, waste=0.15):
-        """seqs: (prefix_start, prefix_len, start, length) per sequence, as indices into the flattened (B * T)
-        tokens: tokens start .. start + length - 1 are the queries, and attend causally to themselves after the
-        prefix_len tokens from prefix_start (prefix_len 0: a plain document). Every token is the query of exactly
-        one sequence (padding too: make it a document of its own)."""
-        self.buckets = []   # (query index (n, Lq), key index (n, L), prefix lengths (n,) or None); B * T = a zero row
+        """seqs: (prefix_start, prefix_len, start, length) per sequence, as indices into the flattened (B *
+        T) tokens: tokens start .. start + length - 1 are the queries, and attend causally to themselves
+        after the prefix_len tokens from prefix_start (prefix_len 0: a plain document). Every token is the
+        query of exactly one sequence (padding too: make it a document of its own)."""
+        # (query index (n, Lq), key index (n, L), prefix lengths (n,) or None); B * T = a zero row
+        self.buckets = []
         self.ok = max(p + n for _, p, _, n in seqs) <= self.MAX_LEN
         if not self.ok:
             return
-        slot_of = torch.empty(n_tokens, dtype=torch.long)   # token -> its row in the concatenated bucket outputs
+        # token -> its row in the concatenated bucket outputs
+        slot_of = torch.empty(n_tokens, dtype=torch.long)
         offset = 0
         plain = [s for s in seqs if s[1] == 0]
         prefixed = [s for s in seqs if s[1] > 0]
-        for group in (plain, prefixed):   # apart: a plain document's queries are all of its keys, the others' not
+        # apart: a plain document's queries are all of its keys, the others' not
+        for group in (plain, prefixed):
             if not group:
                 continue
             ps, pl, st, ln = (torch.tensor(c) for c in zip(*group))
@@ -117,7 +125,8 @@ class DocBuckets:
     def from_doc_ids(cls, doc_ids):
         """Packed documents: doc_ids (B, T), each run of equal ids a document that attends only to itself."""
         B, T = doc_ids.shape
-        starts = torch.nonzero(doc_starts(doc_ids).flatten()).flatten().cpu()   # a row's start always ends a document
+        # a row's start always ends a document
+        starts = torch.nonzero(doc_starts(doc_ids).flatten()).flatten().cpu()
         lens = torch.diff(starts, append=starts.new_tensor([B * T]))
         return cls([(0, 0, s, n) for s, n in zip(starts.tolist(), lens.tolist())], B * T, doc_ids.device)
 
@@ -134,7 +143,8 @@ class DocBuckets:
             off = P[:, None, None] if P is not None else 0
             see = j[None, None, :] <= u[None, :, None] + off            # (n or 1, Lq, L)
             t = torch.zeros(see.shape, dtype=dtype, device=qidx.device).masked_fill_(~see, float("-inf"))
-            t = t.repeat(1, G, 1)                                       # the G query heads of a KV head are stacked
+            # the G query heads of a KV head are stacked
+            t = t.repeat(1, G, 1)
             if P is None:
                 t = t[0]
             else:
@@ -158,10 +168,12 @@ class DocBuckets:
             # index_select, not x[idx]: its backward is an index_add, several times faster on CPU than the
             # index_put that advanced indexing takes. The G query heads that share a KV head are stacked along
             # the query axis: one matmul per KV head
-            qb = qt.index_select(0, qidx.flatten()).view(n, Lq, H, D).permute(0, 2, 1, 3).reshape(n, Hkv, G * Lq, D)
+            qb = qt.index_select(0, qidx.flatten()).view(n, Lq, H, D).permute(0, 2, 1, 3)
+            qb = qb.reshape(n, Hkv, G * Lq, D)
             kb = kt.index_select(0, kidx.flatten()).view(n, L, Hkv, D).permute(0, 2, 1, 3)   # (n, Hkv, L, D)
             vb = vt.index_select(0, kidx.flatten()).view(n, L, Hkv, D).permute(0, 2, 1, 3)
-            # scores = causal bias + scale * q k^T in one baddbmm (a separate scale and masked_fill cost ~10 %)
+            # scores = causal bias + scale * q k^T in one baddbmm (a separate scale and masked_fill cost ~10
+            # %)
             s = torch.baddbmm(self.bias(b, qb.dtype, G, Hkv), qb.reshape(n * Hkv, G * Lq, D),
                               kb.reshape(n * Hkv, L, D).transpose(1, 2), alpha=D ** -0.5)
             p = torch.softmax(s, dim=-1, dtype=torch.float32).to(vb.dtype)      # fp32 softmax, as SDPA does
@@ -171,9 +183,10 @@ class DocBuckets:
 
 
 class FlexMask:
-    """Packed rows on CUDA: flex_attention with a block mask from segment ids (B, T): the dense mask's pattern in
-    (128 x 128)-token blocks, so the kernel skips the blocks no query may see. A token sees earlier tokens of its
-    own segment; with shared_prefix, also those of segment 0 (a GRPO prompt its completions share)."""
+    """Packed rows on CUDA: flex_attention with a block mask from segment ids (B, T): the dense mask's
+    pattern in (128 x 128)-token blocks, so the kernel skips the blocks no query may see. A token sees
+    earlier tokens of its own segment; with shared_prefix, also those of segment 0 (a GRPO prompt its
+    completions share)."""
     _flex = None
 
     def __init__(self, seg, shared_prefix=False):
@@ -184,7 +197,8 @@ class FlexMask:
             if shared_prefix:
                 same = same | (seg[b, kv] == 0)
             return same & (q >= kv)
-        self.block = create_block_mask(allowed, seg.shape[0], None, seg.shape[1], seg.shape[1], device=seg.device)
+        B, T = seg.shape
+        self.block = create_block_mask(allowed, B, None, T, T, device=seg.device)
 
     def attend(self, q, k, v):
         if FlexMask._flex is None:   # compiled once on CUDA (the eager form materialises every score)
@@ -210,9 +224,9 @@ class FastCache(KVCache):
 
 
 class FixedShapeCache(FastCache):
-    """Fixed-shape decoding (CUDA graphs): `slot`, a (1,) device tensor, names the slot the next token goes to;
-    attention runs over all max_len slots (valid masks the unfilled ones), so no shape depends on the step and
-    nothing reads `length` on the host."""
+    """Fixed-shape decoding (CUDA graphs): `slot`, a (1,) device tensor, names the slot the next token goes
+    to; attention runs over all max_len slots (valid masks the unfilled ones), so no shape depends on the
+    step and nothing reads `length` on the host."""
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -221,7 +235,8 @@ class FixedShapeCache(FastCache):
     def begin(self, T, pad_mask=None):   # decode steps only: generate prefills into FastCache parts
         assert T == 1, "fixed-shape decoding takes one token per row"
         self.valid.index_fill_(1, self.slot, True)
-        return Fold(self.valid[:, None, None, :])   # the filled slots, this token's included: causal by construction
+        # the filled slots, this token's included: causal by construction
+        return Fold(self.valid[:, None, None, :])
 
     def update(self, layer, k, v):
         self.k[layer].index_copy_(2, self.slot, k.to(self.k.dtype))
@@ -266,13 +281,13 @@ def prefill_buckets(lens, waste=0.15):
 def fixed_shape_step(model, tok_in, pos_in, cache):
     """One decode step with fixed shapes, reading its inputs from tok_in / pos_in (N, 1) and cache.slot.
     On CUDA it is captured once as a CUDA graph and replayed: a decode step of a small model is hundreds of
-    kernel launches that each cost more host time than GPU time (measured on an H200: 40 ms of GPU work in
-    386 ms of a 64-step generation), and a replay launches them all at once. On CPU it just runs."""
+    kernel launches that each cost more host time than GPU time (bench/generate.py --cuda-graph), and a
+    replay launches them all at once. On CPU it just runs."""
     step = lambda: model(tok_in, position_ids=pos_in, cache=cache)[:, -1].float()  # noqa: E731
     if not tok_in.is_cuda:
         return step
-    # warm up on a side stream (kernels and workspaces get chosen), then capture. Both run the real first step:
-    # writing the same k, v into the same slot again is harmless
+    # warm up on a side stream (kernels and workspaces get chosen), then capture. Both run the real first
+    # step: writing the same k, v into the same slot again is harmless
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -297,25 +312,27 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     stopped ("stop"), else it is max_new_tokens long ("length").
 
     Prompts are left-padded into one batch; each row has its own positions, and pad slots are masked out
-    of attention, so a row's tokens do not depend on what else is in the batch. The prefill runs in buckets
-    of similar lengths (see prefill_buckets; waste=the padding share a bucket may have). With num_samples=G the
-    prompts are prefilled once and the cache is copied G ways (the GRPO rollout case). Finished rows are
-    dropped from the batch (and the cache) once they are compact_frac of it, so they stop costing compute.
-    seed: an int (prompt i gets seed + i) or one seed per prompt; sample j of a prompt is a function of its
-    prompt's seed and j only, never of the rest of the batch.
-    cuda_graph: decode with fixed shapes (attention over the whole cache, finished rows kept) so that the step
-    is one CUDA graph replay on a GPU (see fixed_shape_step); same tokens up to float rounding. Not under FSDP.
-    With ON False (--plain): model.generate, the textbook loop, same tokens.
-    return_logprobs: also each sampled token's log-probability under the model (temperature 1, before top-k /
-    top-p), for comparing the trainer's scoring with the rollout's."""
+    of attention, so a row's tokens do not depend on what else is in the batch. The prefill runs in
+    buckets of similar lengths (see prefill_buckets; waste=the padding share a bucket may have). With
+    num_samples=G the prompts are prefilled once and the cache is copied G ways (the GRPO rollout case).
+    Finished rows are dropped from the batch (and the cache) once they are compact_frac of it, so they
+    stop costing compute. seed: an int (prompt i gets seed + i) or one seed per prompt; sample j of a
+    prompt is a function of its prompt's seed and j only, never of the rest of the batch. cuda_graph:
+    decode with fixed shapes (attention over the whole cache, finished rows kept) so that the step is one
+    CUDA graph replay on a GPU (see fixed_shape_step); same tokens up to float rounding. Not under FSDP.
+    With ON False (--plain): model.generate, the textbook loop, same tokens. return_logprobs: also each
+    sampled token's log-probability under the model (temperature 1, before top-k / top-p), for comparing
+    the trainer's scoring with the rollout's."""
     if not ON:
-        return model_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, num_samples,
+        return model_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                              num_samples,
                               seed, pad_id, return_logprobs)
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(dev.type):
-        # under autocast the compute dtype is autocast's: the cache is stored in it (attention reads it so; half
-        # the memory, and no cast of the whole cache per layer per step) and the weights are packed for it
+        # under autocast the compute dtype is autocast's: the cache is stored in it (attention reads it so;
+        # half the memory, and no cast of the whole cache per layer per step) and the weights are packed for
+        # it
         dtype = torch.get_autocast_dtype(dev.type)
     cfg = model.config
     B, G = len(prompts), num_samples
@@ -332,16 +349,20 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     if seed is None:   # fresh entropy, without re-seeding torch's global generator (callers' state is theirs)
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
     seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
-    row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(G)], dtype=torch.long, device=dev)
+    row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(G)], dtype=torch.long,
+                             device=dev)
     cache = (FixedShapeCache if cuda_graph else FastCache)(cfg.num_hidden_layers, B, cfg.num_key_value_heads,
                                                             P + max_new_tokens, cfg.head_dim, dev, dtype)
-    with packed_linears(model, B * G, dtype):   # bf16 on CPU: weights packed once for all the matmuls of this call
+    # bf16 on CPU: weights packed once for all the matmuls of this call
+    with packed_linears(model, B * G, dtype):
         logits = torch.empty(B, cfg.vocab_size, device=dev)
         for rows_, Pc in prefill_buckets(lens.tolist(), waste):
-            # each bucket of similar lengths is prefilled padded only to its own longest prompt, into the right
-            # end of the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are mostly saved
+            # each bucket of similar lengths is prefilled padded only to its own longest prompt, into the
+            # right end of the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are
+            # mostly saved
             r = torch.tensor(rows_, device=dev)
-            part = FastCache(cfg.num_hidden_layers, len(rows_), cfg.num_key_value_heads, Pc, cfg.head_dim, dev, dtype)
+            L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+            part = FastCache(L, len(rows_), Hkv, Pc, D, dev, dtype)
             logits[r] = model(ids[r, P - Pc:], position_ids=positions[r, P - Pc:], cache=part,
                               attention_mask=amask[r, P - Pc:], last_only=True)[:, -1].float()
             cache.k[:, r, :, P - Pc:P], cache.v[:, r, :, P - Pc:P] = part.k, part.v
@@ -359,7 +380,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
         next_pos = lens.clone()
         stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
         if cuda_graph:
-            tok_in, pos_in, fixed_step = torch.zeros(N, 1, dtype=torch.long, device=dev), next_pos[:, None].clone(), None
+            tok_in, pos_in = torch.zeros(N, 1, dtype=torch.long, device=dev), next_pos[:, None].clone()
+            fixed_step = None
         for step in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, row_seeds, step)
             live = rows >= 0
@@ -373,7 +395,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
             n_live = int((rows >= 0).sum())
             if n_live == 0 or step == max_new_tokens - 1:
                 break
-            if cuda_graph:   # new inputs into the fixed buffers; finished rows decode throwaway tokens to the end
+            # new inputs into the fixed buffers; finished rows decode throwaway tokens to the end
+            if cuda_graph:
                 tok_in.copy_(tok[:, None])
                 pos_in.copy_(next_pos[:, None])
                 cache.slot.fill_(P + step)
@@ -402,19 +425,20 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
 
 
 def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entropy=False, chunk=0):
-    """train_grpo.completion_logprobs with less work: (log-prob of each completion token (N, Lc), mask, entropy).
+    """train_grpo.completion_logprobs with less work: (log-prob of each completion token (N, Lc), mask,
+    entropy).
 
     share: how many completions of the same prompt go into one row behind a single copy of it, e.g.
-    [prompt, c1, c2, c3, c4]: each c_k attends to the prompt and to itself, not to the other c's, and restarts
-    its positions where the prompt ends, so its log-probs are the ones of [prompt, c_k] alone. A GRPO group
-    shares its prompt, and KG prompts are ~2x longer than the answers, so this does ~half the forward/backward
-    work (bench/grpo.py prints the ratio against share=1).
-    On CPU the rows are laid end to end in a single row with no padding (padding to the longest row was ~20 % of
-    the tokens) and each prompt and each completion attends as its own short sequence (DocBuckets; SDPA under a
-    dense mask computed every (query, key) pair of the row). On a GPU the rows are padded and attend through
-    flex_attention with a block mask (FlexMask).
-    Logits are computed only where a completion token is predicted: the prompt positions carry no loss, and the
-    lm_head + log-softmax over them would be most of the cost."""
+    [prompt, c1, c2, c3, c4]: each c_k attends to the prompt and to itself, not to the other c's, and
+    restarts its positions where the prompt ends, so its log-probs are the ones of [prompt, c_k] alone. A
+    GRPO group shares its prompt, and KG prompts are ~2x longer than the answers, so this does ~half the
+    forward/backward work (bench/grpo.py prints the ratio against share=1). On CPU the rows are laid end
+    to end in a single row with no padding (padding to the longest row was ~20 % of the tokens) and each
+    prompt and each completion attends as its own short sequence (DocBuckets; SDPA under a dense mask
+    computed every (query, key) pair of the row). On a GPU the rows are padded and attend through
+    flex_attention with a block mask (FlexMask). Logits are computed only where a completion token is
+    predicted: the prompt positions carry no loss, and the lm_head + log-softmax over them would be most
+    of the cost."""
     rows = []   # (prompt, [completion indices])
     for i, (p, o) in enumerate(zip(prompts, outs)):
         if rows and len(rows[-1][1]) < share and rows[-1][0] == p:
@@ -431,7 +455,8 @@ def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entr
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros(B, T, dtype=torch.long)
     seg = torch.full((B, T), -1, dtype=torch.long)   # -1 pad, 0 prompt, k >= 1 the row's k-th completion
-    seqs = []    # packed: (prefix start, prefix length, start, length) of each attention sequence (DocBuckets)
+    # packed: (prefix start, prefix length, start, length) of each attention sequence (DocBuckets)
+    seqs = []
     where = []   # per completion: (batch row, [position predicting each of its tokens])
     for (p, idx), (r, s0) in zip(rows, place):
         P = len(p)
@@ -457,16 +482,19 @@ def completion_logprobs(model, prompts, outs, device, pad_id, share=1, want_entr
     elif share > 1:
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
-        mask = ((same & causal) | torch.eye(T, dtype=torch.bool))[:, None].to(device)   # a pad sees itself: no NaN
-    # the scored tokens: where each is predicted (flat index into the (B, T) row positions; a shared prompt's last
-    # position predicts the first token of each of its completions) and the token itself
+        # a pad sees itself: no NaN
+        mask = ((same & causal) | torch.eye(T, dtype=torch.bool))[:, None].to(device)
+    # the scored tokens: where each is predicted (flat index into the (B, T) row positions; a shared prompt's
+    # last position predicts the first token of each of its completions) and the token itself
     at = torch.tensor([r * T + j for r, js in where for j in js], device=device)
     tgt = torch.tensor([t for o in outs for t in o], device=device)
-    lp, ent = model(ids.to(device), position_ids=pos.to(device), attention_mask=mask, logits_at=at, targets=tgt,
+    lp, ent = model(ids.to(device), position_ids=pos.to(device), attention_mask=mask, logits_at=at,
+                    targets=tgt,
                     chunk=chunk, want_entropy=want_entropy)
     lens = torch.tensor([len(o) for o in outs])
     Lc = int(lens.max())
     mask_c = (torch.arange(Lc)[None] < lens[:, None]).float()
-    col = torch.where(mask_c.bool(), (lens.cumsum(0) - lens)[:, None] + torch.arange(Lc), 0)  # -> index into lp
+    # -> index into lp
+    col = torch.where(mask_c.bool(), (lens.cumsum(0) - lens)[:, None] + torch.arange(Lc), 0)
     col, mask_c = col.to(device), mask_c.to(device)
     return lp[col] * mask_c, mask_c, (ent[col] * mask_c if want_entropy else None)

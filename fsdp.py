@@ -1,12 +1,13 @@
 """
-fsdp.py: FSDP2 under torchrun at the size of real checkpoints. Each rank holds 1/world of every weight, of its
-gradient and of its optimizer state, and never the whole model: not when loading, not when checkpointing.
+fsdp.py: FSDP2 under torchrun at the size of real checkpoints. Each rank holds 1/world of every weight, of
+its gradient and of its optimizer state, and never the whole model: not when loading, not when
+checkpointing.
 
     shard_model(model, device, world)        fully_shard each decoder block, then the root
     checkpoint_blocks(model)                 activation checkpointing, block by block
     load_sharded(path, device, world)        built on the meta device, sharded, then each rank reads only its
                                              rows of each weight from the safetensors files
-    save_checkpoint / load_checkpoint        model + optimizer + RNG with torch.distributed.checkpoint: each rank
+    save_checkpoint / load_checkpoint        model + optimizer + RNG, torch.distributed.checkpoint: each rank
                                              writes its own shards; resumes on any world size; crash-safe
     export_hf(model, tok, path, rank)        the Hugging Face layout, gathered to rank 0 one weight at a time
     with unsharded(model): ...               every weight gathered once, for a whole rollout
@@ -47,7 +48,8 @@ def empty_model(cfg, device, world, dtype=torch.float32, bf16=False):
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
     model = shard_model(model, device, world, bf16).to_empty(device=device)
-    if cfg.tie_word_embeddings and world <= 1:   # to_empty gives each module its own tensor (FSDP keeps the tie)
+    # to_empty gives each module its own tensor (FSDP keeps the tie)
+    if cfg.tie_word_embeddings and world <= 1:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
@@ -70,9 +72,9 @@ def owned_rows(n, rank, world):
 
 
 def load_sharded(path, device, world, dtype=torch.float32, bf16=False, frozen=False):
-    """Load an HF-layout checkpoint straight into FSDP2 shards: each rank reads only the rows it owns (plain file
-    reads of those byte ranges), so its memory holds 1/world of the model. frozen: no gradients (a reference).
-    One process: model.load_model."""
+    """Load an HF-layout checkpoint straight into FSDP2 shards: each rank reads only the rows it owns (plain
+    file reads of those byte ranges), so its memory holds 1/world of the model. frozen: no gradients (a
+    reference). One process: model.load_model."""
     if world <= 1:
         model = load_model(path, device, dtype)
     else:
@@ -93,8 +95,9 @@ def load_sharded(path, device, world, dtype=torch.float32, bf16=False, frozen=Fa
 
 
 def full_tensors(model, rank=0):
-    """(name, full tensor on CPU) one at a time, for save_model: under FSDP each weight is all-gathered, so every
-    rank iterates; only rank 0 gets the tensors. A tied lm_head is the embedding: not gathered twice."""
+    """(name, full tensor on CPU) one at a time, for save_model: under FSDP each weight is all-gathered, so
+    every rank iterates; only rank 0 gets the tensors. A tied lm_head is the embedding: not gathered
+    twice."""
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
@@ -149,8 +152,9 @@ def _write_synced(path, text):
 def save_checkpoint(run_dir, model, optimizer, tok, step, extra, rank):
     """Model and optimizer state, sharded as they are (each rank writes its own shards with
     torch.distributed.checkpoint, so no rank gathers either), the RNG, `extra` (JSON), config.json and the
-    tokenizer. Crash-safe at every point: the folder counts only once COMPLETE is written, after everything else
-    is on disk, and older checkpoints are removed only after that (marker first). Every rank must call."""
+    tokenizer. Crash-safe at every point: the folder counts only once COMPLETE is written, after
+    everything else is on disk, and older checkpoints are removed only after that (marker first). Every
+    rank must call."""
     from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     root = os.path.join(run_dir, "ckpt")

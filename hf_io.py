@@ -1,12 +1,14 @@
 """
-hf_io.py: the Hugging Face layout on disk: config.json, safetensors (one file or shards + index), tokenizers.
+hf_io.py: the Hugging Face layout on disk: config.json, safetensors (one file or shards + index),
+tokenizers.
 
     from hf_io import load_model, save_model, load_tokenizer
-    model = load_model("/models/Qwen2.5-7B-Instruct", dtype=torch.bfloat16)   # any HF-layout Qwen2/Qwen3 folder
+    model = load_model("/models/Qwen2.5-7B-Instruct", dtype=torch.bfloat16)   # a Qwen2/Qwen3 folder
     save_model(model, "runs/export")                                        # loads in transformers and vLLM
 
-Weights are read with plain file reads of their byte ranges (safetensors_index, read_rows), straight into the
-model's own tensors: loading holds the model's bytes once, and fsdp.load_sharded reads only a rank's rows.
+Weights are read with plain file reads of their byte ranges (safetensors_index, read_rows), straight into
+the model's own tensors: loading holds the model's bytes once, and fsdp.load_sharded reads only a rank's
+rows.
 """
 import json
 import math
@@ -67,18 +69,20 @@ def safetensors_index(path):
             if k == "__metadata__" or "rotary_emb" in k:
                 continue
             if v["dtype"] not in ST_DTYPES:
-                raise ValueError(f"{fp}: tensor {k} has dtype {v['dtype']} (supported: {', '.join(ST_DTYPES)})")
+                raise ValueError(f"{fp}: tensor {k} has dtype {v['dtype']} (supported: "
+                                 f"{', '.join(ST_DTYPES)})")
             start, end = v["data_offsets"]
             if 8 + n + end > size:
-                raise ValueError(f"{fp}: truncated: tensor {k} ends at byte {8 + n + end:,}, the file has {size:,}")
+                raise ValueError(f"{fp}: truncated: tensor {k} ends at byte {8 + n + end:,}, the file has "
+                                 f"{size:,}")
             index[k] = (fp, ST_DTYPES[v["dtype"]], v["shape"], 8 + n + start)
     return index
 
 
 def read_rows(entry, lo, hi, out):
-    """Rows lo..hi of one safetensors tensor (dim 0) into out, with plain file reads: straight into out's memory
-    when dtype and device allow, else through 64 MB buffers. Nothing else of the file is read or mapped, so a
-    rank that owns 1/world of a weight reads 1/world of it."""
+    """Rows lo..hi of one safetensors tensor (dim 0) into out, with plain file reads: straight into out's
+    memory when dtype and device allow, else through 64 MB buffers. Nothing else of the file is read or
+    mapped, so a rank that owns 1/world of a weight reads 1/world of it."""
     path, dtype, shape, offset = entry
     row = math.prod(shape[1:]) * dtype.itemsize
     step = max(1, (64 << 20) // max(row, 1))
@@ -95,7 +99,8 @@ def read_rows(entry, lo, hi, out):
 
 
 def load_rows(index, cfg, name, lo, hi, out):
-    """Rows lo..hi of our parameter `name` into out; a fused projection reads them from its Hugging Face parts."""
+    """Rows lo..hi of our parameter `name` into out; a fused projection reads them from its Hugging Face
+    parts."""
     fused = [(f, parts) for f, parts in fused_projections(cfg).items() if f".{f}." in name]
     if not fused:
         read_rows(index[name], lo, hi, out)
@@ -113,10 +118,12 @@ def check_weights(index, model, path):
     """The file's tensors are exactly the model's (by Hugging Face name) and of the right shapes."""
     cfg = model.config
     expected = {k: list(v.shape) for k, v in ours_to_hf(model.state_dict(), cfg).items()}
-    extra = [k for k in index if k not in expected and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    tied_head = cfg.tie_word_embeddings and "lm_head.weight"
+    extra = [k for k in index if k not in expected and k != tied_head]
     missing = [k for k in expected if k not in index]
     if missing or extra:
-        raise ValueError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected {extra[:5]})")
+        raise ValueError(f"{path}: weights do not match config.json (missing {missing[:5]}, unexpected "
+                         f"{extra[:5]})")
     for k, shape in expected.items():
         if list(index[k][2]) != shape:
             raise ValueError(f"{path}: tensor {k} has shape {index[k][2]}, config.json says {shape}")
@@ -173,7 +180,8 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, t
         _atomic_write_text(os.path.join(path, "model.safetensors.index.json"),
                            json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}, indent=2))
     for f in os.listdir(path):   # an earlier, differently sharded save must not be read back
-        if (f.endswith(".safetensors") and f not in names) or (f == "model.safetensors.index.json" and len(parts) == 1):
+        stale = f.endswith(".safetensors") and f not in names
+        if stale or (f == "model.safetensors.index.json" and len(parts) == 1):
             os.remove(os.path.join(path, f))
     _atomic_write_text(os.path.join(path, "config.json"), json.dumps(cfg.to_hf(dtype), indent=2))
     gen = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
@@ -197,13 +205,15 @@ def load_tokenizer(path):
 
 # ChatML, as Qwen uses; written into tokenizers we train so apply_chat_template works like on Qwen
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 # Qwen2's pre-tokenizer split (the regex its tokenizer uses); ours is identical so that transformers'
 # Qwen2Tokenizer, which AutoTokenizer picks for a qwen2 checkpoint, tokenises our BPE exactly as we do
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def train_tokenizer(texts, vocab_size, path):

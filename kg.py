@@ -31,7 +31,8 @@ class KG:
     def __init__(self, names, types, type_names, ext_ids, heads, rels, tails, rel_names, rel_types,
                  hierarchy=None, source="?"):
         """names/ext_ids: per entity; types: int per entity; heads/rels/tails: int arrays, one per edge;
-        rel_types[r] = (head_type, tail_type); hierarchy: {type_name: relation name of its child->parent is_a}."""
+        rel_types[r] = (head_type, tail_type); hierarchy: {type_name: relation name of its child->parent
+        is_a}."""
         self.names, self.ext_ids = list(names), list(ext_ids)
         self.types = np.asarray(types, dtype=np.int16)
         self.type_names, self.rel_names, self.rel_types = list(type_names), list(rel_names), list(rel_types)
@@ -64,9 +65,10 @@ class KG:
         new_id[keep] = np.arange(int(keep.sum()))
         sel = keep[self.heads_arr] & keep[self.tails_arr]
         idx = np.nonzero(keep)[0]
-        return KG([self.names[i] for i in idx], self.types[idx], self.type_names, [self.ext_ids[i] for i in idx],
-                  new_id[self.heads_arr[sel]], self.rels_arr[sel], new_id[self.tails_arr[sel]], self.rel_names,
-                  self.rel_types, self.hierarchy, f"{self.source} (subgraph of {int(keep.sum()):,} entities)")
+        return KG([self.names[i] for i in idx], self.types[idx], self.type_names,
+                  [self.ext_ids[i] for i in idx], new_id[self.heads_arr[sel]], self.rels_arr[sel],
+                  new_id[self.tails_arr[sel]], self.rel_names, self.rel_types, self.hierarchy,
+                  f"{self.source} (subgraph of {int(keep.sum()):,} entities)")
 
     @property
     def num_edges(self):
@@ -133,19 +135,22 @@ class KG:
 
     # --- compact save/load
     def save(self, path):
-        meta = dict(names=self.names, ext_ids=self.ext_ids, type_names=self.type_names, rel_names=self.rel_names,
-                    rel_types=self.rel_types, hierarchy=self.hierarchy, source=self.source)
+        meta = dict(names=self.names, ext_ids=self.ext_ids, type_names=self.type_names,
+                    rel_names=self.rel_names, rel_types=self.rel_types, hierarchy=self.hierarchy,
+                    source=self.source)
         tmp = path + ".tmp.npz"
-        np.savez_compressed(tmp, types=self.types, heads=self.heads_arr.astype(np.int32), rels=self.rels_arr.astype(np.int16),
-                            tails=self.tails_arr.astype(np.int32), meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        np.savez_compressed(tmp, types=self.types, heads=self.heads_arr.astype(np.int32),
+                            rels=self.rels_arr.astype(np.int16), tails=self.tails_arr.astype(np.int32),
+                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):
         z = np.load(path)
         meta = json.loads(z["meta"].tobytes().decode())
-        return cls(meta["names"], z["types"], meta["type_names"], meta["ext_ids"], z["heads"], z["rels"], z["tails"],
-                   meta["rel_names"], [tuple(t) for t in meta["rel_types"]], meta["hierarchy"], meta["source"])
+        return cls(meta["names"], z["types"], meta["type_names"], meta["ext_ids"], z["heads"], z["rels"],
+                   z["tails"], meta["rel_names"], [tuple(t) for t in meta["rel_types"]], meta["hierarchy"],
+                   meta["source"])
 
     def stats(self):
         lines = [f"source: {self.source}", f"entities: {len(self.names):,}   edges: {self.num_edges:,}"]
@@ -159,7 +164,8 @@ class KG:
         lines.append(f"degree: median {q[0]:.0f}, p90 {q[1]:.0f}, p99 {q[2]:.0f}, max {deg.max()} "
                      f"({self.names[int(deg.argmax())]}); isolated {int((deg == 0).sum()):,}")
         hist = np.bincount(np.minimum(np.log2(np.maximum(deg, 1)).astype(int), 15))
-        lines.append("degree histogram (log2 bins): " + " ".join(f"{2**i}:{c}" for i, c in enumerate(hist) if c))
+        bins = " ".join(f"{2**i}:{c}" for i, c in enumerate(hist) if c)
+        lines.append(f"degree histogram (log2 bins): {bins}")
         return "\n".join(lines)
 
 
@@ -242,9 +248,9 @@ def load_hpo():
         for p in term.parents if k else ():
             if kind.get(int(p)) == k:   # "X-linked recessive" is_a "X-linked": both count as true
                 b.edge(term_node[int(term)], r_isa if k == "phenotype" else r_iisa, term_node[int(p)])
-    # OMIM and Orphanet describe many diseases twice, under one name and with different annotations (Orphanet's
-    # Lymphangioleiomyomatosis has 36, OMIM's 2): one entity per name, with the union of what the records say,
-    # so that no option is wrong by one record and right by the other
+    # OMIM and Orphanet describe many diseases twice, under one name and with different annotations
+    # (Orphanet's Lymphangioleiomyomatosis has 36, OMIM's 2): one entity per name, with the union of what the
+    # records say, so that no option is wrong by one record and right by the other
     by_name = {}   # lower-case name -> [first record's id, name, annotations]
     for prefix, diseases in (("OMIM", Ontology.omim_diseases), ("ORPHA", Ontology.orpha_diseases)):
         for d in sorted(diseases, key=lambda d: d.id):
@@ -274,7 +280,8 @@ PRIMEKG_RELATIONS = {
     "disease_protein", "disease_disease", "drug_effect", "bioprocess_bioprocess", "molfunc_molfunc",
     "cellcomp_cellcomp", "molfunc_protein", "cellcomp_protein", "bioprocess_protein", "exposure_protein",
     "exposure_disease", "exposure_exposure", "exposure_bioprocess", "exposure_molfunc", "exposure_cellcomp",
-    "pathway_pathway", "pathway_protein", "anatomy_anatomy", "anatomy_protein_present", "anatomy_protein_absent"}
+    "pathway_pathway", "pathway_protein", "anatomy_anatomy", "anatomy_protein_present",
+    "anatomy_protein_absent"}
 
 
 def load_primekg(path):
@@ -299,7 +306,8 @@ def load_primekg(path):
             if (xt, yt) != c:
                 if (yt, xt) == c:
                     continue     # the reverse copy of an undirected edge
-                raise ValueError(f"{path}:{line}: relation {rel!r} links {xt}->{yt}, earlier rows {c[0]}->{c[1]}")
+                raise ValueError(f"{path}:{line}: relation {rel!r} links {xt}->{yt}, earlier rows "
+                                 f"{c[0]}->{c[1]}")
             if xt == yt and int(xi) > int(yi):
                 continue         # symmetric same-type pairs: keep one copy
             h = b.entity(xi, xn, xt)
@@ -371,7 +379,8 @@ def load_tsv(path):
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         if header != TSV_COLUMNS:
-            raise ValueError(f"{path}:1: header must be {' '.join(TSV_COLUMNS)} (tab-separated), got {header}")
+            raise ValueError(f"{path}:1: header must be {' '.join(TSV_COLUMNS)} (tab-separated), "
+                             f"got {header}")
         for line, text in enumerate(f, start=2):
             if not text.strip():
                 continue
@@ -381,7 +390,8 @@ def load_tsv(path):
             h, ht, rel, t, tt = (c.strip() for c in cols)
             r = b.relation(rel, ht, tt)
             if b.rel_types[r] != (ht, tt):
-                raise ValueError(f"{path}:{line}: field 'relation': {rel!r} was {b.rel_types[r]}, here ({ht}, {tt})")
+                raise ValueError(f"{path}:{line}: field 'relation': {rel!r} was {b.rel_types[r]}, "
+                                 f"here ({ht}, {tt})")
             b.edge(b.entity(f"{ht}:{h}", h, ht), r, b.entity(f"{tt}:{t}", t, tt))
     return b.build()
 
@@ -395,7 +405,8 @@ def load_kg(spec="hpo"):
     kind, _, path = spec.partition(":")
     loaders = {"primekg": load_primekg, "wikidata": load_wikidata, "tsv": load_tsv}
     if kind not in loaders or not path:
-        raise ValueError(f"unknown KG source {spec!r}: use hpo, primekg:PATH, wikidata:PATH, tsv:PATH or FILE.npz")
+        raise ValueError(f"unknown KG source {spec!r}: use hpo, primekg:PATH, wikidata:PATH, tsv:PATH or "
+                         f"FILE.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     return loaders[kind](path)
@@ -436,7 +447,8 @@ TEMPLATES = {
     ("indication", "bwd"): dict(
         identify=["Which condition is treated by {evidence}?"],
         attribute=["Which drug is indicated for {entity}?"],
-        ask=["Which drug is indicated for this condition?", "Which medication is appropriate for this condition?"],
+        ask=["Which drug is indicated for this condition?",
+             "Which medication is appropriate for this condition?"],
         fact="{head} is treated with {tail}"),
     ("indication", "fwd"): dict(
         identify=["Which drug is indicated for {evidence}?"],
@@ -446,7 +458,8 @@ TEMPLATES = {
     ("contraindication", "bwd"): dict(
         identify=["In which condition are {evidence} all contraindicated?"],
         attribute=["Which drug is contraindicated in {entity}?"],
-        ask=["Which drug is contraindicated in this condition?", "Which medication should be avoided in this patient?"],
+        ask=["Which drug is contraindicated in this condition?",
+             "Which medication should be avoided in this patient?"],
         fact="{tail} is contraindicated in {head}"),
     ("disease_drug", "fwd"): dict(
         identify=["Which condition is treated with {evidence}?"],
@@ -520,10 +533,10 @@ class QuestionSampler:
             elig_attr = np.nonzero((deg >= 1) & (kg.types == src_t))[0]
             # many-valued targets only: asking "which X has evidence E" needs more than a few candidates
             n_dst = int((kg.types == kg.type_id(v[3])).sum())
-            # identify (and the vignette of two_hop) needs evidence that describes: entities with several values
-            # each (a disease has ~20 phenotypes, but 1.07 inheritance modes: "Which disorder shows Sporadic and
-            # Non-Mendelian inheritance?" describes no disease). Counted in the whole graph: a subgraph's few
-            # entities made the old relative rule pass for inheritance
+            # identify (and the vignette of two_hop) needs evidence that describes: entities with several
+            # values each (a disease has ~20 phenotypes, but 1.07 inheritance modes: "Which disorder shows
+            # Sporadic and Non-Mendelian inheritance?" describes no disease). Counted in the whole graph: a
+            # subgraph's few entities made the old relative rule pass for inheritance
             tdeg = np.diff((self.truth.rev if rev else self.truth.fwd)[r][0])
             rich = tdeg[tdeg > 0].mean() >= 3
             if len(elig_id) >= n_options and rich:
@@ -554,7 +567,8 @@ class QuestionSampler:
         (truth) fitting all of them."""
         kg, T, m = self.kg, self.truth, self.to_truth
         pool = kg.neighbors(target, r, rev).tolist()
-        # drop neighbours that are ancestors of other neighbours: "seizure" next to "focal seizure" says nothing
+        # drop neighbours that are ancestors of other neighbours: "seizure" next to "focal seizure" says
+        # nothing
         implied = set()
         for y in pool:
             implied.update(a for a in kg.ancestors(y) if a != y)
@@ -577,7 +591,8 @@ class QuestionSampler:
         return None, None
 
     def _distractors_identify(self, target, shown, r, rev, n):
-        """Same-type entities sharing some shown evidence (plausible) but not all (wrong), most overlap first."""
+        """Same-type entities sharing some shown evidence (plausible) but not all (wrong), most overlap
+        first."""
         kg = self.kg
         overlap = {}
         for x in shown:
@@ -623,7 +638,8 @@ class QuestionSampler:
         cands = []
         own = kg.neighbors(subject, r, rev)
         for x in self.rng.sample(own.tolist(), min(3, len(own))):
-            sims = kg.neighbors(x, r, not rev)   # entities sharing feature x (can be a hub: sample, never list)
+            # entities sharing feature x (can be a hub: sample, never list)
+            sims = kg.neighbors(x, r, not rev)
             for s in (int(sims[self.rng.randrange(len(sims))]) for _ in range(min(8, len(sims)))):
                 vals = kg.neighbors(s, r, rev)
                 if len(vals) > 64:
@@ -665,7 +681,8 @@ class QuestionSampler:
             distract = self._distractors_attribute(target, r, rev, n, lambda e: True)
             if distract is None:
                 return None
-            text = rng.choice(tpl["attribute"]).format(entity=kg.names[target], type=v[3], ttype=v[3], rel=rel)
+            text = rng.choice(tpl["attribute"]).format(entity=kg.names[target], type=v[3], ttype=v[3],
+                                                       rel=rel)
             path = [(target, r, rev, answer)]
             overlap, hops = 0.5, 1
             verify = dict(subject=target, relation=rel, reverse=rev)
@@ -694,13 +711,15 @@ class QuestionSampler:
                 if distract is None:
                     return None
                 tpl2 = _templates(kg.rel_names[r2], "bwd" if rev2 else "fwd")
-                vignette = rng.choice(_templates(rel, direction)["identify"]).format(evidence=ev_text, type=v[2], rel=rel)
+                vignette = rng.choice(_templates(rel, direction)["identify"])
+                vignette = vignette.format(evidence=ev_text, type=v[2], rel=rel)
                 vignette = vignette.rsplit(". ", 1)[0] + "." if ". " in vignette else \
                     f"Consider the {v[2]} with {ev_text}."
                 text = vignette + " " + rng.choice(tpl2["ask"]).format(ttype=v2[3], rel=kg.rel_names[r2])
                 path.append((target, r2, rev2, answer))
                 overlap, hops = 0.5, 2
-                verify = dict(evidence=shown, relation=rel, reverse=rev, relation2=kg.rel_names[r2], reverse2=rev2)
+                verify = dict(evidence=shown, relation=rel, reverse=rev, relation2=kg.rel_names[r2],
+                              reverse2=rev2)
         opts = [answer] + distract
         rng.shuffle(opts)
         letters = LETTERS[:len(opts)]
@@ -711,7 +730,8 @@ class QuestionSampler:
                  distractor_overlap=round(overlap, 3), evidence=evidence,
                  entities=dict(target=kg.ext_ids[target], answer=kg.ext_ids[answer],
                                options={L: kg.ext_ids[e] for L, e in zip(letters, opts)},
-                               **{k: ([kg.ext_ids[x] for x in val] if k == "evidence" else val) for k, val in verify.items()}))
+                               **{k: ([kg.ext_ids[x] for x in val] if k == "evidence" else val)
+                                  for k, val in verify.items()}))
         q["rationale"] = self.rationale(q, path, kind)
         return q
 
@@ -736,7 +756,8 @@ class QuestionSampler:
             subject = kg.names[path[0][0]]
             return " ".join([f"Consider what is known about {subject}.",
                              q["evidence"][0][0].upper() + q["evidence"][0][1:] + ".",
-                             "The other options are not described for it."] + end + [f"So the answer is {ans}."])
+                             "The other options are not described for it."] + end
+                            + [f"So the answer is {ans}."])
         target = kg.names[path[0][0]]
         findings = _join([kg.names[t] for _, _, _, t in path[:len(path) - (kind == 'two_hop')]])
         steps = [f"The findings are {findings}."]
@@ -766,12 +787,15 @@ class QuestionSampler:
 if __name__ == "__main__":
     ap = Parser(description="Medical KG: stats, sampled questions, compact build.", epilog=__doc__)
     ap.add_argument("command", choices=["stats", "sample", "build"], help="what to do")
-    ap.add_argument("--source", default="hpo", help="hpo | primekg:PATH | wikidata:PATH | tsv:PATH | FILE.npz")
+    ap.add_argument("--source", default="hpo", help="hpo | primekg:PATH | "
+                    "wikidata:PATH | tsv:PATH | FILE.npz")
     ap.add_argument("--n", type=at_least(1), default=3, help="sample: number of questions")
     ap.add_argument("--seed", type=int, default=0, help="sample: random seed")
-    ap.add_argument("--rarity", type=float, default=1.0, help="sample: weight targets by degree**-rarity (0 = uniform)")
+    ap.add_argument("--rarity", type=float, default=1.0, help="sample: weight targets by "
+                    "degree**-rarity (0 = uniform)")
     ap.add_argument("--options", type=at_least(4), default=5, help="sample: options per question (4..21)")
-    ap.add_argument("--kinds", default="", help="sample: comma list of identify,attribute,two_hop (default all)")
+    ap.add_argument("--kinds", default="", help="sample: comma list of "
+                    "identify,attribute,two_hop (default all)")
     ap.add_argument("--out", default="data/kg.npz", help="build: output path")
     args = ap.parse_args()
     kg = load_kg(args.source)

@@ -7,11 +7,11 @@ verification (k trials) -> difficulty tiers -> mixing -> verified CoT traces -> 
     python make_data.py --public medqa=medqa_train.jsonl --public medmcqa=hub --decontam evalsets/*.jsonl \
         --teacher-url http://localhost:8000/v1 --teacher-model Qwen2.5-72B-Instruct \
         --validator-url http://localhost:8000/v1 --validator-model Qwen2.5-72B-Instruct --out data/full
-    python make_data.py --teacher-ckpt runs/big/sft       # a local checkpoint as teacher (model.py generation)
+    python make_data.py --teacher-ckpt runs/big/sft       # a local checkpoint as teacher (our generate)
 
-Outputs in --out: items.jsonl (every kept item, one schema), sft.jsonl (chat messages with verified traces),
-rl_train.jsonl (question + gold + tier), test.jsonl (held-out split for evaluate.py), review.jsonl
-(items the validator never got right), report.json. Teacher / validator calls are cached in
+Outputs in --out: items.jsonl (every kept item, one schema), sft.jsonl (chat messages with verified
+traces), rl_train.jsonl (question + gold + tier), test.jsonl (held-out split for evaluate.py),
+review.jsonl (items the validator never got right), report.json. Teacher / validator calls are cached in
 {out}/cache.jsonl, so an interrupted run resumes without paying twice. API keys come from the environment.
 """
 import email.utils
@@ -27,11 +27,12 @@ import urllib.request
 from collections import Counter
 
 from cli import Parser, at_least, between, fraction, guard
-from evaluate import (LETTERS, build_messages, conv_medmcqa, conv_medqa, conv_pubmedqa, convert, extract_answer,
-                      format_ok, read_records)
+from mcq import (LETTERS, build_messages, conv_medmcqa, conv_medqa, conv_pubmedqa, convert, extract_answer,
+                 format_ok, read_records)
 
 # -----------------------------------------------------------------------------
-# sources -> one schema: id, source, question, options {letter: text}, answer, context, rationale, difficulty, meta
+# sources -> one schema: id, source, question, options {letter: text}, answer, context, rationale, difficulty,
+# meta
 
 
 def conv_cmexam(r, i):
@@ -39,7 +40,8 @@ def conv_cmexam(r, i):
     ans = str(r["Answer"]).strip()
     if len(ans) != 1:
         return None   # multi-answer items are not single-choice
-    return dict(id=r.get("id", i), question=r["Question"], options=opts, answer=ans, rationale=r.get("Explanation"))
+    return dict(id=r.get("id", i), question=r["Question"], options=opts, answer=ans,
+                rationale=r.get("Explanation"))
 
 
 def conv_medmcqa_train(r, i):
@@ -97,17 +99,19 @@ def kg_items(args):
         keep[chosen] = True
         kg = kg.subgraph(keep)
     kinds = [k for k in args.kg_kinds.split(",") if k] or None
+    # vignettes are checked against the whole graph (truth), not just the subgraph
     sampler = QuestionSampler(kg, seed=args.seed, rarity=args.rarity, n_options=args.options, kinds=kinds,
-                              min_evidence=args.min_evidence, max_evidence=args.max_evidence, rationale=args.kg_rationale,
-                              truth=full)   # vignettes checked against the whole graph, not just the subgraph
+                              min_evidence=args.min_evidence, max_evidence=args.max_evidence,
+                              rationale=args.kg_rationale, truth=full)
     qs = sampler.sample_many(args.kg_questions)
     out = []
     for i, q in enumerate(qs):
         out.append(dict(id=f"kg-{args.seed}-{i}", source="kg", question=q["question"], options=q["options"],
                         answer=q["answer"], rationale=q["rationale"],
                         meta=dict(kind=q["kind"], hops=q["hops"], answer_degree=q["answer_degree"],
-                                  target_degree=q["target_degree"], distractor_overlap=q["distractor_overlap"],
-                                  evidence=q["evidence"], entities=q["entities"])))
+                                  target_degree=q["target_degree"],
+                                  distractor_overlap=q["distractor_overlap"], evidence=q["evidence"],
+                                  entities=q["entities"])))
     return out, kg.source
 
 
@@ -146,7 +150,9 @@ def format_problem(it, max_chars):
 
 def ngrams(text, n):
     w = re.findall(r"\w+", norm_text(text))
-    return {" ".join(w[i:i + n]) for i in range(max(0, len(w) - n + 1))} if len(w) >= n else {" ".join(w)} if w else set()
+    if len(w) < n:   # a short text is its own n-gram
+        return {" ".join(w)} if w else set()
+    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 
 def decontam_index(paths, n):
@@ -165,8 +171,10 @@ def decontam_index(paths, n):
 
 ANON = [   # (pattern, replacement): obvious identifiers, conservative on purpose (clinical text keeps ages)
     (re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+"), "[EMAIL]"),
-    (re.compile(r"\b(?:MRN|medical record (?:number|no\.?)|record #|patient ID)\s*[:#]?\s*[A-Z0-9-]{4,}", re.I), "[RECORD]"),
-    (re.compile(r"\b(?:DOB|date of birth|born on)\s*[:]?\s*(?:\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|[A-Z][a-z]+ \d{1,2},? \d{4})", re.I), "[DOB]"),
+    (re.compile(r"\b(?:MRN|medical record (?:number|no\.?)|record #|patient ID)"
+                r"\s*[:#]?\s*[A-Z0-9-]{4,}", re.I), "[RECORD]"),
+    (re.compile(r"\b(?:DOB|date of birth|born on)\s*[:]?\s*"
+                r"(?:\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}|[A-Z][a-z]+ \d{1,2},? \d{4})", re.I), "[DOB]"),
     (re.compile(r"(?<!\w)(?:\+?\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b"), "[PHONE]"),
     (re.compile(r"\b(Mr|Mrs|Ms|Miss|Dr|Prof)\.? [A-Z][a-z]+(?: [A-Z][a-z]+)?"), r"\1. [NAME]"),
 ]
@@ -185,7 +193,8 @@ def anonymise(text):
 
 
 class CallCache:
-    """Append-only JSONL of request-hash -> response, flushed per answer: a kill loses only what was in flight."""
+    """Append-only JSONL of request-hash -> response, flushed per answer: a kill loses only what was in
+    flight."""
 
     def __init__(self, path):
         self.path, self.data = path, {}
@@ -215,9 +224,10 @@ RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)   # the server is busy o
 
 def retry_after(err, attempt, rng, cap=60.0):
     """Seconds to wait before retry `attempt` (0-based): the server's Retry-After if it sent one, else
-    exponential backoff (0.5 s, 1 s, 2 s ... up to cap) with full jitter, so clients that failed together do not
-    return together."""
-    header = err.headers.get("Retry-After") if isinstance(err, urllib.error.HTTPError) and err.headers else None
+    exponential backoff (0.5 s, 1 s, 2 s ... up to cap) with full jitter, so clients that failed together
+    do not return together."""
+    http = isinstance(err, urllib.error.HTTPError) and err.headers
+    header = err.headers.get("Retry-After") if http else None
     if header:
         try:
             return min(cap, max(0.0, float(header)))
@@ -277,7 +287,7 @@ class ChatModel:
         raise ConnectionError(f"endpoint {self.url} failed {self.retries + 1} times, last: {last}")
 
     def _http_all(self, todo, temperature, n):
-        """Every (key, messages) of todo, up to `concurrency` at a time; yields (key, answer) as they arrive."""
+        """Each (key, messages) of todo, `concurrency` at a time at most; yields (key, answer) on arrival."""
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
         from tqdm import tqdm
         pool = ThreadPoolExecutor(max(1, self.concurrency))
@@ -310,13 +320,15 @@ class ChatModel:
 
     def stats(self):
         return dict(answered=self.calls, retries=self.retried, seconds=round(self.seconds, 2),
-                    per_s=round(self.calls / self.seconds, 2) if self.seconds else None, concurrency=self.concurrency)
+                    per_s=round(self.calls / self.seconds, 2) if self.seconds else None,
+                    concurrency=self.concurrency)
 
     def chat(self, convs, n=1, temperature=0.7):
         outs, todo = [None] * len(convs), {}
         keys = []
         for i, msgs in enumerate(convs):
-            key = hashlib.sha256(json.dumps([self.model, msgs, n, temperature, self.seed]).encode()).hexdigest()
+            request = json.dumps([self.model, msgs, n, temperature, self.seed])
+            key = hashlib.sha256(request.encode()).hexdigest()
             keys.append(key)
             hit = self.cache.get(key) if self.cache else None
             if hit is not None:
@@ -331,10 +343,12 @@ class ChatModel:
             items = list(todo.items())
             for b in range(0, len(items), 16):
                 chunk = items[b:b + 16]
-                prompts = [list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)) for _, msgs in chunk]
-                prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
-                gen, _ = generate(m, prompts, max_new_tokens=self.max_tokens, temperature=temperature, num_samples=n,
-                                  stop_ids=stop, seed=self.seed + b, pad_id=tok.pad_token_id or 0)
+                prompts = [tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+                           for _, msgs in chunk]
+                prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+                gen, _ = generate(m, prompts, max_new_tokens=self.max_tokens, temperature=temperature,
+                                  num_samples=n, stop_ids=stop, seed=self.seed + b,
+                                  pad_id=tok.pad_token_id or 0)
                 for j, (key, _) in enumerate(chunk):
                     answers[key] = [tok.decode(g, skip_special_tokens=True) for g in gen[j * n:(j + 1) * n]]
                     self.calls += 1
@@ -362,8 +376,9 @@ def verify_labels(items, validator, k):
         it["pass_rate"] = sum(extract_answer(r, it["options"]) == it["answer"] for r in resp) / k
 
 
-JUDGE_PROMPT = ("Classify the difficulty of this medical question for a practising clinician as Easy (basic, commonly "
-                "known), Moderate (detailed knowledge or intermediate reasoning) or Difficult (specialised knowledge, "
+JUDGE_PROMPT = ("Classify the difficulty of this medical question for a practising clinician as Easy (basic, "
+                "commonly known), Moderate (detailed knowledge or intermediate reasoning) or Difficult "
+                "(specialised knowledge, "
                 "multi-step inference or rare conditions). Reply with one word.\n\n")
 
 
@@ -375,15 +390,17 @@ def assign_tiers(items, judge=None):
             it["difficulty"] = "Easy" if p >= 0.8 else "Moderate" if p >= 0.4 else "Difficult"
         return "pass rate of the validator over k samples"
     if judge is not None:
-        outs = judge.chat([[{"role": "user", "content": JUDGE_PROMPT + build_messages(it)[1]["content"]}] for it in items],
-                          n=1, temperature=0.0)
+        asks = [[{"role": "user", "content": JUDGE_PROMPT + build_messages(it)[1]["content"]}]
+                for it in items]
+        outs = judge.chat(asks, n=1, temperature=0.0)
         for it, o in zip(items, outs):
             w = re.findall(r"easy|moderate|difficult", o[0].lower())
             it["difficulty"] = w[0].capitalize() if w else "Moderate"
         return "LLM judge"
     def score(it):   # hops, rarity of the answer, and how much the distractors share the evidence
         m = it.get("meta") or {}
-        return m.get("hops", 1) + 1.0 / (1 + (m.get("answer_degree", 30) / 30)) + m.get("distractor_overlap", 0.5)
+        rare = 1.0 / (1 + (m.get("answer_degree", 30) / 30))
+        return m.get("hops", 1) + rare + m.get("distractor_overlap", 0.5)
     ranked = sorted(items, key=score)
     for i, it in enumerate(ranked):
         it["difficulty"] = ("Easy", "Moderate", "Difficult")[min(2, 3 * i // max(1, len(ranked)))]
@@ -394,27 +411,33 @@ def assign_tiers(items, judge=None):
 # CoT cold start: teacher rationales, verified, refined
 
 
-TEACHER_PROMPT = ("Here is a medical multiple-choice question and its correct answer. Write a concise chain of "
-                  "reasoning that a careful clinician would follow to reach that answer from the question alone: "
-                  "weigh the findings, consider the alternatives, and rule them out. Do not state the answer at the "
-                  "start. Wrap the reasoning in <think></think> and end with <answer>{letter}</answer>.\n\n{prompt}\n\n"
+TEACHER_PROMPT = ("Here is a medical multiple-choice question and its correct answer. Write a concise chain "
+                  "of reasoning that a careful clinician would follow to reach that answer from the question "
+                  "alone: weigh the findings, consider the alternatives, and rule them out. Do not state the "
+                  "answer at the start. Wrap the reasoning in <think></think> and end with "
+                  "<answer>{letter}</answer>.\n\n{prompt}\n\n"
                   "Correct answer: {letter}. {text}")
 REFINE_PROMPTS = [   # the paper's three refinement strategies, one per round
-    "Your reasoning did not reach a verified correct answer in the required format. Backtrack: re-examine the "
+    "Your reasoning did not reach a verified correct answer in the required format. Backtrack: re-examine "
+    "the "
     "assumptions you made early on, find the one that was wrong, and write the reasoning again.",
-    "Explore other paths: list the competing hypotheses, test each against the findings, and write the reasoning again.",
-    "Self-correct: find the logical error in your reasoning, fix it, and write the full corrected reasoning again.",
+    "Explore other paths: list the competing hypotheses, test each against the findings, and write the "
+    "reasoning again.",
+    "Self-correct: find the logical error in your reasoning, fix it, and write the full corrected reasoning "
+    "again.",
 ]
 
 
 def answer_leaks(trace, it):
     first = re.split(r"(?<=[.!?])\s", re.sub(r"</?think>", "", trace).strip(), maxsplit=1)[0].lower()
     gold = norm_text(it["options"][it["answer"]])
-    return bool(re.search(rf"answer is\s*\(?{it['answer'].lower()}\b", first)) or (len(gold) > 3 and gold in norm_text(first))
+    names_letter = re.search(rf"answer is\s*\(?{it['answer'].lower()}\b", first)
+    return bool(names_letter) or (len(gold) > 3 and gold in norm_text(first))
 
 
 def check_trace(trace, it):
-    """A kept trace: the right letter, exactly one answer tag at the end, no answer leak in the first sentence."""
+    """A kept trace: the right letter, exactly one answer tag at the end, no answer leak in the first
+    sentence."""
     if not format_ok(trace):
         return "format"
     if extract_answer(trace, it["options"]) != it["answer"]:
@@ -445,8 +468,9 @@ def distill(items, teacher, rounds):
                 stats[f"verified_round_{rnd}"] += 1
             else:
                 stats[f"failed_{why}"] += 1
+                refine = REFINE_PROMPTS[rnd % len(REFINE_PROMPTS)]
                 convs[it["id"]] = convs[it["id"]] + [{"role": "assistant", "content": out[0]},
-                                                     {"role": "user", "content": REFINE_PROMPTS[rnd % len(REFINE_PROMPTS)]}]
+                                                     {"role": "user", "content": refine}]
                 still.append(it)
         pending = still
     stats["dropped_unverified"] = len(pending)
@@ -474,24 +498,31 @@ def write_jsonl(path, rows):
 def get_args(argv=None):
     ap = Parser(description=__doc__)
     # --- sources
-    ap.add_argument("--kg", default="hpo", help="KG source for synthesis: hpo | primekg:PATH | wikidata:PATH | tsv:PATH | none")
+    ap.add_argument("--kg", default="hpo", help="KG source for synthesis: hpo | primekg:PATH | "
+                    "wikidata:PATH | tsv:PATH | none")
     ap.add_argument("--kg-questions", type=at_least(1), default=3000, help="KG questions to synthesise")
-    ap.add_argument("--kg-max-diseases", type=at_least(0), default=150, help="restrict the KG to N diseases (0 = all); a "
-                    "small closed world is what a tiny CPU model can learn")
+    ap.add_argument("--kg-max-diseases", type=at_least(0), default=150, help="restrict the KG to N diseases "
+                    "(0 = all); a small closed world is what a tiny CPU model can learn")
     ap.add_argument("--kg-kinds", default="identify,attribute,two_hop", help="question kinds")
-    ap.add_argument("--kg-rationale", default="short", choices=["walk", "short"], help="KG-rendered chain of thought: "
-                    "walk (every option checked by letter) or short (the conclusion only; half the tokens)")
-    ap.add_argument("--answer-as", default="text", choices=["letter", "text"], help="what the KG-rendered traces "
-                    "put in <answer>: the letter, or the option's text (a tiny model names the right option far more "
-                    "often than it finds its letter; both score the same under the strict parser)")
-    ap.add_argument("--rarity", type=at_least(0, float), default=1.0, help="rare-entity emphasis: weight degree**-rarity (0 = off)")
+    ap.add_argument("--kg-rationale", default="short", choices=["walk", "short"], help="KG-rendered chain "
+                    "of thought: walk (every option checked by letter) or short (the conclusion only; half "
+                    "the tokens)")
+    ap.add_argument("--answer-as", default="text", choices=["letter", "text"], help="what the KG-rendered "
+                    "traces put in <answer>: the letter, or the option's text (a tiny model names the right "
+                    "option far more often than it finds its letter; both score the same under the strict "
+                    "parser)")
+    ap.add_argument("--rarity", type=at_least(0, float), default=1.0, help="rare-entity emphasis: "
+                    "weight degree**-rarity (0 = off)")
     ap.add_argument("--options", type=at_least(4), default=4, help="options per KG question (4..10)")
     ap.add_argument("--min-evidence", type=at_least(1), default=2, help="fewest findings shown in a vignette")
     ap.add_argument("--max-evidence", type=at_least(1), default=5, help="most findings shown in a vignette")
-    ap.add_argument("--public", action="append", default=[], help="NAME=PATH or NAME=hub; names: " + ", ".join(PUBLIC))
+    ap.add_argument("--public", action="append", default=[],
+                    help="NAME=PATH or NAME=hub; names: " + ", ".join(PUBLIC))
     # --- refinement
-    ap.add_argument("--max-chars", type=at_least(1), default=6000, help="drop items longer than this (question+options+context)")
-    ap.add_argument("--decontam", nargs="*", default=[], help="evaluation files; items sharing an n-gram are dropped")
+    ap.add_argument("--max-chars", type=at_least(1), default=6000, help="drop items longer than "
+                    "this (question+options+context)")
+    ap.add_argument("--decontam", nargs="*", default=[], help="evaluation files; items "
+                    "sharing an n-gram are dropped")
     ap.add_argument("--ngram", type=at_least(1), default=13, help="n for decontamination")
     ap.add_argument("--no-anonymise", action="store_true", help="skip identifier scrubbing")
     ap.add_argument("--validator-url", default=None, help="OpenAI-compatible base URL for label verification")
@@ -499,25 +530,32 @@ def get_args(argv=None):
     ap.add_argument("--validator-ckpt", default=None, help="or a local checkpoint as validator")
     ap.add_argument("--k", type=at_least(1), default=5, help="validator trials per item")
     ap.add_argument("--keep-flagged", action="store_true", help="keep items the validator never got right")
-    ap.add_argument("--judge", action="store_true", help="tier by an LLM judge (the validator endpoint) when no pass rates")
+    ap.add_argument("--judge", action="store_true", help="tier by an LLM judge (the validator "
+                    "endpoint) when no pass rates")
     # --- mixing and splits
-    ap.add_argument("--public-frac", type=between(0, 1), default=None, help="target fraction of public items in the RL set")
-    ap.add_argument("--tier-frac", default=None, help="target E:M:D proportions, e.g. 0.3:0.4:0.3 (default: as is)")
+    ap.add_argument("--public-frac", type=between(0, 1), default=None, help="target fraction of public "
+                    "items in the RL set")
+    ap.add_argument("--tier-frac", default=None, help="target E:M:D proportions, e.g. "
+                    "0.3:0.4:0.3 (default: as is)")
     ap.add_argument("--test-frac", type=fraction, default=0.1, help="held-out test split (never trained on)")
-    ap.add_argument("--sft-frac", type=between(0, 1), default=0.5, help="share of the training items that get SFT traces")
+    ap.add_argument("--sft-frac", type=between(0, 1), default=0.5, help="share of the training "
+                    "items that get SFT traces")
     # --- CoT cold start
-    ap.add_argument("--teacher-url", default=None, help="OpenAI-compatible base URL of the teacher (e.g. a vLLM server)")
+    ap.add_argument("--teacher-url", default=None, help="OpenAI-compatible base URL of the "
+                    "teacher (e.g. a vLLM server)")
     ap.add_argument("--teacher-model", default=None, help="teacher model name at that endpoint")
-    ap.add_argument("--teacher-ckpt", default=None, help="or a local HF checkpoint as teacher (model.py generation)")
+    ap.add_argument("--teacher-ckpt", default=None, help="or a local HF checkpoint as "
+                    "teacher (model.py generation)")
     ap.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    ap.add_argument("--refine-rounds", type=at_least(0), default=3, help="refinement rounds for failed traces")
+    ap.add_argument("--refine-rounds", type=at_least(0), default=3, help="refinement rounds for failed "
+                    "traces")
     ap.add_argument("--max-tokens", type=at_least(1), default=1024, help="teacher / validator max tokens")
-    ap.add_argument("--concurrency", type=at_least(1), default=64, help="teacher / validator requests in flight at once (a "
-                    "vLLM server batches them; results are the same whatever this is)")
-    ap.add_argument("--teacher-timeout", type=at_least(0.01, float), default=600, help="seconds to wait for one answer (teacher or "
-                    "validator) before retrying it")
-    ap.add_argument("--retries", type=at_least(0), default=5, help="retries per request on 429 / 5xx / timeouts (exponential "
-                    "backoff with jitter, or the server's Retry-After)")
+    ap.add_argument("--concurrency", type=at_least(1), default=64, help="teacher / validator requests in "
+                    "flight at once (a vLLM server batches them; results are the same whatever this is)")
+    ap.add_argument("--teacher-timeout", type=at_least(0.01, float), default=600, help="seconds to wait for "
+                    "one answer (teacher or validator) before retrying it")
+    ap.add_argument("--retries", type=at_least(0), default=5, help="retries per request on 429 / 5xx / "
+                    "timeouts (exponential backoff with jitter, or the server's Retry-After)")
     # --- run
     ap.add_argument("--out", default="data/kg", help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling, splits and mixing")
@@ -530,8 +568,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
     report = dict(dropped=Counter(), sources=Counter())
-    cache = CallCache(os.path.join(args.out, "cache.jsonl")) if (args.teacher_url or args.teacher_ckpt or
-                                                                 args.validator_url or args.validator_ckpt) else None
+    models = args.teacher_url or args.teacher_ckpt or args.validator_url or args.validator_ckpt
+    cache = CallCache(os.path.join(args.out, "cache.jsonl")) if models else None
 
     # --- sources
     items = []
@@ -552,7 +590,8 @@ def main(argv=None):
     for it in items:
         why = format_problem(it, args.max_chars)
         if why is None:
-            h = hashlib.sha1(norm_text(it["question"] + "|".join(sorted(map(str, it["options"].values())))).encode()).hexdigest()
+            text = norm_text(it["question"] + "|".join(sorted(map(str, it["options"].values()))))
+            h = hashlib.sha1(text.encode()).hexdigest()
             if h in seen:
                 why = "duplicate"
             seen.add(h)
@@ -571,8 +610,9 @@ def main(argv=None):
     # --- label verification (k trials) and difficulty
     validator = None
     if args.validator_url or args.validator_ckpt:
-        validator = ChatModel(args.validator_url, args.validator_model, args.validator_ckpt, args.key_env, cache,
-                              args.max_tokens, args.seed, args.teacher_timeout, args.concurrency, args.retries)
+        validator = ChatModel(args.validator_url, args.validator_model, args.validator_ckpt, args.key_env,
+                              cache, args.max_tokens, args.seed, args.teacher_timeout, args.concurrency,
+                              args.retries)
         verify_labels(items, validator, args.k)
         flagged = [it for it in items if it["pass_rate"] == 0]
         write_jsonl(os.path.join(args.out, "review.jsonl"), flagged)
@@ -591,7 +631,9 @@ def main(argv=None):
         pub = [it for it in train if it["source"] != "kg"]
         syn = [it for it in train if it["source"] == "kg"]
         if pub and syn:   # the largest set with the asked proportion
-            n = min(len(pub) / args.public_frac, len(syn) / (1 - args.public_frac)) if 0 < args.public_frac < 1 else len(train)
+            n = len(train)
+            if 0 < args.public_frac < 1:
+                n = min(len(pub) / args.public_frac, len(syn) / (1 - args.public_frac))
             train = pub[:int(n * args.public_frac)] + syn[:int(n * (1 - args.public_frac))]
     if args.tier_frac:
         fr = dict(zip(("Easy", "Moderate", "Difficult"), map(float, args.tier_frac.split(":"))))
@@ -615,12 +657,14 @@ def main(argv=None):
                 trace = kg_trace(it, args.answer_as)
                 if check_trace(trace, it) is None:
                     traces[it["id"]] = trace
-        report["distillation"] = {"teacher": "none: KG evidence paths / dataset explanations", "traces": len(traces)}
-    sft = [dict(id=it["id"], messages=build_messages(it) + [{"role": "assistant", "content": traces[it["id"]]}])
+        report["distillation"] = {"teacher": "none: KG evidence paths / dataset explanations",
+                                  "traces": len(traces)}
+    sft = [dict(id=it["id"], messages=build_messages(it) + [dict(role="assistant", content=traces[it["id"]])])
            for it in sft_pool if it["id"] in traces]
 
     def rl_row(it):
-        return {k: it[k] for k in ("id", "source", "question", "options", "answer", "context", "difficulty", "meta") if it.get(k) is not None}
+        fields = ("id", "source", "question", "options", "answer", "context", "difficulty", "meta")
+        return {k: it[k] for k in fields if it.get(k) is not None}
 
     write_jsonl(os.path.join(args.out, "items.jsonl"), items)
     write_jsonl(os.path.join(args.out, "sft.jsonl"), sft)
@@ -634,7 +678,8 @@ def main(argv=None):
         json.dump(report, f, indent=2)
     os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
     print(json.dumps(report, indent=2))
-    print(f"wrote {args.out}/: sft.jsonl ({len(sft)}), rl_train.jsonl ({len(train)}), test.jsonl ({len(test)})")
+    print(f"wrote {args.out}/: sft.jsonl ({len(sft)}), rl_train.jsonl ({len(train)}), "
+          f"test.jsonl ({len(test)})")
 
 
 if __name__ == "__main__":

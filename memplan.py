@@ -4,17 +4,18 @@ memplan.py: the memory a training run needs on each rank, worked out before it s
     python train_grpo.py --init /models/Qwen2.5-7B-Instruct --dry-run --plan-world 8 --gpu-mem 80 --bf16 ...
     python train_sft.py --init /models/Qwen2.5-7B-Instruct --dry-run --plan-world 8 --gpu-mem 80 --bf16 ...
 
-train_sft.py and train_grpo.py print the plan at start (and warn above 90 % of the device); with --dry-run they
-print it and exit: 0 if it fits, 1 with a line naming the flag to change if not. A dry run reads config.json
-(and the tokenizer and data, for the prompt lengths), never the weights, so it plans a 32B run on a laptop.
+train_sft.py and train_grpo.py print the plan at start (and warn above 90 % of the device); with --dry-run
+they print it and exit: 0 if it fits, 1 with a line naming the flag to change if not. A dry run reads
+config.json (and the tokenizer and data, for the prompt lengths), never the weights, so it plans a 32B run
+on a laptop.
 
-Per rank, for P parameters sharded over W ranks by FSDP2 (fp32 master weights, AdamW), c = compute-dtype bytes:
+Per rank, for P parameters sharded over W ranks by FSDP2 (fp32 master weights, AdamW), c = compute bytes:
   always       weights 4P/W, AdamW 8P/W, the frozen reference c_ref P/W, the process itself
-  a step       gradients 4P/W; the blocks FSDP2 gathers (two at a time, with prefetch) and the root (embedding,
-               norm, lm_head) for the whole step; activations (what autograd keeps per token and layer, see
-               layer_act_bytes; with --act-ckpt only each block's input, plus one block recomputed); attention
-               scores where a CPU attends per sequence with plain matmuls; the log-probs' chunk of vocabulary
-               logits (model.token_logprobs)
+  a step       gradients 4P/W; the blocks FSDP2 gathers (two at a time, with prefetch) and the root
+               (embedding, norm, lm_head) for the whole step; activations (what autograd keeps per token and
+               layer, see layer_act_bytes; with --act-ckpt only each block's input, plus one block
+               recomputed); attention scores where a CPU attends per sequence with plain matmuls; the
+               log-probs' chunk of vocabulary logits (model.token_logprobs)
   a rollout    the whole policy gathered (plus, on a CPU, its weights packed for oneDNN; on one GPU under
                autocast, their bf16 copies), the KV cache, sampling's (rows x vocab) temporaries
 Phases do not overlap: total = always + the largest phase.
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 GB = 2 ** 30
-CPU_PROCESS = 0.5 * GB    # python, torch, tokenizer, data, gloo buffers (measured: ~0.4-0.5 GB before any model)
+# python, torch, tokenizer, data, gloo buffers (measured: ~0.4-0.5 GB before any model)
+CPU_PROCESS = 0.5 * GB
 CUDA_PROCESS = 1.5 * GB   # CUDA context, cuBLAS workspaces, allocator slack
 
 
@@ -43,15 +45,17 @@ def param_counts(cfg):
 
 
 def layer_act_bytes(cfg, c, resid=4):
-    """Bytes autograd keeps per token for one decoder block: the two norms' inputs (the residual stream, resid
-    bytes), and in the compute dtype the q/k/v projection's input, q, k and v, attention's output twice (SDPA's and
-    o_proj's input), the MLP's input, gate/up (2I), silu(gate) and the product (I each); attention's logsumexp."""
+    """Bytes autograd keeps per token for one decoder block: the two norms' inputs (the residual stream,
+    resid bytes), and in the compute dtype the q/k/v projection's input, q, k and v, attention's output
+    twice (SDPA's and o_proj's input), the MLP's input, gate/up (2I), silu(gate) and the product (I each);
+    attention's logsumexp."""
     H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
     return 2 * H * resid + c * (2 * H + 3 * q + 2 * kv + 4 * I) + 4 * cfg.num_attention_heads
 
 
-def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, rows=0, ctx=0, ref=False, sdpa_len=0):
+def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, rows=0, ctx=0, ref=False,
+         sdpa_len=0):
     """[(what, bytes, phase)] per rank. kind: "sft" or "grpo". tokens: tokens in one micro-batch's forward,
     seq_len: the longest sequence that attends as one (per-sequence attention scores on CPU: sdpa_len > 0),
     rows / ctx: rollout rows per rank and their prompt + new tokens (grpo)."""
@@ -60,34 +64,39 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, rows=0,
     mp = cuda and bf16 and W > 1                # FSDP mixed precision: gathered weights in bf16
     c = 2 if bf16 else 4                        # compute dtype (autocast or FSDP mixed precision)
     p_gather = 2 if mp else 4                   # dtype of gathered / unsharded weights
-    resid = 2 if mp else 4                      # residual stream: fp32 under autocast, bf16 under mixed precision
+    # residual stream: fp32 under autocast, bf16 under mixed precision
+    resid = 2 if mp else 4
     ref_c = 2 if bf16 else 4
     chunk = min(tokens, chunk or max(1, 2 ** 26 // V))
     rows_out = [("weights, fp32, 1/W of them", 4 * P / W, "always"),
                 ("AdamW state, fp32", 8 * P / W, "always")]
     if ref:
-        rows_out.append((f"reference model ({'bf16' if ref_c == 2 else 'fp32'}, sharded)", ref_c * P / W, "always"))
+        what = f"reference model ({'bf16' if ref_c == 2 else 'fp32'}, sharded)"
+        rows_out.append((what, ref_c * P / W, "always"))
     rows_out.append(("the process (CUDA context, allocator)" if cuda else "the process (python, torch, data)",
                      CUDA_PROCESS if cuda else CPU_PROCESS, "always"))
     # --- a training step
     rows_out.append(("gradients, fp32", 4 * P / W, "step"))
     if W > 1:
-        rows_out.append(("gathered by FSDP2: root + two blocks", p_gather * root + 2 * (p_gather + 4) * block, "step"))
+        gathered = p_gather * root + 2 * (p_gather + 4) * block
+        rows_out.append(("gathered by FSDP2: root + two blocks", gathered, "step"))
     if bf16 and not mp and not act_ckpt:        # autocast's bf16 copies of the weights, kept for backward
         rows_out.append(("autocast's bf16 weight copies", 2 * P, "step"))
     per_tok = layer_act_bytes(cfg, c, resid)
+    ckpt_act = tokens * (L * cfg.hidden_size * resid + 2 * per_tok)   # block inputs + one block recomputed
     if act_ckpt:
-        act = tokens * (L * cfg.hidden_size * resid + 2 * per_tok)
+        act = ckpt_act
         what = f"activations, {tokens:,} tokens, block inputs + one block recomputed (--act-ckpt)"
     else:
         act = tokens * (L + 1) * per_tok
-        what = f"activations, {tokens:,} tokens x {L} blocks (--act-ckpt: {tokens * (L * cfg.hidden_size * resid + 2 * per_tok) / GB:.2f} GB)"
+        what = f"activations, {tokens:,} tokens x {L} blocks (--act-ckpt: {ckpt_act / GB:.2f} GB)"
     rows_out.append((what, act, "step"))
     if sdpa_len and not cuda:                   # CPU: scores + probabilities per sequence, per layer kept
         n_layers = 1 if act_ckpt else L
         rows_out.append((f"attention scores (CPU), sequences of up to {sdpa_len} tokens",
                          n_layers * tokens * sdpa_len * cfg.num_attention_heads * (4 + c), "step"))
-    rows_out.append((f"vocabulary logits, {chunk:,} tokens at a time (--logits-chunk)", (c + 12) * chunk * V, "step"))
+    rows_out.append((f"vocabulary logits, {chunk:,} tokens at a time (--logits-chunk)", (c + 12) * chunk * V,
+                     "step"))
     if kind == "grpo":
         # --- a rollout: the whole policy gathered for generation
         if W > 1:
@@ -135,7 +144,8 @@ def report(rows, cap, header):
     lines = [f"memory plan per rank: {header}"]
     for what, b, ph in rows:
         lines.append(f"  {ph:7s} {b / GB:8.2f} GB  {what}")
-    lines.append(f"  total   {t / GB:8.2f} GB  of {cap / GB:.1f} GB ({100 * t / cap:.0f} %; always + the largest phase)")
+    lines.append(f"  total   {t / GB:8.2f} GB  of {cap / GB:.1f} GB ({100 * t / cap:.0f} %; always + the "
+                 f"largest phase)")
     return "\n".join(lines), t / cap
 
 
@@ -196,8 +206,11 @@ def report_peaks(meter, planned, rank, world):
         every = [None] * world
         dist.all_gather_object(every, mine)
     if rank == 0:
-        parts = [f"peak " + " / ".join(f"{p['run'][1] / GB:.2f}" for p in every) + f" GB (plan {planned / GB:.2f} GB)"]
-        parts += [f"{k} " + " / ".join(f"+{p[k][0] / GB:.2f}" for p in every) + " GB" for k in mine if k != "run"]
+        peaks = " / ".join(f"{p['run'][1] / GB:.2f}" for p in every)
+        parts = [f"peak {peaks} GB (plan {planned / GB:.2f} GB)"]
+        for k in mine:
+            if k != "run":
+                parts.append(f"{k} " + " / ".join(f"+{p[k][0] / GB:.2f}" for p in every) + " GB")
         print(f"memory per rank: {'; '.join(parts)}", flush=True)
 
 
@@ -216,14 +229,20 @@ class Meter:
     def now(self):
         if self.cuda:
             return torch.cuda.memory_allocated(self.device)
-        m = re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()) if os.path.exists("/proc/self/status") else None
-        return int(m.group(1)) * 1024 if m else 0
+        return self._status("VmRSS") or 0
 
     def peak(self):
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
-        m = re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()) if os.path.exists("/proc/self/status") else None
-        return int(m.group(1)) * 1024 if m else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self._status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    @staticmethod
+    def _status(field):
+        """Bytes of a field of Linux's /proc/self/status, or None elsewhere."""
+        if not os.path.exists("/proc/self/status"):
+            return None
+        m = re.search(field + r":\s+(\d+)", open("/proc/self/status").read())
+        return int(m.group(1)) * 1024 if m else None
 
     def reset(self):
         self.run_peak = max(self.run_peak, self.peak())

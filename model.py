@@ -1,6 +1,7 @@
 """
-model.py: a Qwen2 / Qwen2.5 / Qwen3 (and plain Llama-style) decoder written directly in PyTorch, Hugging Face
-checkpoint I/O, and KV-cached generation: the textbook path. The speed paths (fast.py) give the same numbers.
+model.py: a Qwen2 / Qwen2.5 / Qwen3 (and plain Llama-style) decoder written directly in PyTorch, Hugging
+Face checkpoint I/O, and KV-cached generation: the textbook path. The speed paths (fast.py) give the same
+numbers.
 
     from hf_io import load_model, load_tokenizer
     from model import generate
@@ -12,15 +13,14 @@ checkpoint I/O, and KV-cached generation: the textbook path. The speed paths (fa
     python model.py --preset tiny            # prints the parameter count of a preset
     python model.py --path runs/demo/sft --prompt "A patient presents with"
 
-The decoder: token embedding, then blocks of [RMSNorm -> attention (grouped-query, RoPE; Qwen2: q/k/v bias,
-Qwen3: RMSNorm on each head of q and k) -> residual, RMSNorm -> SwiGLU MLP -> residual], a final RMSNorm and the
-lm_head (tied to the embedding or not, as config.json says). Weight names are the Hugging Face ones except two
-fused projections, as vLLM has them: self_attn.qkv_proj = [q_proj; k_proj; v_proj] and mlp.gate_up_proj =
-[gate_proj; up_proj] (one matmul instead of three, and of two); hf_io.load_model / save_model split and join
-them, so the files on disk are the Hugging Face layout.
+The decoder: token embedding, then blocks of [RMSNorm -> attention (grouped-query, RoPE; Qwen2: q/k/v
+bias, Qwen3: RMSNorm on each head of q and k) -> residual, RMSNorm -> SwiGLU MLP -> residual], a final
+RMSNorm and the lm_head (tied to the embedding or not, as config.json says). Weight names are the Hugging
+Face ones except two fused projections, as vLLM has them: self_attn.qkv_proj = [q_proj; k_proj; v_proj]
+and mlp.gate_up_proj = [gate_proj; up_proj] (one matmul instead of three, and of two); hf_io.load_model /
+save_model split and join them, so the files on disk are the Hugging Face layout.
 """
 import argparse
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -56,7 +56,7 @@ class ModelConfig:
     def __post_init__(self):
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must be a multiple of kv heads"
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads: a multiple of kv heads"
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -79,7 +79,8 @@ class ModelConfig:
         window, context = d.get("sliding_window"), d.get("max_position_embeddings", 2048)
         if (d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or [])) and window \
                 and window < context:
-            raise ValueError(f"{path}: sliding-window attention ({window} of {context} positions) is not implemented")
+            raise ValueError(f"{path}: sliding-window attention ({window} of {context} positions) is not "
+                             f"implemented")
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0]
@@ -96,7 +97,8 @@ class ModelConfig:
             pad_token_id=d.get("pad_token_id"))
 
     def to_hf(self, dtype="float32"):
-        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+        arch = arch[self.model_type]
         d = dict(architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size,
                  hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                  num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
@@ -104,8 +106,10 @@ class ModelConfig:
                  rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
                  tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
                  # both spellings, so transformers 4.x and 5.x (and vLLM) read the same theta
-                 rope_theta=self.rope_theta, rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
-                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                 rope_theta=self.rope_theta,
+                 rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+                 pad_token_id=self.pad_token_id,
                  use_cache=True, dtype=dtype, torch_dtype=dtype)
         if self.model_type == "qwen2":
             d.update(use_sliding_window=False, sliding_window=None)
@@ -114,13 +118,18 @@ class ModelConfig:
 
 # presets for from-scratch models (Qwen2 layout); real checkpoints bring their own config.json
 PRESETS = {
-    "nano":  dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-    "tiny":  dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2),
-    "20m":   dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2, vocab_size=8192),
+    "nano": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                  num_key_value_heads=2),
+    "20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+                num_key_value_heads=2, vocab_size=8192),
     # the shape of Qwen2.5-0.5B (random weights): GPU benchmarks at a real model's size without the hub
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768),
+                         num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                         max_position_embeddings=32768),
 }
 
 # -----------------------------------------------------------------------------
@@ -128,8 +137,9 @@ PRESETS = {
 
 
 def cpu_has_native_bf16():
-    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (AVX2-only CPUs) bf16 autocast
-    is emulated and far slower than fp32 (bench/RESULTS.md); run.sh passes --bf16 only where this is True."""
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (AVX2-only CPUs) bf16
+    autocast is emulated and far slower than fp32 (bench/RESULTS.md); run.sh passes --bf16 only where this
+    is True."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -140,22 +150,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalised in fp32 like the reference, then cast back (matters in bf16); when x and the weight share a
-        # dtype the fused op does that fp32 math itself, with no casts
+        # normalised in fp32 like the reference, then cast back (matters in bf16); when x and the weight share
+        # a dtype the fused op does that fp32 math itself, with no casts
         if x.dtype == self.weight.dtype:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """positions: (B, T) integer tensor -> cos, sin of shape (B, 1, T, head_dim). sin comes with its first half
-    negated, so that apply_rope is two products and a roll, equal bit for bit to the usual
-    x * cos + rotate_half(x) * sin."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    """positions: (B, T) integer tensor -> cos, sin of shape (B, 1, T, head_dim). sin comes with its first
+    half negated, so that apply_rope is two products and a roll, equal bit for bit to the usual x * cos +
+    rotate_half(x) * sin."""
+    even = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (even / head_dim))
     freqs = positions.float()[..., None] * inv_freq            # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]           # (B, 1, T, D)
     sin = emb.sin()
-    return emb.cos().to(dtype), torch.cat([-sin[..., :head_dim // 2], sin[..., head_dim // 2:]], dim=-1).to(dtype)
+    sin = torch.cat([-sin[..., :head_dim // 2], sin[..., head_dim // 2:]], dim=-1)
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -164,17 +176,18 @@ def apply_rope(x, cos, sin):
 
 
 def doc_attention_mask(doc_ids):
-    """Packed rows: doc_ids (B, T) -> (B, 1, T, T) boolean, True where a token may attend (earlier tokens of its
-    own document). Also the 4D attention_mask that transformers takes for the same rows."""
+    """Packed rows: doc_ids (B, T) -> (B, 1, T, T) boolean, True where a token may attend (earlier tokens of
+    its own document). Also the 4D attention_mask that transformers takes for the same rows."""
     T = doc_ids.shape[1]
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril())[:, None]
 
 
 def doc_starts(doc_ids):
-    """Packed rows: doc_ids (B, T) -> (B, T) bool, True where a document starts (a row's first token always)."""
+    """Packed rows: doc_ids (B, T) -> (B, T) bool, True where a document starts (a row's first token too)."""
     B = doc_ids.shape[0]
-    return torch.cat([torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    first = torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device)
+    return torch.cat([first, doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
 
 
 def doc_positions(doc_ids):
@@ -186,9 +199,9 @@ def doc_positions(doc_ids):
 
 
 class KVCache:
-    """Static per-layer buffers (B, Hkv, max_len, D). A forward of T tokens writes their keys and values at slots
-    length .. length + T - 1 and attends over slots 0 .. length + T - 1; valid says which slots hold a real token
-    (left padding of ragged prompts leaves holes that must never be attended)."""
+    """Static per-layer buffers (B, Hkv, max_len, D). A forward of T tokens writes their keys and values at
+    slots length .. length + T - 1 and attends over slots 0 .. length + T - 1; valid says which slots hold
+    a real token (left padding of ragged prompts leaves holes that must never be attended)."""
 
     def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, device, dtype):
         self.k = torch.zeros(num_layers, batch, num_kv_heads, max_len, head_dim, device=device, dtype=dtype)
@@ -232,17 +245,20 @@ class Attention(nn.Module):
         H, Hkv, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
         qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)   # heads: H of q, then Hkv of k, then Hkv of v
         if self.cfg.qk_norm:
-            qkv = torch.cat([self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + Hkv]), qkv[:, :, H + Hkv:]], dim=2)
+            q, k = self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + Hkv])
+            qkv = torch.cat([q, k, qkv[:, :, H + Hkv:]], dim=2)
         qkv = qkv.transpose(1, 2)                                # (B, heads, T, D)
         qk = apply_rope(qkv[:, :H + Hkv], cos, sin)              # q and k rotated in one go
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        if hasattr(mask, "attend"):   # fast.py's attention (per-document matmuls, flex_attention, ...): same numbers
+        # fast.py's attention (per-document matmuls, flex_attention, ...): same numbers
+        if hasattr(mask, "attend"):
             return self.o_proj(mask.attend(q, k, v))
-        # an explicit boolean mask whenever the query is not square with the keys: is_causal=True would align the
-        # triangle top-left, which is wrong once a KV cache makes keys longer than queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
+        # an explicit boolean mask whenever the query is not square with the keys: is_causal=True would align
+        # the triangle top-left, which is wrong once a KV cache makes keys longer than queries
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=H != Hkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -307,8 +323,8 @@ class Transformer(nn.Module):
                 self.get_parameter(name).copy_(t)
         return self
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None, cache=None, attention_mask=None, last_only=False,
-                logits_at=None, targets=None, chunk=0, want_entropy=False):
+    def forward(self, input_ids, position_ids=None, doc_ids=None, cache=None, attention_mask=None,
+                last_only=False, logits_at=None, targets=None, chunk=0, want_entropy=False):
         """input_ids (B, T) -> logits (B, T, vocab). The attention mask:
         nothing given: causal.
         doc_ids (B, T): packed rows; attention stays within equal ids, positions restart per document.
@@ -319,8 +335,8 @@ class Transformer(nn.Module):
         last_only: logits of the last position only (generation needs no more).
         logits_at (B, T) bool, or flat indices into the B * T positions (repeats allowed): logits of those
         positions only, as (N, vocab): only completion / assistant tokens carry loss.
-        targets (N,) with logits_at: instead of logits, (log p(target) (N,) fp32, entropy (N,) or None), computed
-        chunk tokens at a time (token_logprobs): no (N, vocab) tensor is ever held."""
+        targets (N,) with logits_at: instead of logits, (log p(target) (N,) fp32, entropy (N,) or None),
+        computed chunk tokens at a time (token_logprobs): no (N, vocab) tensor is ever held."""
         B, T = input_ids.shape
         dev = input_ids.device
         mask = attention_mask
@@ -358,9 +374,10 @@ LOGITS_BUDGET = 2 ** 26   # vocab x tokens of fp32 logits per chunk (256 MB) whe
 def token_logprobs(lm_head, h, targets, chunk=0, want_entropy=False):
     """log p(target) of each row of hidden states h (N, hidden), and the entropy of each row's distribution
     (no gradient; for logging). The (N, vocab) fp32 logits, their log-softmax and their gradient would be
-    ~3 x 4 x N x vocab bytes: 15 GB for 16 completions x 512 tokens at Qwen's 151,936-token vocabulary. So rows
-    go chunk at a time (default: LOGITS_BUDGET / vocab), each chunk under activation checkpointing: its logits
-    are freed once its log-probs are out, and made again in backward. One chunk is the plain computation."""
+    ~3 x 4 x N x vocab bytes: 15 GB for 16 completions x 512 tokens at Qwen's 151,936-token vocabulary. So
+    rows go chunk at a time (default: LOGITS_BUDGET / vocab), each chunk under activation checkpointing:
+    its logits are freed once its log-probs are out, and made again in backward. One chunk is the plain
+    computation."""
     chunk = chunk or max(1, LOGITS_BUDGET // lm_head.weight.shape[0])
 
     def part(h, t):
@@ -435,7 +452,8 @@ def row_uniforms(row_seeds, step, V):
     Why not torch.multinomial with one generator: there a row's sample depends on which other rows share the
     batch. Here it depends only on its own seed, so rollouts are the same whatever the batch, the number of
     ranks or the order of prompts, which GRPO's 1-rank == N-rank equivalence needs."""
-    x = row_seeds[:, None] * _signed(0x9E3779B97F4A7C15) + torch.full_like(row_seeds[:, None], step) * _signed(0xD1B54A32D192ED03) \
+    x = row_seeds[:, None] * _signed(0x9E3779B97F4A7C15) \
+        + torch.full_like(row_seeds[:, None], step) * _signed(0xD1B54A32D192ED03) \
         + torch.arange(V, device=row_seeds.device) * _signed(0x8CB92BA72F3D8DD7)
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = x ^ ((x >> shift) & _MASK[shift])
@@ -464,19 +482,21 @@ def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), num_samples=1,
-             seed=None, pad_id=0, return_logprobs=False):
-    """prompts: token-id lists (ragged) -> (completions, finish reasons), one per prompt and sample, in the order
-    prompt0-sample0, prompt0-sample1, ...; a completion ends with its stop token if it stopped ("stop"), else it
-    is max_new_tokens long ("length"). The textbook loop: the prompts, G copies of each, left-padded into one
-    batch; one forward over them fills the KV cache; then each step samples one token per row and feeds it back,
-    until every row has stopped. fast.generate makes the same tokens with less work.
-    seed: an int (prompt i gets seed + i) or one per prompt; sample j of a prompt depends only on its prompt's
-    seed and j (row_uniforms), never on the rest of the batch.
-    return_logprobs: also each sampled token's log-probability (temperature 1, before top-k / top-p)."""
+def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
+             num_samples=1, seed=None, pad_id=0, return_logprobs=False):
+    """prompts: token-id lists (ragged) -> (completions, finish reasons), one per prompt and sample, in the
+    order prompt0-sample0, prompt0-sample1, ...; a completion ends with its stop token if it stopped
+    ("stop"), else it is max_new_tokens long ("length"). The textbook loop: the prompts, G copies of each,
+    left-padded into one batch; one forward over them fills the KV cache; then each step samples one token
+    per row and feeds it back, until every row has stopped. fast.generate makes the same tokens with less
+    work. seed: an int (prompt i gets seed + i) or one per prompt; sample j of a prompt depends only on
+    its prompt's seed and j (row_uniforms), never on the rest of the batch. return_logprobs: also each
+    sampled token's log-probability (temperature 1, before top-k / top-p)."""
     dev = next(model.parameters()).device
     # under autocast the cache is kept in autocast's dtype (attention reads it so)
-    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else next(model.parameters()).dtype
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(dev.type):
+        dtype = torch.get_autocast_dtype(dev.type)
     cfg = model.config
     if min(map(len, prompts)) == 0:
         raise ValueError("generate: empty prompt")
@@ -487,11 +507,13 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(num_samples)], device=dev)
     N, P = len(rows), max(map(len, rows))
     ids = torch.full((N, P), pad_id, dtype=torch.long, device=dev)
-    real = torch.zeros(N, P, dtype=torch.long, device=dev)   # 1 where a prompt token is, 0 on the left padding
+    # 1 where a prompt token is, 0 on the left padding
+    real = torch.zeros(N, P, dtype=torch.long, device=dev)
     for i, p in enumerate(rows):
         ids[i, P - len(p):] = torch.tensor(p, device=dev)
         real[i, P - len(p):] = 1
-    cache = KVCache(cfg.num_hidden_layers, N, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev, dtype)
+    cache = KVCache(cfg.num_hidden_layers, N, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev,
+                    dtype)
     logits = model(ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), cache=cache, attention_mask=real,
                    last_only=True)[:, -1].float()
     pos = real.sum(1)                                      # the next token's position in each row
@@ -520,9 +542,10 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Inspect a preset or generate from a checkpoint directory.")
-    ap.add_argument("--preset", default=None, help=f"print the parameter count of a preset: {', '.join(PRESETS)}")
+    ap.add_argument("--preset", default=None, help=f"print a preset's parameter count: {', '.join(PRESETS)}")
     ap.add_argument("--path", default=None, help="HF-layout checkpoint directory to generate from")
-    ap.add_argument("--prompt", default="A patient presents with", help="user message (chat template applied)")
+    ap.add_argument("--prompt", default="A patient presents with", help="user message (chat "
+                    "template applied)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -533,7 +556,9 @@ if __name__ == "__main__":
     if args.path:
         from hf_io import load_model, load_tokenizer
         m, tok = load_model(args.path), load_tokenizer(args.path)
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        out, why = generate(m, [ids], args.max_new_tokens, args.temperature, stop_ids=[tok.eos_token_id], seed=args.seed)
+        out, why = generate(m, [ids], args.max_new_tokens, args.temperature, stop_ids=[tok.eos_token_id],
+                            seed=args.seed)
         print(tok.decode(out[0]), f"[{why[0]}]")

@@ -1,18 +1,17 @@
 """
 report.py: curves one can read, and a static report of a run.
 
-    python report.py runs/demo                    # a run.sh folder: stage table, curves, seed0's rollout groups
+    python report.py runs/demo                 # a run.sh folder: stage table, curves, seed0's rollout groups
     python report.py runs/demo/seed0/grpo --steps 1,20,80      # one GRPO run, groups at these steps
 
 Curves: raw values faint with a moving average on top, held-out accuracy with its 95 % interval, the stage
-switch (dashed) and each re-mining (dotted) marked. report.html: one self-contained file (images embedded, no
-script): the stage table, the curves, and the G answers of a few rollout groups side by side, coloured by
-reward (green right, amber format only, red neither), each with its advantage.
+switch (dashed) and each re-mining (dotted) marked. report.html: one self-contained file (images embedded,
+no script): the stage table, the curves, and the G answers of a few rollout groups side by side, coloured
+by reward (green right, amber format only, red neither), each with its advantage.
 """
 import base64
 import glob
 import html
-import json
 import math
 import os
 import sys
@@ -76,8 +75,8 @@ def plot_metrics(jsonl, png, keys, title=""):
     if plt is None or not keys:
         return None
     cols = min(4, len(keys))
-    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(len(keys) / cols)),
-                             squeeze=False)
+    n_rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         draw(ax, rows, k, color="C0")
         mark_curriculum(ax, rows)
@@ -99,8 +98,9 @@ def plot_runs(run_dir):
     plt = _plt()
     if plt is None:
         return "matplotlib not installed: no plot"
-    panels = [("sft", "loss", "SFT loss"), ("sft", "val_loss", "SFT held-out loss"), ("grpo", "reward", "GRPO reward"),
-              ("grpo", "accuracy", "GRPO rollout accuracy"), ("grpo", "zero_var_frac", "zero-variance groups"),
+    panels = [("sft", "loss", "SFT loss"), ("sft", "val_loss", "SFT held-out loss"),
+              ("grpo", "reward", "GRPO reward"), ("grpo", "accuracy", "GRPO rollout accuracy"),
+              ("grpo", "zero_var_frac", "zero-variance groups"),
               ("grpo", "val_accuracy", "GRPO held-out accuracy (%), 95 % interval")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (stage, key, title) in zip(axes.flat, panels):
@@ -127,11 +127,14 @@ def plot_runs(run_dir):
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
-.group{margin:18px 0;padding:10px;border:1px solid #ddd;border-radius:6px}.q{font-size:13px;white-space:pre-wrap}
+.group{margin:18px 0;padding:10px;border:1px solid #ddd;border-radius:6px}
+.q{font-size:13px;white-space:pre-wrap}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:8px;margin-top:8px}
-.card{border-radius:5px;padding:6px;font-size:12px}.card pre{white-space:pre-wrap;margin:4px 0 0;font-size:11px}
+.card{border-radius:5px;padding:6px;font-size:12px}
+.card pre{white-space:pre-wrap;margin:4px 0 0;font-size:11px}
 .right{background:#dff3e0;border:1px solid #7cbf84}.fmt{background:#fff4d6;border:1px solid #d8b75b}
-.none{background:#fbe3e1;border:1px solid #d48a83}.pos{color:#17702a;font-weight:bold}.neg{color:#a3261b;font-weight:bold}"""
+.none{background:#fbe3e1;border:1px solid #d48a83}
+.pos{color:#17702a;font-weight:bold}.neg{color:#a3261b;font-weight:bold}"""
 
 
 def md_table(md):
@@ -151,11 +154,12 @@ def group_html(g):
         kind = "right" if c["correct"] else "fmt" if c["format"] else "none"
         sign = "pos" if c["advantage"] > 0 else "neg" if c["advantage"] < 0 else ""
         cards.append(f'<div class="card {kind}">reward {c["reward"]:.2f} &middot; advantage '
-                     f'<span class="{sign}">{c["advantage"]:+.2f}</span> &middot; {html.escape(c["finish"])}, '
-                     f'{c["length"]} tokens<pre>{html.escape(c["text"])}</pre></div>')
+                     f'<span class="{sign}">{c["advantage"]:+.2f}</span> &middot; '
+                     f'{html.escape(c["finish"])}, {c["length"]} tokens'
+                     f'<pre>{html.escape(c["text"])}</pre></div>')
     question = "\n\n".join(g["prompt"].split("\n\n")[:-1]) or g["prompt"]
-    return (f'<div class="group"><b>step {g["step"]}</b> (stage {g["stage"]}), question {html.escape(g["id"])} '
-            f'({html.escape(str(g["tier"]))}), gold <b>{html.escape(g["answer"])}</b>'
+    return (f'<div class="group"><b>step {g["step"]}</b> (stage {g["stage"]}), question '
+            f'{html.escape(g["id"])} ({html.escape(str(g["tier"]))}), gold <b>{html.escape(g["answer"])}</b>'
             f'<div class="q">{html.escape(question)}</div><div class="cards">{"".join(cards)}</div></div>')
 
 
@@ -170,7 +174,8 @@ def write_report(run_dir, steps=None, groups_per_step=2):
         p = os.path.join(run_dir, png)
         if os.path.exists(p):
             data = base64.b64encode(open(p, "rb").read()).decode()
-            parts += [f"<h2>{png[:-4]}</h2>", f'<img src="data:image/png;base64,{data}" style="max-width:100%">']
+            img = f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+            parts += [f"<h2>{png[:-4]}</h2>", img]
     logs = [os.path.join(run_dir, "rollouts.jsonl")] + sorted(glob.glob(os.path.join(run_dir, "seed*", "grpo",
                                                                                       "rollouts.jsonl")))
     log = next((p for p in logs if os.path.exists(p)), None)

@@ -21,10 +21,10 @@ from collections import deque
 import torch
 
 from cli import Parser, at_least, between, fraction, guard
-from common import (MetricsLog, add_run_flags, all_reduce_max, all_reduce_sum, autocast, check_bf16, even_micro_batches,
-                    finish_run, gather_objects, init_distributed, lr_at, need, prepare_out, print0, set_seed,
-                    wants_autocast)
-from evaluate import build_messages, extract_answer, format_ok, prompt_ids, read_records, score_items
+from common import (MetricsLog, add_run_flags, all_reduce_max, all_reduce_sum, autocast, check_bf16,
+                    even_micro_batches, finish_run, gather_objects, init_distributed, lr_at, need,
+                    prepare_out, print0, set_seed, wants_autocast)
+from mcq import build_messages, extract_answer, format_ok, prompt_ids, read_records
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, unsharded)
 from memplan import Meter, announce, plan, size
@@ -67,7 +67,7 @@ def group_advantages(rewards, group_size, std_scale=False):
 
 
 def token_objective(logp, old_logp, adv, clip_low, clip_high, use_clip):
-    """Per-token policy-gradient term to minimise. Without clipping this is -A * log pi (the gradient of eq. 1):
+    """Per-token policy-gradient term to minimise. Without clipping, -A * log pi (the gradient of eq. 1):
     on-policy with one update per batch the PPO ratio is exactly 1, so clipping could never act.
     With several updates per rollout batch (--ppo-epochs > 1) the ratio drifts and the clipped surrogate
     -min(rho A, clip(rho, 1-low, 1+high) A) keeps each update near the policy that sampled the data."""
@@ -90,7 +90,7 @@ def aggregate(per_token, mask, mode, denom):
       token-mean: sum over all tokens / total tokens                        (denom = global token count)
       seq-mean:   sum over sequences of (token sum / its length) / N seqs  (original GRPO; denom = N)
       seq-sum:    sum over sequences of token sums / N seqs                 (eq. 1 literally; denom = N)
-      token-sum:  sum over all tokens / (N seqs * constant)                 (Dr. GRPO; denom = N * max_new_tokens)"""
+      token-sum:  sum over all tokens / (N seqs * constant)        (Dr. GRPO; denom = N * max_new_tokens)"""
     masked = per_token * mask
     if mode == "seq-mean":
         return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / denom
@@ -102,15 +102,17 @@ def grpo_denominator(mode, n_tokens, n_seqs, const):
 
 
 def completion_logprobs(model, prompts, outs, device, pad_id, want_entropy=False, chunk=0):
-    """log pi(y_t | x, y_<t) of each completion token: prompts[i] + outs[i] -> (log-probs (N, Lc), mask (N, Lc),
-    entropy or None). One right-padded row per completion, causal attention; log-probs only where a completion
-    token is predicted (the prompt carries no loss). fast.completion_logprobs gives the same with less work."""
+    """log pi(y_t | x, y_<t) of each completion token: prompts[i] + outs[i] -> (log-probs (N, Lc), mask (N,
+    Lc), entropy or None). One right-padded row per completion, causal attention; log-probs only where a
+    completion token is predicted (the prompt carries no loss). fast.completion_logprobs gives the same
+    with less work."""
     L = max(len(p) + len(o) for p, o in zip(prompts, outs))
     ids = torch.full((len(outs), L), pad_id, dtype=torch.long)
     for i, (p, o) in enumerate(zip(prompts, outs)):
         ids[i, :len(p) + len(o)] = torch.tensor(p + o)
     # token j of completion i is predicted at position len(prompt) - 1 + j of its row
-    at = torch.tensor([i * L + len(p) - 1 + j for i, (p, o) in enumerate(zip(prompts, outs)) for j in range(len(o))])
+    at = torch.tensor([i * L + len(p) - 1 + j for i, (p, o) in enumerate(zip(prompts, outs))
+                       for j in range(len(o))])
     tgt = torch.tensor([t for o in outs for t in o])
     lp, ent = model(ids.to(device), logits_at=at.to(device), targets=tgt.to(device), chunk=chunk,
                     want_entropy=want_entropy)
@@ -129,7 +131,8 @@ class Curriculum:
     def __init__(self, items, stage1_tiers, threshold, window, stage2_at, mix_right, hard_below, seed):
         self.items = items
         self.stage = 1
-        self.pool = [i for i, it in enumerate(items) if it.get("difficulty", "Moderate") in stage1_tiers] or list(range(len(items)))
+        self.pool = [i for i, it in enumerate(items) if it.get("difficulty", "Moderate") in stage1_tiers]
+        self.pool = self.pool or list(range(len(items)))
         self.threshold, self.window, self.stage2_at = threshold, window, stage2_at
         self.mix_right, self.hard_below, self.seed = mix_right, hard_below, seed
         self.sparsity = deque(maxlen=window)
@@ -171,74 +174,93 @@ class Curriculum:
 def get_args(argv=None):
     ap = Parser(description=__doc__)
     # --- the paper's recipe
-    ap.add_argument("--init", default="runs/sft", help="policy checkpoint (HF layout), usually train_sft.py's output")
-    ap.add_argument("--data", default="data/kg/rl_train.jsonl", help="RL items from make_data.py (with difficulty)")
-    ap.add_argument("--exclude", default=None, help="JSONL whose ids are left out of --data (e.g. the SFT file)")
-    ap.add_argument("--val-size", type=at_least(0), default=128, help="items held out of --data for periodic evaluation")
+    ap.add_argument("--init", default="runs/sft", help="policy checkpoint (HF layout), "
+                    "usually train_sft.py's output")
+    ap.add_argument("--data", default="data/kg/rl_train.jsonl", help="RL items from make_data.py "
+                    "(with difficulty)")
+    ap.add_argument("--exclude", default=None, help="JSONL whose ids are left out "
+                    "of --data (e.g. the SFT file)")
+    ap.add_argument("--val-size", type=at_least(0), default=128, help="items held out of --data for "
+                    "periodic evaluation")
     ap.add_argument("--questions-per-step", type=at_least(1), default=8, help="questions per step (global)")
-    ap.add_argument("--group-size", type=at_least(2), default=8, help="k: completions per question in stage 1")
-    ap.add_argument("--stage2-group-size", type=at_least(2), default=12, help="k in stage 2 (more rollouts, broader "
-                    "exploration)")
-    ap.add_argument("--max-new-tokens", type=at_least(1), default=96, help="completion budget (longer is truncated: "
-                    "no reward)")
-    ap.add_argument("--temperature", type=at_least(0, float), default=1.0, help="rollout sampling temperature")
+    ap.add_argument("--group-size", type=at_least(2), default=8, help="k: completions per question "
+                    "in stage 1")
+    ap.add_argument("--stage2-group-size", type=at_least(2), default=12, help="k in stage 2 (more rollouts, "
+                    "broader exploration)")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=96, help="completion budget (longer "
+                    "is truncated: no reward)")
+    ap.add_argument("--temperature", type=at_least(0, float), default=1.0, help="rollout sampling "
+                    "temperature")
     ap.add_argument("--top-p", type=between(0.01, 1), default=1.0, help="rollout nucleus sampling")
     ap.add_argument("--w-correct", type=float, default=1.0, help="reward for the right final answer")
-    ap.add_argument("--w-format", type=float, default=0.1, help="reward for the required format (no length term, by "
-                    "design)")
-    ap.add_argument("--kl-beta", type=at_least(0, float), default=0.0, help="KL(pi||ref) weight; the reference is "
-                    "loaded only if > 0")
+    ap.add_argument("--w-format", type=float, default=0.1, help="reward for the required format "
+                    "(no length term, by design)")
+    ap.add_argument("--kl-beta", type=at_least(0, float), default=0.0, help="KL(pi||ref) weight; the "
+                    "reference is loaded only if > 0")
     ap.add_argument("--steps", type=at_least(0), default=60, help="optimizer steps (both stages)")
     ap.add_argument("--lr", type=at_least(0, float), default=2e-4, help="learning rate after warmup")
-    ap.add_argument("--min-lr", type=at_least(0, float), default=None, help="cosine decay to this by the last step "
-                    "(default: none, --lr throughout)")
+    ap.add_argument("--min-lr", type=at_least(0, float), default=None, help="cosine decay to this by the "
+                    "last step (default: none, --lr throughout)")
     ap.add_argument("--warmup", type=at_least(0), default=5, help="linear warmup steps")
     ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip")
     ap.add_argument("--stage1-tiers", default="Easy,Moderate", help="tiers in the stage 1 pool")
-    ap.add_argument("--sparsity-threshold", type=between(0, 1), default=0.5, help="stage 2 when the zero-variance-"
-                    "group fraction averages at least this over --sparsity-window steps")
+    ap.add_argument("--sparsity-threshold", type=between(0, 1), default=0.5, help="stage 2 when the "
+                    "zero-variance-group fraction averages at least this over --sparsity-window steps")
     ap.add_argument("--sparsity-window", type=at_least(1), default=8, help="steps in that average")
     ap.add_argument("--stage2-at", type=at_least(1), default=None, help="or switch at this step regardless")
-    ap.add_argument("--mine-every", type=at_least(1), default=20, help="re-mine the stage 2 pool every M steps (not "
-                    "in the last M steps: a pool that would serve fewer steps is not worth mining)")
+    ap.add_argument("--mine-every", type=at_least(1), default=20, help="re-mine the stage 2 pool "
+                    "every M steps (not in the last M steps: a pool that would serve fewer steps is not "
+                    "worth mining)")
     ap.add_argument("--mine-samples", type=at_least(1), default=4, help="samples per item when mining")
-    ap.add_argument("--hard-below", type=between(0, 1), default=0.5, help="mined as hard if its pass rate is below this")
-    ap.add_argument("--mix-right", type=fraction, default=0.25, help="share of already-solved items in the stage 2 pool")
+    ap.add_argument("--hard-below", type=between(0, 1), default=0.5, help="mined as hard if its pass "
+                    "rate is below this")
+    ap.add_argument("--mix-right", type=fraction, default=0.25, help="share of already-solved items "
+                    "in the stage 2 pool")
     # --- ablations: not the paper's recipe, to measure what it leaves out
-    ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean", "seq-sum", "token-sum"],
-                    help="ablation: the normalisation (see aggregate(); seq-sum is eq. 1 literally)")
-    ap.add_argument("--adv-std", action="store_true", help="ablation: divide advantages by the group std (classic GRPO)")
-    ap.add_argument("--ppo-epochs", type=at_least(1), default=1, help="ablation: updates per rollout batch (> 1 turns "
-                    "on ratio clipping)")
+    ap.add_argument("--loss-agg", default="token-mean",
+                    choices=["token-mean", "seq-mean", "seq-sum", "token-sum"],
+                    help="ablation: "
+                    "the normalisation (see aggregate(); seq-sum is eq. 1 literally)")
+    ap.add_argument("--adv-std", action="store_true", help="ablation: divide advantages by "
+                    "the group std (classic GRPO)")
+    ap.add_argument("--ppo-epochs", type=at_least(1), default=1, help="ablation: updates per rollout batch "
+                    "(> 1 turns on ratio clipping)")
     ap.add_argument("--clip-low", type=between(0, 1), default=0.2, help="ablation: PPO clip, 1 - low")
     ap.add_argument("--clip-high", type=at_least(0, float), default=0.28, help="ablation: PPO clip, 1 + high")
-    ap.add_argument("--require-think", action="store_true", help="ablation: format also needs a leading <think>...</think>")
-    ap.add_argument("--require-option", action="store_true", help="ablation: format also needs the answer to name one "
-                    "of the options (so an answer outside the options earns less than a wrong option)")
-    ap.add_argument("--skip-zero-var", action="store_true", help="leave all-equal groups out of the update (they carry "
-                    "no gradient: A = 0; saves their forward and backward)")
-    ap.add_argument("--mine-max", type=at_least(0), default=0, help="mine over at most N items (0 = the full set)")
+    ap.add_argument("--require-think", action="store_true", help="ablation: format also needs a "
+                    "leading <think>...</think>")
+    ap.add_argument("--require-option", action="store_true", help="ablation: format also needs "
+                    "the answer to name one of the options (so an answer outside the options earns less "
+                    "than a wrong option)")
+    ap.add_argument("--skip-zero-var", action="store_true", help="leave all-equal groups out of the update "
+                    "(they carry no gradient: A = 0; saves their forward and backward)")
+    ap.add_argument("--mine-max", type=at_least(0), default=0, help="mine over at most N items "
+                    "(0 = the full set)")
     # --- memory and speed (the same results)
-    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
-                    "precision on several GPUs)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP "
+                    "mixed precision on several GPUs)")
     ap.add_argument("--micro-batch", type=at_least(1), default=32, help="sequences per forward/backward")
-    ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block when scoring (saves "
-                    "memory at long completions)")
-    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary logits exist at once "
-                    "when scoring (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory)")
-    ap.add_argument("--share-prompt", type=at_least(1), default=1, help="completions of one prompt scored in one row "
-                    "behind a single copy of it (same log-probs, ~2x less work for short answers to long prompts)")
-    ap.add_argument("--gen-batch", type=at_least(1), default=32, help="questions per generate call when mining and "
-                    "evaluating (memory: their KV cache)")
-    ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts and evals one "
-                    "CUDA graph replay (bench/generate.py); ignored on CPU and under FSDP")
+    ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block when "
+                    "scoring (saves memory at long completions)")
+    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary "
+                    "logits exist at once when scoring (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; "
+                    "smaller saves memory)")
+    ap.add_argument("--share-prompt", type=at_least(1), default=1, help="completions of one prompt "
+                    "scored in one row behind a single copy of it (same log-probs, ~2x less work for short "
+                    "answers to long prompts)")
+    ap.add_argument("--gen-batch", type=at_least(1), default=32, help="questions per generate call when "
+                    "mining and evaluating (memory: their KV cache)")
+    ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts "
+                    "and evals one CUDA graph replay (bench/generate.py); ignored on CPU and under FSDP")
     # --- what the policy writes, and warnings (watch.py)
-    ap.add_argument("--log-groups", type=at_least(0), default=8, help="groups per step kept in rollouts.jsonl")
-    ap.add_argument("--print-every", type=at_least(0), default=10, help="print one group every N steps (0: never)")
-    ap.add_argument("--warn-truncation", type=between(0, 1), default=0.2, help="warn when this share of completions "
-                    "hits --max-new-tokens")
-    ap.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (WANDB_MODE=offline "
-                    "works without a network)")
+    ap.add_argument("--log-groups", type=at_least(0), default=8, help="groups per step kept in "
+                    "rollouts.jsonl")
+    ap.add_argument("--print-every", type=at_least(0), default=10, help="print one group every N "
+                    "steps (0: never)")
+    ap.add_argument("--warn-truncation", type=between(0, 1), default=0.2, help="warn when this share of "
+                    "completions hits --max-new-tokens")
+    ap.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases "
+                    "(WANDB_MODE=offline works without a network)")
     # --- run
     add_run_flags(ap, "runs/grpo", 20, 20, "held-out accuracy every N steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for data order and sampling")
@@ -250,21 +272,24 @@ def get_args(argv=None):
 
 
 def pick_questions(cur, args, step):
-    """The step's questions: a pure function of (seed, step, pool), so resume and world size change nothing."""
+    """The step's questions: a function of (seed, step, pool), so resume and world size change nothing."""
     qrng = random.Random(args.seed * 100003 + step)
-    return [cur.pool[j] for j in qrng.sample(range(len(cur.pool)), min(args.questions_per_step, len(cur.pool)))]
+    picked = qrng.sample(range(len(cur.pool)), min(args.questions_per_step, len(cur.pool)))
+    return [cur.pool[j] for j in picked]
 
 
 def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
     """G completions per item -> dict of prompts (token lists), outs (token lists), texts, reasons, and the
-    rollout's own log-prob of each token (logprobs=True). seeds: one per item, so a completion depends only on its
-    item and step, never on the batch or the rank."""
+    rollout's own log-prob of each token (logprobs=True). seeds: one per item, so a completion depends
+    only on its item and step, never on the batch or the rank."""
     prompts = [prompt_ids(tok, it) for it in items]
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
         res = fast.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G,
+                            top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
+                            num_samples=G,
                             seed=seeds, pad_id=tok.pad_token_id or 0, cuda_graph=args.use_graph,
-                            return_logprobs=logprobs)   # model.generate's tokens, less work (--plain: that one)
+                            # model.generate's tokens, less work (--plain: that one)
+                            return_logprobs=logprobs)
     outs, reasons = res[0], res[1]
     return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
                 texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0)
@@ -276,8 +301,10 @@ def score_groups(g, items, G, args):
     parts = [reward_parts(t, items[j // G], r, args.require_think, args.require_option)
              for j, (t, r) in enumerate(zip(g["texts"], g["reasons"]))]
     parts = [(c, f, args.w_correct * c + args.w_format * f) for c, f in parts]
-    rewards = args.w_correct * torch.tensor([c for c, _, _ in parts]) + args.w_format * torch.tensor([f for _, f, _ in parts])
-    return parts, rewards, group_advantages(rewards, G, args.adv_std), (rewards.view(-1, G).std(1) == 0).float()
+    correct, fmt = torch.tensor([c for c, _, _ in parts]), torch.tensor([f for _, f, _ in parts])
+    rewards = args.w_correct * correct + args.w_format * fmt
+    zero_var = (rewards.view(-1, G).std(1) == 0).float()
+    return parts, rewards, group_advantages(rewards, G, args.adv_std), zero_var
 
 
 def policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter):
@@ -289,13 +316,16 @@ def policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
     denom = grpo_denominator(args.loss_agg, n_tok, n_seq, args.max_new_tokens)
     micro = even_micro_batches(keep, args.micro_batch)
     stats = dict(loss=0.0, kl=0.0, entropy=0.0, mismatch=0.0, grad_norm=0.0, skipped=n_seq == 0)
-    if stats["skipped"]:   # every group all-equal and skipped, on all ranks: the 0/0 normaliser would put NaN in
+    # every group all-equal and skipped, on all ranks: the 0/0 normaliser would put NaN in
+    if stats["skipped"]:
         return stats       # every weight, and there is nothing to learn
 
-    def score(m, mb, entropy=False):   # fast.completion_logprobs: the same log-probs, less work (--share-prompt)
+    # fast.completion_logprobs: the same log-probs, less work (--share-prompt)
+    def score(m, mb, entropy=False):
         p, o = [pr[j] for j in mb], [g["outs"][j] for j in mb]
         if fast.ON:
-            return fast.completion_logprobs(m, p, o, device, pad, args.share_prompt, entropy, args.logits_chunk)
+            return fast.completion_logprobs(m, p, o, device, pad, args.share_prompt, entropy,
+                                            args.logits_chunk)
         return completion_logprobs(m, p, o, device, pad, entropy, args.logits_chunk)
 
     t = time.time()
@@ -316,9 +346,9 @@ def policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
                 with autocast(device, args.autocast):
                     logp, mask, ent = score(model, mb, entropy=epoch == 0)   # log pi(y_t | x, y_<t), (n, L)
                 # the loss, per token: -A * log pi (eq. 1 with A = r - mean r, eq. 2), or PPO's clipped ratio
-                # when the data is reused (--ppo-epochs > 1), plus beta * KL(pi || ref) (k3, eq. 3); normalised
-                # over all tokens of all ranks (token-mean). FSDP averages gradients over ranks, hence * world; an
-                # empty padding micro-batch (even_micro_batches) weighs 0
+                # when the data is reused (--ppo-epochs > 1), plus beta * KL(pi || ref) (k3, eq. 3);
+                # normalised over all tokens of all ranks (token-mean). FSDP averages gradients over ranks,
+                # hence * world; an empty padding micro-batch (even_micro_batches) weighs 0
                 per_tok = token_objective(logp, old[mi] if old else logp.detach(), adv[mb].to(device),
                                           args.clip_low, args.clip_high, args.ppo_epochs > 1)
                 if ref is not None:
@@ -334,11 +364,13 @@ def policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
                         roll = torch.zeros_like(logp)
                         for r, j in enumerate(mb):
                             roll[r, :len(g["logps"][j])] = torch.tensor(g["logps"][j])
-                        stats["mismatch"] += weight * float(((logp.detach() - roll).abs() * mask).sum()) / max(n_tok, 1)
+                        diff = float(((logp.detach() - roll).abs() * mask).sum())
+                        stats["mismatch"] += weight * diff / max(n_tok, 1)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             stats["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            if not math.isfinite(stats["grad_norm"]):   # the same on every rank: stepping would corrupt the weights
-                print0(f"\nnon-finite gradient norm, update skipped")
+            # the same on every rank: stepping would corrupt the weights
+            if not math.isfinite(stats["grad_norm"]):
+                print0("\nnon-finite gradient norm, update skipped")
                 opt.zero_grad(set_to_none=True)
                 stats["skipped"] = True
                 break
@@ -353,15 +385,17 @@ def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
     rates = {}
     for b in range(0, len(mine), args.gen_batch):   # gen_batch items x k samples a generate call
         chunk = mine[b:b + args.gen_batch]
-        g = sample_groups(model, tok, [items[i] for i in chunk], k, args, [seed * 1_000_003 + i for i in chunk], device)
+        seeds = [seed * 1_000_003 + i for i in chunk]
+        g = sample_groups(model, tok, [items[i] for i in chunk], k, args, seeds, device)
         for j, i in enumerate(chunk):
-            rates[i] = sum(reward_parts(g["texts"][j * k + s], items[i], g["reasons"][j * k + s])[0] for s in range(k)) / k
+            rows = range(j * k, (j + 1) * k)
+            rates[i] = sum(reward_parts(g["texts"][r], items[i], g["reasons"][r])[0] for r in rows) / k
     return {i: p for part in gather_objects(rates) for i, p in part.items()}
 
 
 def evaluate_policy(model, tok, val, args, rank, world, device):
-    """Greedy accuracy and format rate on the held-out items."""
-    from evaluate import run_items
+    """Greedy accuracy and format rate on the held-out items (evaluate.py's runner and scoring)."""
+    from evaluate import run_items, score_items
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
         resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
                          temperature=0.0, rank=rank, world=world, progress=False, cuda_graph=args.use_graph)
@@ -386,7 +420,8 @@ def curriculum_step(cur, row, step, last_mine, model, tok, items, args, rank, wo
         if args.mine_max and len(idx) > args.mine_max:
             idx = sorted(random.Random(args.seed + step - 1).sample(idx, args.mine_max))
         with meter.phase("mining"):
-            rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device, args.seed + step - 1)
+            rates = pass_rates(model, tok, items, idx, args.mine_samples, args, rank, world, device,
+                               args.seed + step - 1)
         info = cur.mine(rates, step)
         row.update({f"mined_{k}": v for k, v in info.items()}, mining_s=time.time() - t)
         print0(f"\nstep {step}: {'stage 2 begins' if switch else 're-mined'}: {info}")
@@ -402,12 +437,14 @@ def memory_plan(args, cfg, tok, items, world, device):
     prompt = max((len(prompt_ids(tok, it)) for it in items[:2000]), default=512) if tok else 512
     ctx = prompt + args.max_new_tokens
     rows = max(args.questions_per_step // world * max(args.group_size, args.stage2_group_size),
-               args.gen_batch * args.mine_samples)   # a step's rollouts, or a mining call (and evaluation: fewer)
+               # a step's rollouts, or a mining call (and evaluation: fewer)
+               args.gen_batch * args.mine_samples)
     tokens = args.micro_batch * args.max_new_tokens + -(-args.micro_batch // args.share_prompt) * prompt
-    p = plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk, rows=rows, ctx=ctx,
-             ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx)
+    p = plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk, rows=rows,
+             ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx)
     return announce(p, f"GRPO, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
-                    f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}, prompts up to {prompt} tokens",
+                    f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}, prompts up to {prompt} "
+                    f"tokens",
                     args, cuda)
 
 
@@ -417,23 +454,26 @@ def load_items(args, world, device):
     if args.resume and ckpt is None:
         print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
     src = ckpt or args.init
-    tok = load_tokenizer(src) if has_tokenizer(src) or not args.dry_run else None   # a dry run plans from config.json
+    # a dry run plans from config.json
+    tok = load_tokenizer(src) if has_tokenizer(src) or not args.dry_run else None
     rows = read_records(args.data)
     for i, it in enumerate(rows):
         if it.get("answer") not in (it.get("options") or {}):
             raise SystemExit(f"{args.data}:{i + 1}: field 'answer' is not one of the options")
-    if args.exclude:   # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
+    # e.g. the SFT file: RL on questions the cold start never saw, whose facts it can still learn
+    if args.exclude:
         seen = {str(r.get("id")) for r in read_records(args.exclude)}
         rows = [it for it in rows if str(it.get("id")) not in seen]
     planned = memory_plan(args, read_config(src), tok, rows, world, device)
     order = list(range(len(rows)))
     random.Random(args.seed).shuffle(order)
-    return ckpt, tok, [rows[i] for i in order[:args.val_size]], [rows[i] for i in order[args.val_size:]], planned
+    val, train = [rows[i] for i in order[:args.val_size]], [rows[i] for i in order[args.val_size:]]
+    return ckpt, tok, val, train, planned
 
 
 def load_policy(ckpt, args, world, device, meter):
-    """The policy (from --init, or a checkpoint's shape to be filled by load_checkpoint) and the frozen reference,
-    sharded over the ranks as they load."""
+    """The policy (from --init, or a checkpoint's shape to be filled by load_checkpoint) and the frozen
+    reference, sharded over the ranks as they load."""
     with meter.phase("load"):
         if ckpt:
             model = empty_model(read_config(ckpt), device, world, bf16=args.bf16)
@@ -483,9 +523,10 @@ def main(argv=None):
         last_mine = extra["last_mine"]
         print0(f"resumed from {ckpt} at step {start} (stage {cur.stage})")
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume_step=start if ckpt else None)
-    rollout_log = RolloutLog(args.out, rank, args.log_groups, args.print_every, resume_step=start if ckpt else None)
+    rollout_log = RolloutLog(args.out, rank, args.log_groups, args.print_every, start if ckpt else None)
     canaries, wandb = Canaries(truncation=args.warn_truncation), Wandb(args.wandb, args, rank)
-    print0(f"GRPO: {len(items)} train items ({len(cur.pool)} in the stage-1 pool), {len(val)} val | world {world} on {device}")
+    print0(f"GRPO: {len(items)} train items ({len(cur.pool)} in the stage-1 pool), {len(val)} val | "
+           f"world {world} on {device}")
     if start == 0:
         s = evaluate_policy(model, tok, val, args, rank, world, device)
         log.log(step=0, val_accuracy=s["accuracy"], val_n=s["n"], val_format=s["format"], stage=1)
@@ -498,8 +539,8 @@ def main(argv=None):
         mine = pick_questions(cur, args, step)[rank::world]
         t0 = time.time()
         with meter.phase("rollout"):   # seeds per (step, item): rollouts do not depend on how items are split
-            g = sample_groups(model, tok, [items[i] for i in mine], G, args,
-                              [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine], device, logprobs=True)
+            seeds = [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine]
+            g = sample_groups(model, tok, [items[i] for i in mine], G, args, seeds, device, logprobs=True)
         t_roll = time.time() - t0
         parts, rewards, adv, zero_var = score_groups(g, [items[i] for i in mine], G, args)
         g["prompts_of"] = [g["prompts"][j // G] for j in range(len(g["outs"]))]
@@ -513,11 +554,13 @@ def main(argv=None):
         signals = answer_signals(g["texts"], picked, [items[i]["answer"] for i in mine], parts, args.w_format)
         row["warnings"] = canaries.check(step + 1, row, merge_signals(gather_objects(signals)))
         index = [j * world + rank for j in range(len(mine))]
-        groups = [x for part in gather_objects(rollout_log.groups(
-            step + 1, cur.stage, [items[i] for i in mine], [build_messages(items[i])[1]["content"] for i in mine], g["texts"],
-            parts, adv, g["reasons"], [len(o) for o in g["outs"]], G, index)) for x in part]
+        questions = [build_messages(items[i])[1]["content"] for i in mine]
+        kept = rollout_log.groups(step + 1, cur.stage, [items[i] for i in mine], questions, g["texts"], parts,
+                                  adv, g["reasons"], [len(o) for o in g["outs"]], G, index)
+        groups = [x for part in gather_objects(kept) for x in part]
         rollout_log.write(step + 1, groups)
-        last_mine = curriculum_step(cur, row, step + 1, last_mine, model, tok, items, args, rank, world, device, meter)
+        last_mine = curriculum_step(cur, row, step + 1, last_mine, model, tok, items, args, rank, world,
+                                    device, meter)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             s = evaluate_policy(model, tok, val, args, rank, world, device)
             row.update(val_accuracy=s["accuracy"], val_n=s["n"], val_format=s["format"])
@@ -528,14 +571,15 @@ def main(argv=None):
         done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
         if (step + 1) % args.save_every == 0 or done:
             with meter.phase("save"):
-                save_checkpoint(args.out, model, opt, tok, step + 1, dict(curriculum=cur.state(), last_mine=last_mine),
-                                rank)
+                extra = dict(curriculum=cur.state(), last_mine=last_mine)
+                save_checkpoint(args.out, model, opt, tok, step + 1, extra, rank)
         if done:
             break
     bar.close()
     wandb.finish()
     finish_run(model, tok, args, rank, world, meter, planned, "GRPO",
-               ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len", "entropy", "truncated_frac"])
+               ["reward", "accuracy", "zero_var_frac", "val_accuracy", "response_len", "entropy",
+                "truncated_frac"])
 
 
 def step_metrics(step, cur, G, lr, g, items, parts, rewards, zero_var, stats, t_roll, t_train, meter, args):

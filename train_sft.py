@@ -19,9 +19,9 @@ import time
 import torch
 
 from cli import Parser, at_least, fraction, guard
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, finish_run, init_distributed, lr_at,
-                    need, prepare_out, print0, set_seed, wants_autocast)
-from evaluate import jsonl_rows
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, finish_run,
+                    init_distributed, lr_at, need, prepare_out, print0, set_seed, wants_autocast)
+from mcq import jsonl_rows
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, shard_model)
 from memplan import Meter, announce, plan, size
@@ -38,8 +38,10 @@ def read_chat_jsonl(path):
     rows = []
     for line, r in jsonl_rows(path):
         msgs = r.get("messages") if isinstance(r, dict) else None
-        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
-            raise ValueError(f"{path}:{line}: field 'messages' must be a list ending with an assistant message")
+        if not (isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict)
+                and msgs[-1].get("role") == "assistant"):
+            raise ValueError(f"{path}:{line}: field 'messages' must be a list ending with an assistant "
+                             f"message")
         rows.append(msgs)
     if not rows:
         raise ValueError(f"{path}: no examples")
@@ -100,11 +102,12 @@ def batch_tensors(rows, device):
 
 def masked_loss_sum(model, ids, mask, docs, chunk=0):
     """Sum of next-token cross-entropy over the masked (assistant) targets, and their count. Log-probs are
-    made for those positions only (prompt tokens carry no loss), chunk tokens at a time (model.token_logprobs).
-    Each packed document attends only to itself: fast.doc_attention does that with less work than the dense mask."""
+    made for those positions only (prompt tokens carry no loss), chunk tokens at a time
+    (model.token_logprobs). Each packed document attends only to itself: fast.doc_attention does that with
+    less work than the dense mask."""
     m = mask[:, 1:].bool() & (docs[:, 1:] == docs[:, :-1])   # never predict across a document boundary
-    logp, _ = model(ids[:, :-1], doc_ids=docs[:, :-1], attention_mask=fast.doc_attention(docs[:, :-1]), logits_at=m,
-                    targets=ids[:, 1:][m], chunk=chunk)
+    logp, _ = model(ids[:, :-1], doc_ids=docs[:, :-1], attention_mask=fast.doc_attention(docs[:, :-1]),
+                    logits_at=m, targets=ids[:, 1:][m], chunk=chunk)
     return -logp.sum(), int(m.sum())
 
 
@@ -115,27 +118,36 @@ def get_args(argv=None):
     ap = Parser(description=__doc__)
     # --- data
     ap.add_argument("--data", default="data/kg/sft.jsonl", help="chat-format SFT JSONL from make_data.py")
-    ap.add_argument("--val-frac", type=fraction, default=0.05, help="fraction held out for the validation loss")
+    ap.add_argument("--val-frac", type=fraction, default=0.05, help="fraction held out for the "
+                    "validation loss")
     ap.add_argument("--seq-len", type=at_least(2), default=512, help="tokens per packed row")
-    ap.add_argument("--rows-per-step", type=at_least(1), default=8, help="packed rows per optimizer step (global batch)")
-    ap.add_argument("--micro-rows", type=at_least(1), default=4, help="rows per forward/backward on one rank (grad accumulation)")
+    ap.add_argument("--rows-per-step", type=at_least(1), default=8, help="packed rows per optimizer "
+                    "step (global batch)")
+    ap.add_argument("--micro-rows", type=at_least(1), default=4, help="rows per forward/backward on "
+                    "one rank (grad accumulation)")
     # --- model
-    ap.add_argument("--init", default=None, help="HF checkpoint directory to fine-tune; default: from scratch")
-    ap.add_argument("--save-init", default=None, help="also write the model as initialised (before any step) to this "
-                    "directory, HF layout: the untrained baseline, without a second run")
+    ap.add_argument("--init", default=None, help="HF checkpoint directory to "
+                    "fine-tune; default: from scratch")
+    ap.add_argument("--save-init", default=None, help="also write the model as initialised (before any "
+                    "step) to this directory, HF layout: the untrained baseline, without a second run")
     ap.add_argument("--preset", default="tiny", help="from scratch: model preset (see model.PRESETS)")
-    ap.add_argument("--vocab-size", type=at_least(260), default=4096, help="from scratch: BPE vocabulary to train")
-    ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per block (saves memory)")
-    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary logits exist at once in the "
-                    "loss (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves memory at a real vocabulary)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP mixed "
-                    "precision on several GPUs)")
+    ap.add_argument("--vocab-size", type=at_least(260), default=4096, help="from scratch: BPE "
+                    "vocabulary to train")
+    ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing "
+                    "per block (saves memory)")
+    ap.add_argument("--logits-chunk", type=at_least(0), default=0, help="tokens whose vocabulary logits "
+                    "exist at once in the loss (0: 2**26 / vocab, i.e. 256 MB of fp32 logits; smaller saves "
+                    "memory at a real vocabulary)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 compute (autocast on CPU and on one GPU; FSDP "
+                    "mixed precision on several GPUs)")
     # --- optimisation
     ap.add_argument("--steps", type=at_least(0), default=250, help="optimizer steps")
     ap.add_argument("--lr", type=at_least(0, float), default=3e-3, help="peak learning rate")
-    ap.add_argument("--min-lr", type=at_least(0, float), default=3e-4, help="final learning rate of the cosine")
+    ap.add_argument("--min-lr", type=at_least(0, float), default=3e-4, help="final learning rate of the "
+                    "cosine")
     ap.add_argument("--warmup", type=at_least(0), default=20, help="linear warmup steps")
-    ap.add_argument("--weight-decay", type=at_least(0, float), default=0.1, help="AdamW weight decay (matrices only)")
+    ap.add_argument("--weight-decay", type=at_least(0, float), default=0.1, help="AdamW weight decay "
+                    "(matrices only)")
     ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip")
     # --- run
     add_run_flags(ap, "runs/sft", 50, 100, "validation loss every N steps")
@@ -149,8 +161,8 @@ def memory_plan(args, cfg, world, device, longest):
     cuda = device.type == "cuda" or args.gpu_mem is not None
     # on a CPU, documents up to fast.DocBuckets.MAX_LEN attend alone; a longer one makes its row attend as one
     sdpa = 0 if cuda else (longest if longest <= 1024 else args.seq_len)
-    rows = plan(cfg, world, cuda, args.bf16, "sft", args.micro_rows * args.seq_len, args.seq_len, args.act_ckpt,
-                args.logits_chunk, sdpa_len=min(sdpa, args.seq_len))
+    rows = plan(cfg, world, cuda, args.bf16, "sft", args.micro_rows * args.seq_len, args.seq_len,
+                args.act_ckpt, args.logits_chunk, sdpa_len=min(sdpa, args.seq_len))
     return announce(rows, f"SFT, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
              f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}", args, cuda)
 
@@ -213,19 +225,22 @@ def main(argv=None):
         elif args.init:
             model = load_sharded(args.init, device, world, bf16=args.bf16)
         else:
-            model = shard_model(Transformer(cfg).init_weights(args.seed).to(device), device, world, bf16=args.bf16)
+            model = Transformer(cfg).init_weights(args.seed).to(device)
+            model = shard_model(model, device, world, bf16=args.bf16)
     if args.save_init and not ckpt:   # the untrained model (the stage table's "Base" row)
         export_hf(model, tok, args.save_init, rank)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model {n_params / 1e6:.2f}M params | {len(train)} train / {len(val)} val examples | "
-           f"{rows_per_epoch} packed rows of {args.seq_len} per epoch ({n_cut} cut) | world {world} on {device}")
+           f"{rows_per_epoch} packed rows of {args.seq_len} per epoch ({n_cut} cut) | world {world} "
+           f"on {device}")
 
     if args.act_ckpt:
         checkpoint_blocks(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     start = 0
     if ckpt:
         start, _ = load_checkpoint(ckpt, model, opt)
@@ -255,8 +270,9 @@ def main(argv=None):
         v0 = val_loss()
         log.log(step=0, val_loss=v0)
         print0(f"step 0: val loss {v0:.4f}")
-    # each epoch is shuffled then packed, so epochs can differ by a row or two: global row k -> (epoch, offset).
-    # Only the current epoch's rows are kept; each epoch is packed once (again after a resume, to learn its length).
+    # each epoch is shuffled then packed, so epochs can differ by a row or two: global row k -> (epoch,
+    # offset). Only the current epoch's rows are kept; each epoch is packed once (again after a resume, to
+    # learn its length).
     epoch_len, rows_cache = {0: rows_per_epoch}, {}
 
     def row_at(k):
@@ -284,7 +300,8 @@ def main(argv=None):
             step_rows.append(row_at(k))
         mine = step_rows[rank::world]
         n_tok_global = all_reduce_sum(sum(sum(r[1][1:]) for r in step_rows[rank::world]))
-        # each rank's loss is scaled so that FSDP's gradient average equals (global token sum) / (global count)
+        # each rank's loss is scaled so that FSDP's gradient average equals (global token sum) / (global
+        # count)
         loss_sum = 0.0
         with meter.phase("step"):
             for m0 in range(0, len(mine), args.micro_rows):
@@ -305,7 +322,8 @@ def main(argv=None):
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row["val_loss"] = val_loss()
         log.log(**row)
-        bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+        val = {"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}
+        bar.set_postfix(loss=f"{loss:.3f}", **val)
         done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
         if (step + 1) % args.save_every == 0 or done:
             with meter.phase("save"):
@@ -313,7 +331,8 @@ def main(argv=None):
         if done:
             break
     bar.close()
-    finish_run(model, tok, args, rank, world, meter, planned, "SFT", ["loss", "val_loss", "lr", "grad_norm"], "loss.png")
+    finish_run(model, tok, args, rank, world, meter, planned, "SFT", ["loss", "val_loss", "lr", "grad_norm"],
+               "loss.png")
 
 
 if __name__ == "__main__":

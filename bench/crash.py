@@ -1,7 +1,7 @@
 """
-kill -9 while checkpoints are written, again and again: every time, --resume must find a checkpoint to continue
-from, and the run that finally gets to the end must equal one never interrupted, bit for bit, with each step
-logged once.
+kill -9 while checkpoints are written, again and again: every time, --resume must find a checkpoint to
+continue from, and the run that finally gets to the end must equal one never interrupted, bit for bit,
+with each step logged once.
 
     python bench/crash.py                 # 20 kills of a 1-process SFT run that checkpoints every step
     python bench/crash.py --kills 50 --nproc 2

@@ -53,7 +53,8 @@ for kind in ("qwen2", "qwen3"):
     print(f"{kind} greedy generation (ragged batch) == transformers per prompt: {outs == theirs} (first difference at "
           f"step {first}); worst gap of our token below transformers' max logit {max(gaps):.1e} "
           f"({'ok' if max(gaps) <= 1e-4 else 'FAIL'} <= 1e-4)")
-    # fast.generate, eager and with each decode step a CUDA graph (fast.fixed_shape_step), against model.generate
+    # fast.generate, eager and with each decode step a CUDA graph (fast.fixed_shape_step), against
+    # model.generate
     kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=4, seed=3, stop_ids=range(3, 60)))
     same = [[fast.generate(ours, prompts, 24, cuda_graph=g, **kw) == M.generate(ours, prompts, 24, **kw) for kw in kws]
             for g in (False, True)]

@@ -27,15 +27,18 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--preset", default="20m", help="model preset (20m ~ 20M parameters)")
 ap.add_argument("--batch", type=int, default=16, help="distinct prompts in the batch")
 ap.add_argument("--group", type=int, default=8, help="G for the one-prompt-G-samples case")
-ap.add_argument("--new", type=int, default=64, help="new tokens per row (no stop token, so every row runs to the end)")
+ap.add_argument("--new", type=int, default=64, help="new tokens per row (no stop token, "
+                "so every row runs to the end)")
 ap.add_argument("--device", default="cpu", help="cpu or cuda")
-ap.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (float32, then bfloat16 where native)")
+ap.add_argument("--dtype", default="auto", help="float32, bfloat16, or auto (float32, "
+                "then bfloat16 where native)")
 ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
 ap.add_argument("--seed", type=int, default=0, help="seed for weights and prompts")
-ap.add_argument("--cuda-graph", action="store_true", help="also time ours with generate(cuda_graph=True): fixed "
-                "shapes, and on CUDA one graph replay per decode step")
-ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N ops of one call of ours per "
-                "case (torch.profiler; on CUDA by GPU time, then by CPU time, which shows a launch-bound loop)")
+ap.add_argument("--cuda-graph", action="store_true", help="also time ours with generate(cuda_graph=True): "
+                "fixed shapes, and on CUDA one graph replay per decode step")
+ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N ops "
+                "of one call of ours per case (torch.profiler; on CUDA by GPU time, then by CPU time, which "
+                "shows a launch-bound loop)")
 args = ap.parse_args()
 
 import transformers  # noqa: E402
@@ -85,7 +88,8 @@ def run(dtype):
     print(f"model {args.preset}: {n_params / 1e6:.1f}M params, device {args.device}, dtype {dtype}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
     cases = [  # (name, tokens, ours (cuda_graph=False/True), transformers)
-        (f"batch {args.batch} ragged prompts, greedy", args.batch * args.new,   # many prompts, as in evaluation
+        # many prompts, as in evaluation
+        (f"batch {args.batch} ragged prompts, greedy", args.batch * args.new,
          lambda graph=False: generate(ours, prompts, args.new, temperature=0.0, cuda_graph=graph),
          lambda: hf_batch(ref, prompts, do_sample=False)),
         (f"1 prompt x G={args.group} samples", args.group * args.new,            # GRPO rollouts

@@ -1,9 +1,10 @@
 """
-Where a GRPO step's time goes: rollout (KV-cached generation) / reference forward (KL) / policy update, and
-rollout tokens/s. Runs train_grpo.py for a few steps with a KL reference so all three parts are timed, then
-summarises its metrics.jsonl (the first step is left out as warm-up). With --share-prompt N > 1 (default 4) it
-runs a second time with each question's completions scored N to a row behind one copy of the prompt, and prints
-the reference + train time of that run against the first (same seed, same settings, same process count).
+Where a GRPO step's time goes: rollout (KV-cached generation) / reference forward (KL) / policy update,
+and rollout tokens/s. Runs train_grpo.py for a few steps with a KL reference so all three parts are timed,
+then summarises its metrics.jsonl (the first step is left out as warm-up). With --share-prompt N > 1
+(default 4) it runs a second time with each question's completions scored N to a row behind one copy of
+the prompt, and prints the reference + train time of that run against the first (same seed, same settings,
+same process count).
 
     python bench/grpo.py                                   # builds a tiny KG set and a from-scratch tiny policy
     python bench/grpo.py --init runs/demo/seed0/sft --data runs/demo/data/rl_train.jsonl
@@ -19,8 +20,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--init", default=None, help="policy checkpoint; default: a random-init tiny model (worst case: "
-                "every completion runs to --max-new-tokens)")
+ap.add_argument("--init", default=None, help="policy checkpoint; default: a random-init tiny model (worst "
+                "case: every completion runs to --max-new-tokens)")
 ap.add_argument("--data", default=None, help="rl_train.jsonl; default: built here with make_data.py")
 ap.add_argument("--steps", type=int, default=6, help="GRPO steps (the first is warm-up)")
 ap.add_argument("--questions-per-step", type=int, default=8, help="questions per step")

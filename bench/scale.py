@@ -12,8 +12,8 @@ chunk size at "plain" (one chunk: full fp32 logits) and at the default.
 
 rehearsal: a random-init checkpoint of the given shape is written in the Hugging Face layout (several
 safetensors shards, the demo's small tokenizer beside it), then train_sft.py (one step on packed rows,
-activation checkpointing) and train_grpo.py (one step, KL on) run under torchrun. Each rank prints the memory
-plan at start and its measured peak at the end; this script prints them side by side.
+activation checkpointing) and train_grpo.py (one step, KL on) run under torchrun. Each rank prints the
+memory plan at start and its measured peak at the end; this script prints them side by side.
 """
 import argparse
 import json
@@ -87,8 +87,9 @@ SHAPES = {   # real models' shapes (random weights): Qwen2.5-0.5B and -1.5B
 
 
 def make_checkpoint(shape, out, data):
-    """A random-init checkpoint of the shape, HF layout in several safetensors shards, with a small BPE tokenizer
-    trained on the SFT data (the embedding is larger than the tokenizer's vocabulary, as Qwen's own is)."""
+    """A random-init checkpoint of the shape, HF layout in several safetensors shards, with a small BPE
+    tokenizer trained on the SFT data (the embedding is larger than the tokenizer's vocabulary, as Qwen's
+    own is)."""
     import torch
     from hf_io import save_model, train_tokenizer
     from model import ModelConfig, Transformer
@@ -149,8 +150,8 @@ def rehearsal(args):
         phases = dict((k, [float(v) for v in re.findall(r"\+([\d.]+)", vals)])
                       for k, vals in re.findall(r"; (\w+) ([+\d. /]+) GB", m.group(3)))
         table.append((name, float(m.group(2)), peaks, phases, secs))
-    print(f"\n| run | rank | plan GB | measured peak GB | measured / plan | load: rise GB (x model bytes) | "
-          f"save: rise GB | seconds |")
+    print("\n| run | rank | plan GB | measured peak GB | measured / plan | load: rise GB (x model bytes) | "
+          "save: rise GB | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for name, planned, peaks, phases, secs in table:
         for r, pk in enumerate(peaks):
@@ -175,7 +176,8 @@ def roofline(args):
     from model import ModelConfig, Transformer
     from train_sft import masked_loss_sum, pack
     dev = torch.device(args.device)
-    cuda = dev.type == "cuda"   # elsewhere (a smoke test of this code): fp32, and give --peak-tflops / --hbm-tbs
+    # elsewhere (a smoke test of this code): fp32, and give --peak-tflops / --hbm-tbs
+    cuda = dev.type == "cuda"
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak, bw = next(((p / 1e12, b / 1e12) for key, p, b in DEVICES if key in name), (None, None))
     peak, bw = (args.peak_tflops or peak) * 1e12, (args.hbm_tbs or bw) * 1e12
@@ -214,7 +216,7 @@ def roofline(args):
     flops = 6 * P * tok + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * args.doc_len * tok
     print(f"SFT {args.shape} ({P / 1e9:.2f}B), {args.rows} x {args.seq} packed tokens (~{args.doc_len}-token "
           f"examples): {tok / dt:,.0f} tokens/s, MFU {flops / dt / peak:.1%} of the bf16 peak")
-    del m, opt
+    m = opt = None   # free the SFT model before the decode one
     # --- decode: 0.5B shape in bf16, batch of prompts, every row to the end
     cfg = ModelConfig(vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768, **SHAPES["qwen2.5-0.5b"])
     m = Transformer(cfg).init_weights(0).to(dev, torch.bfloat16 if cuda else torch.float32).eval()
@@ -248,10 +250,13 @@ if __name__ == "__main__":
     ap.add_argument("--vocab", type=int, default=151936, help="logits: vocabulary size")
     ap.add_argument("--shape", default="qwen2.5-0.5b", choices=list(SHAPES), help="rehearsal: model shape")
     ap.add_argument("--nproc", type=int, default=2, help="rehearsal: ranks")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cpu for rehearsal, cuda for roofline)")
-    ap.add_argument("--bf16", action="store_true", help="rehearsal: --bf16 (on a CPU only where it is native)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cpu for "
+                    "rehearsal, cuda for roofline)")
+    ap.add_argument("--bf16", action="store_true", help="rehearsal: --bf16 (on a "
+                    "CPU only where it is native)")
     ap.add_argument("--only", choices=["sft", "grpo"], default=None, help="rehearsal: one of the two runs")
-    ap.add_argument("--work", default=None, help="rehearsal: folder for the checkpoint and runs (kept; reused)")
+    ap.add_argument("--work", default=None, help="rehearsal: folder for the "
+                    "checkpoint and runs (kept; reused)")
     ap.add_argument("--rows", type=int, default=4, help="roofline: SFT rows per step")
     ap.add_argument("--seq", type=int, default=4096, help="roofline: SFT tokens per row")
     ap.add_argument("--doc-len", type=int, default=1024, help="roofline: mean SFT example length")
@@ -259,8 +264,10 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=64, help="roofline: decode batch")
     ap.add_argument("--prompt", type=int, default=128, help="roofline: prompt tokens")
     ap.add_argument("--new", type=int, default=256, help="roofline: new tokens per row")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="roofline: bf16 peak, for a GPU not in DEVICES")
-    ap.add_argument("--hbm-tbs", type=float, default=None, help="roofline: HBM TB/s, for a GPU not in DEVICES")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="roofline: bf16 peak, for a "
+                    "GPU not in DEVICES")
+    ap.add_argument("--hbm-tbs", type=float, default=None, help="roofline: HBM TB/s, for a "
+                    "GPU not in DEVICES")
     args = ap.parse_args()
     args.device = args.device or ("cuda" if args.what == "roofline" else "cpu")
     if args.what == "logits":

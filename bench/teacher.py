@@ -21,13 +21,15 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from helpers import FakeOpenAI  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--items", type=int, default=100, help="public items (each: 1 validator + 2 teacher requests)")
+ap.add_argument("--items", type=int, default=100, help="public items (each: 1 "
+                "validator + 2 teacher requests)")
 ap.add_argument("--delay", type=float, default=0.2, help="server seconds per request")
 ap.add_argument("--concurrency", type=int, default=64, help="the concurrent side (against 1)")
 args = ap.parse_args()
 
 tmp = tempfile.mkdtemp(prefix="bench_teacher_")
-with open(f"{tmp}/pub.jsonl", "w") as f:   # the validator picks the option that says RIGHT; item 0 is mislabeled
+# the validator picks the option that says RIGHT; item 0 is mislabeled
+with open(f"{tmp}/pub.jsonl", "w") as f:
     for i in range(args.items):
         opts = {"A": f"wrong {i} a", "B": f"RIGHT {i}", "C": f"wrong {i} c", "D": f"wrong {i} d"}
         f.write(json.dumps(dict(question=f"Planted question number {i} about condition {i}?", options=opts,

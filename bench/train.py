@@ -1,18 +1,20 @@
 """
 Training-step throughput and memory: our Transformer vs transformers' Qwen2ForCausalLM on the same config,
-weights and batch (forward + backward + AdamW step), in the same process; MFU against a matmul rate measured
-in the same run; and parameter + gradient + optimizer-state bytes per rank, 1 process vs 2 FSDP2 ranks.
+weights and batch (forward + backward + AdamW step), in the same process; MFU against a matmul rate
+measured in the same run; and parameter + gradient + optimizer-state bytes per rank, 1 process vs 2 FSDP2
+ranks.
 
     python bench/train.py                        # CPU: fp32 (+ bf16 where native), then the 2-rank FSDP memory part
     python bench/train.py --device cuda --batch 16 --seq 2048 --preset small
 
-Three cases: "full" (every position, a pretraining step: both sides do the same work); "sft" (one example per
-row, loss on its last --loss-frac, as SFT masks the prompt: ours computes logits for those positions only,
-which is what train_sft.py does; transformers gets labels=-100 on the rest, its standard SFT usage); "packed"
-(train_sft.py's real rows: several examples of --doc-len tokens on average packed into each row, a pad tail,
-loss on the last --loss-frac of each; ours gets doc_ids, transformers the block-diagonal causal mask as a 4D
-boolean attention_mask with positions restarting per example, which gives the same logits).
-bf16 autocast runs only where the CPU has bf16 in hardware (or on CUDA): elsewhere it is emulated and slow.
+Three cases: "full" (every position, a pretraining step: both sides do the same work); "sft" (one example
+per row, loss on its last --loss-frac, as SFT masks the prompt: ours computes logits for those positions
+only, which is what train_sft.py does; transformers gets labels=-100 on the rest, its standard SFT usage);
+"packed" (train_sft.py's real rows: several examples of --doc-len tokens on average packed into each row,
+a pad tail, loss on the last --loss-frac of each; ours gets doc_ids, transformers the block-diagonal
+causal mask as a 4D boolean attention_mask with positions restarting per example, which gives the same
+logits). bf16 autocast runs only where the CPU has bf16 in hardware (or on CUDA): elsewhere it is emulated
+and slow.
 """
 import argparse
 import os

@@ -24,7 +24,8 @@ def write_toy_sft(path, n=120, seed=0):
 
 def run(args, nproc=1, timeout=300):
     """Run a script as a user would: python, or torchrun with nproc CPU ranks."""
-    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))   # keep the caller's entries
+    # keep the caller's entries
+    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     if nproc == 1:
         cmd = [sys.executable] + args
@@ -40,10 +41,11 @@ def metrics(path):
 
 
 class FakeOpenAI:
-    """Speaks POST /v1/chat/completions, answering requests concurrently. Teacher prompts: a wrong trace first,
-    the right one after a refinement turn. Validator prompts: always picks the option whose text says RIGHT.
-    fail_after: HTTP 500 from then on. delay: seconds per answer. throttle: the first N requests get HTTP 429
-    (Retry-After: 0). hang_after: accept, then never answer, from then on. calls counts answered requests."""
+    """Speaks POST /v1/chat/completions, answering requests concurrently. Teacher prompts: a wrong trace
+    first, the right one after a refinement turn. Validator prompts: always picks the option whose text
+    says RIGHT. fail_after: HTTP 500 from then on. delay: seconds per answer. throttle: the first N
+    requests get HTTP 429 (Retry-After: 0). hang_after: accept, then never answer, from then on. calls
+    counts answered requests."""
 
     def __init__(self, fail_after=None, delay=0.0, throttle=0, hang_after=None):
         self.calls, self.fail_after, self.delay, self.throttle, self.seen = 0, fail_after, delay, throttle, 0
@@ -95,7 +97,8 @@ class FakeOpenAI:
                 self.wfile.write(out)
 
         class Server(ThreadingHTTPServer):
-            request_queue_size = 256   # the listen backlog (5 by default) a real server such as vLLM's is far above
+            # the listen backlog (5 by default) a real server such as vLLM's is far above
+            request_queue_size = 256
             daemon_threads = True
 
         self.server = Server(("127.0.0.1", 0), H)

@@ -1,11 +1,11 @@
-"""evaluate.py: loaders on upstream schemas, strict extraction, scoring, re-scoring, rank equivalence."""
+"""evaluate.py and mcq.py: loaders on upstream schemas, strict extraction, scoring, re-scoring, rank equivalence."""
 import json
 import os
 
 import pytest
 
-from evaluate import (build_messages, extract_answer, format_ok, load_benchmark, macro_average,
-                      results_table, score_items, stage_table)
+from evaluate import load_benchmark, macro_average, results_table, score_items, stage_table
+from mcq import build_messages, extract_answer, format_ok
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 QUOTED = {"A": '"Tell me more."', "B": "Reassure the patient\n", "C": "Order an MRI"}
@@ -206,7 +206,8 @@ def test_intervals_and_paired_tests_by_hand():
     assert mcnemar(5, 5) == 1.0
     v = [1, 0, 1, 1, 0, 0, 1, 1, 1, 0]
     rng = np.random.default_rng(7)
-    naive = [np.mean([v[i] for i in rng.integers(0, 10, 10)]) for _ in range(500)]   # the same draws, one by one
+    # the same draws, one by one
+    naive = [np.mean([v[i] for i in rng.integers(0, 10, 10)]) for _ in range(500)]
     assert np.allclose(bootstrap_means(v, reps=500, seed=7), naive)
     assert percentile_ci(bootstrap_means([1] * 30, seed=3)) == (1.0, 1.0)
     d, (lo, hi) = paired_diff_ci([0, 1, 0, 1], [1, 1, 1, 1])   # B right wherever A was, and on two more
@@ -221,7 +222,8 @@ def test_shuffled_options_keep_the_gold_answer():
     orders = set()
     for a in asked:
         it = next(i for i in items if i["id"] == a["base_id"])
-        assert a["options"][a["answer"]] == it["options"][it["answer"]]        # the gold text, at its new letter
+        # the gold text, at its new letter
+        assert a["options"][a["answer"]] == it["options"][it["answer"]]
         assert sorted(a["options"].values()) == sorted(it["options"].values())
         orders.add(tuple(a["options"].values()))
     assert len(orders) > 40                                                   # the orders do differ
@@ -234,8 +236,9 @@ def test_shuffled_options_keep_the_gold_answer():
 
 
 def test_stage_table_gains_over_the_previous_stage_with_intervals(tmp_path):
-    """With per-item outputs, each stage's gain over the previous one, per seed and pooled, with its interval: the
-    pooled gain is the mean of the seeds' gains on the same items (here +10 and +30 points: +20)."""
+    """With per-item outputs, each stage's gain over the previous one, per seed and pooled, with its
+    interval: the pooled gain is the mean of the seeds' gains on the same items (here +10 and +30 points:
+    +20)."""
     correct = {"seed0": dict(sft=[1, 0, 0, 1, 0, 1, 0, 0, 1, 0], grpo_stage1=[1, 1, 0, 1, 0, 1, 0, 0, 1, 0]),
                "seed1": dict(sft=[0, 0, 0, 1, 0, 1, 0, 0, 1, 0], grpo_stage1=[1, 1, 1, 1, 0, 1, 0, 0, 1, 0])}
     for sd, per in correct.items():

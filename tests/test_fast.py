@@ -16,9 +16,9 @@ SAMPLED = dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20))
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_fast_generate_makes_the_plain_tokens(kind, tmp_path):
-    """fast.generate (bucketed prefill, one prefill for G samples, finished rows dropped, packed weights, folded
-    decode heads) against model.generate: the same completions and finish reasons, greedy and sampled, with rows
-    stopping early; and the same log-probs of the sampled tokens."""
+    """fast.generate (bucketed prefill, one prefill for G samples, finished rows dropped, packed weights,
+    folded decode heads) against model.generate: the same completions and finish reasons, greedy and
+    sampled, with rows stopping early; and the same log-probs of the sampled tokens."""
     _, path = hf_model(kind, kind == "qwen2", tmp_path, seed=15)
     m = load_model(path)
     prompts = ragged_batch(97, [3, 14, 7, 1, 9], seed=16)
@@ -32,8 +32,9 @@ def test_fast_generate_makes_the_plain_tokens(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_fixed_shape_decoding_matches(kind, tmp_path):
-    """generate(cuda_graph=True) decodes with fixed shapes (attention over the whole cache, a device-side slot,
-    no row dropping), the form a CUDA graph captures; on a CPU the same step runs eagerly: the same tokens."""
+    """generate(cuda_graph=True) decodes with fixed shapes (attention over the whole cache, a device-side
+    slot, no row dropping), the form a CUDA graph captures; on a CPU the same step runs eagerly: the same
+    tokens."""
     _, path = hf_model(kind, False, tmp_path, seed=15)
     m = load_model(path)
     prompts = ragged_batch(97, [3, 14, 7, 9], seed=16)
@@ -77,8 +78,8 @@ def packing_off(kind, tmp_path, dtype, amp, seed):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packing needs oneDNN")
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_packed_fp32_linears(kind, tmp_path):
-    """fp32 weights packed for oneDNN: another summation order (close outputs), the same tokens, and nn.Linear's
-    own forward back afterwards."""
+    """fp32 weights packed for oneDNN: another summation order (close outputs), the same tokens, and
+    nn.Linear's own forward back afterwards."""
     lin = torch.nn.Linear(24, 40, bias=True)
     x = torch.randn(5, 1, 24)
     with fast.packed_linears(lin, 5, torch.float32):
@@ -105,9 +106,9 @@ def test_packed_bf16_linears(kind, tmp_path):
 @pytest.mark.parametrize("bucketed", [True, False])
 def test_doc_attention_gradients_match_separate(bucketed, monkeypatch):
     """Packed rows (several documents each, as train_sft.py makes them): fast.doc_attention (per-document
-    matmuls on a CPU) and the dense mask it falls back to for long documents give the gradients of each document
-    run alone. Row 1 is one document with the same id (0) as the one that starts row 2: a row boundary must end
-    a document."""
+    matmuls on a CPU) and the dense mask it falls back to for long documents give the gradients of each
+    document run alone. Row 1 is one document with the same id (0) as the one that starts row 2: a row
+    boundary must end a document."""
     attends = []
     real = fast.DocBuckets.attend
     monkeypatch.setattr(fast.DocBuckets, "attend", lambda self, *a: attends.append(1) or real(self, *a))
@@ -147,10 +148,10 @@ def score_case(seed=0):
 
 @pytest.mark.parametrize("bucketed", [True, False])
 def test_fast_completion_logprobs_match_plain(bucketed, monkeypatch):
-    """fast.completion_logprobs (a group's completions behind one copy of their prompt; on a CPU one unpadded row
-    with per-sequence attention, or padded rows under a dense mask for long sequences) against train_grpo's plain
-    one-padded-row-per-completion scoring: the same log-probs, entropies and GRPO gradient, for share = 1, 2, 4
-    (full, partial and single-completion rows)."""
+    """fast.completion_logprobs (a group's completions behind one copy of their prompt; on a CPU one unpadded
+    row with per-sequence attention, or padded rows under a dense mask for long sequences) against
+    train_grpo's plain one-padded-row-per-completion scoring: the same log-probs, entropies and GRPO
+    gradient, for share = 1, 2, 4 (full, partial and single-completion rows)."""
     if not bucketed:
         monkeypatch.setattr(fast.DocBuckets, "MAX_LEN", 0)
     prompts, outs, adv = score_case()
@@ -199,7 +200,8 @@ def test_flex_masks_match_dense_masks():
         dense = m(ids, position_ids=pos, attention_mask=doc_attention_mask(docs) | torch.eye(T, dtype=torch.bool))
         flex = m(ids, position_ids=pos, attention_mask=fast.FlexMask(docs))
         assert (flex - dense).abs().max() < 1e-4
-        seg = torch.tensor([[0] * 50 + [1] * 30 + [2] * 45 + [-1] * 25])   # a prompt, two completions, padding
+        # a prompt, two completions, padding
+        seg = torch.tensor([[0] * 50 + [1] * 30 + [2] * 45 + [-1] * 25])
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
         dense = m(ids[:1], position_ids=pos[:1], attention_mask=((same & causal) | torch.eye(T, dtype=torch.bool))[:, None])

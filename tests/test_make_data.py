@@ -150,9 +150,9 @@ def test_default_is_deterministic(tmp_path):
 
 
 def test_short_rationale_with_text_answers(tmp_path):
-    """The default (--kg-rationale short --answer-as text) against walk + letter: no option walk, the tag holds
-    the option text, and every trace still scores as its item's letter under the strict parser."""
-    from evaluate import extract_answer, format_ok
+    """The default (--kg-rationale short --answer-as text) against walk + letter: no option walk, the tag
+    holds the option text, and every trace still scores as its item's letter under the strict parser."""
+    from mcq import extract_answer, format_ok
     make_data.main(small_kg_args(tmp_path / "w") + ["--kg-rationale", "walk", "--answer-as", "letter"])
     make_data.main(small_kg_args(tmp_path / "s"))   # the default: short, text
     walk = [json.loads(l) for l in open(tmp_path / "w" / "sft.jsonl")]
@@ -188,8 +188,8 @@ def test_same_outputs_whatever_the_concurrency(tmp_path):
 
 
 def test_kill_mid_run_then_rerun(tmp_path):
-    """kill -9 while requests are in flight: the rerun asks only what the cache lacks, and the outputs hold every
-    item once."""
+    """kill -9 while requests are in flight: the rerun asks only what the cache lacks, and the outputs hold
+    every item once."""
     public_file(tmp_path / "pub.jsonl", n=40)
     out = tmp_path / "d"
     srv = FakeOpenAI(delay=0.05)
@@ -230,8 +230,8 @@ def test_throttled_requests_are_retried(tmp_path):
 
 
 def test_silent_endpoint_times_out_and_keeps_what_was_answered(tmp_path):
-    """An endpoint that accepts requests and never answers: --teacher-timeout bounds the wait, the run stops with
-    one clear error, and the answers that did arrive stay in the cache."""
+    """An endpoint that accepts requests and never answers: --teacher-timeout bounds the wait, the run stops
+    with one clear error, and the answers that did arrive stay in the cache."""
     public_file(tmp_path / "pub.jsonl", n=12)
     srv = FakeOpenAI(hang_after=5)
     t0 = time.time()

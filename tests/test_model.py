@@ -177,8 +177,9 @@ def test_top_k_one_is_greedy(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_logprobs_match_plain(dtype):
-    """token_logprobs in chunks (each recomputed in backward) gives the plain full-logits log-softmax's values,
-    entropies and gradients (hidden states and the tied lm_head/embedding weight); one chunk is the plain path."""
+    """token_logprobs in chunks (each recomputed in backward) gives the plain full-logits log-softmax's
+    values, entropies and gradients (hidden states and the tied lm_head/embedding weight); one chunk is
+    the plain path."""
     from model import token_logprobs
     g = torch.Generator().manual_seed(0)
     m = Transformer(ModelConfig.from_name("nano", vocab_size=301)).init_weights(0)
@@ -197,8 +198,8 @@ def test_chunked_logprobs_match_plain(dtype):
         logits = m.lm_head(h0).float()
     full = torch.log_softmax(logits, -1)
     assert torch.equal(res[0][0], full.gather(-1, t[:, None])[:, 0])          # one chunk: the plain bits
-    # fp32: summation order only (1e-6, relative above 1); bf16: each chunk's weight gradient is rounded to bf16
-    # before the chunks are summed
+    # fp32: summation order only (1e-6, relative above 1); bf16: each chunk's weight gradient is rounded to
+    # bf16 before the chunks are summed
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     for lp, ent, gh, gw in res[1:]:
         for got, want in ((lp, res[0][0]), (ent, -(full.exp() * full).sum(-1)), (gh, res[0][2]), (gw, res[0][3])):
@@ -207,8 +208,8 @@ def test_chunked_logprobs_match_plain(dtype):
 
 
 def test_config_defaults_follow_transformers(tmp_path):
-    """config.json without tie_word_embeddings: untied, as transformers reads it for qwen2 / qwen3 / llama (the
-    file's lm_head is used, not dropped). What is not implemented is refused by name."""
+    """config.json without tie_word_embeddings: untied, as transformers reads it for qwen2 / qwen3 / llama
+    (the file's lm_head is used, not dropped). What is not implemented is refused by name."""
     cfg = ModelConfig.from_name("nano", vocab_size=97, tie_word_embeddings=False)
     path = tmp_path / "untied"
     save_model(Transformer(cfg).init_weights(0), str(path))

@@ -21,8 +21,8 @@ def grpo(tiny, out, nproc=1, extra=()):
 
 
 def odd_reward_runner(tiny):
-    """train_grpo.py with a stand-in reward that gives some groups variance and leaves others all-equal (the tiny
-    policy never answers right): the parity of the completion's length, for questions of odd length."""
+    """train_grpo.py with a stand-in reward that gives some groups variance and leaves others all-equal (the
+    tiny policy never answers right): the parity of the completion's length, for questions of odd length."""
     runner = tiny / "odd_reward_grpo.py"
     runner.write_text("import sys\nimport train_grpo\n"
                       "train_grpo.reward_parts = lambda text, item, reason, *a: "
@@ -31,7 +31,8 @@ def odd_reward_runner(tiny):
     return str(runner)
 
 
-# KL on, all-equal groups skipped, two completions a micro-batch: the ranks keep different numbers of completions
+# KL on, all-equal groups skipped, two completions a micro-batch: the ranks keep different numbers of
+# completions
 KL = ["--kl-beta", "0.05", "--skip-zero-var", "--micro-batch", "2", "--warmup", "0"]
 
 
@@ -45,8 +46,9 @@ def two_rank_run(tiny):
 
 def test_grpo_two_ranks_match_one_and_stages(tiny):
     """1 rank and 2 (FSDP2, gloo): the same rollouts, rewards, losses and KL. The rank with fewer kept
-    completions runs empty-weight passes to keep the collective FSDP forwards in step; those passes once looked up
-    reference log-probs that had not been computed for them. The reference is sharded: half of it on each rank."""
+    completions runs empty-weight passes to keep the collective FSDP forwards in step; those passes once
+    looked up reference log-probs that had not been computed for them. The reference is sharded: half of
+    it on each rank."""
     run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g1") + KL)
     g2 = two_rank_run(tiny)
     held, whole = map(float, re.search(r"reference model: ([\d.]+) MB on rank 0, 1/2 of its ([\d.]+) MB",
@@ -76,9 +78,9 @@ def test_grpo_exclude_leaves_out_the_sft_questions(tiny):
 
 
 def test_grpo_step_with_no_signal_leaves_weights_alone(tiny):
-    """Zero reward weights: every group is all-equal, --skip-zero-var leaves nothing to train on. The step must
-    be skipped, not taken: with 2 ranks the collective empty-weight pass divides by a 0 normaliser, and before
-    this guard that put NaN into every weight."""
+    """Zero reward weights: every group is all-equal, --skip-zero-var leaves nothing to train on. The step
+    must be skipped, not taken: with 2 ranks the collective empty-weight pass divides by a 0 normaliser,
+    and before this guard that put NaN into every weight."""
     from safetensors.torch import load_file
     grpo(tiny, tiny / "nosignal", nproc=2, extra=["--skip-zero-var", "--w-correct", "0", "--w-format", "0", "--steps", "2"])
     before, after = load_file(str(tiny / "sft" / "model.safetensors")), load_file(str(tiny / "nosignal" / "model.safetensors"))

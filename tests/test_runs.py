@@ -1,6 +1,6 @@
-"""Runs that a crash, a reused folder or a bad input could corrupt: checkpoints left half-written, metrics after a
-resume, a finished run relaunched, two jobs in one folder, ranks outliving torchrun, bad flags and files."""
-import json
+"""Runs that a crash, a reused folder or a bad input could corrupt: checkpoints left half-written, metrics
+after a resume, a finished run relaunched, two jobs in one folder, ranks outliving torchrun, bad flags and
+files."""
 import os
 import shutil
 import signal

@@ -49,8 +49,8 @@ def scripted(tiny, name, body):
 
 
 def test_canaries_trip_on_scripted_policies(tiny):
-    """A policy that always answers A trips the letter canary; a completion cap below the answer's length trips
-    the truncation canary; both are printed and logged."""
+    """A policy that always answers A trips the letter canary; a completion cap below the answer's length
+    trips the truncation canary; both are printed and logged."""
     out = run([scripted(tiny, "always_a", "'<think>sure</think><answer>A</answer>'")] +
               grpo_args(tiny, tiny / "always_a") + ["--steps", "2"])
     rows = [r for r in metrics(tiny / "always_a" / "metrics.jsonl") if "warnings" in r]
