@@ -20,8 +20,9 @@ from model import cpu_has_native_bf16
 
 
 def die_with_launcher():
-    """Under torchrun each rank runs in a session of its own, so kill -9 of torchrun's process group does not
-    reach it and it trains on to the end: ask Linux to kill this rank when its parent, the launcher, dies."""
+    """Under torchrun each rank is started with setsid (a process group of its own), so kill -9 of torchrun's
+    group does not reach it and it trains on to the end: ask Linux to kill this rank when its parent, the
+    launcher, dies."""
     try:
         import ctypes
         import signal

@@ -24,10 +24,11 @@ fi
 CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS when that is set
 # ranks: one per GPU where there are GPUs (every script defaults to cuda then), else 2 CPU ranks
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
-# bf16 on CUDA, and on CPUs that have it in hardware (AVX512-BF16/AMX); elsewhere it is emulated and far slower
-BF16=$(python -c "import torch; from common import cpu_has_native_bf16 as f; print('--bf16' if torch.cuda.is_available() or f() else '')")
+# bf16 on CUDA and on CPUs that have it in hardware (AVX512-BF16/AMX); elsewhere it is emulated, far slower
+BF16=$(python -c "import torch; from common import cpu_has_native_bf16 as f
+print('--bf16' if torch.cuda.is_available() or f() else '')")
 # on CUDA: each decode step of the rollouts and evaluations as one CUDA graph replay (same tokens; generation
-# 3.5-8.7x transformers' on an H100, bench/generate.py). train_grpo.py can use it only as one process (no FSDP)
+# 3.5-8.7x transformers' on an H100, bench/generate.py). train_grpo.py uses it only as one process (no FSDP)
 GRAPH_EVAL=$(python -c "import torch; print('--cuda-graph' if torch.cuda.is_available() else '')")
 GRAPH_GRPO=$([ "$NPROC" = 1 ] && echo "$GRAPH_EVAL" || true)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
@@ -36,22 +37,23 @@ if [ "$QUICK" = 1 ]; then
   SEEDS=${SEEDS:-"0"}
   DATA="--kg-questions 400 --kg-max-diseases 40"
   SFT="--steps 30 --seq-len 384 --eval-every 15"
-  GRPO="--steps 6 --stage2-at 3 --questions-per-step 4 --group-size 4 --stage2-group-size 6 --val-size 16 --mine-max 16 --mine-every 2 --eval-every 3 --share-prompt 4 --print-every 3"
+  GRPO="--steps 6 --stage2-at 3 --questions-per-step 4 --group-size 4 --stage2-group-size 6 --val-size 16 \
+        --mine-max 16 --mine-every 2 --eval-every 3 --share-prompt 4 --print-every 3"
   EVAL="--limit 24"
 else
   SEEDS=${SEEDS:-"0 1 2"}
-  # the cold start sees 30 % of the training questions; RL gets the other 70 % (--exclude below), whose facts
-  # only the reward can teach it. --share-prompt 4: four completions of a question scored behind one copy of its
-  # prompt (the prompts are ~2x longer than the answers; same log-probs, half the training time).
-  # --kl-beta 0.04: a KL pull toward the cold start; without it one run in twelve blew up (entropy 0.5 -> 5 by step
-  # 60). --mine-max 256: each re-mining (every 10 steps) scores 256 random training questions x 4 samples, ~165
-  # of them mined into a pool that 10 steps of 16 questions use once (README, session 11)
+  # the cold start sees 30 % of the training questions; RL gets the other 70 % (--exclude below), whose
+  # facts only the reward can teach it. --share-prompt 4: four completions of a question scored behind one
+  # copy of its prompt (the prompts are ~2x longer than the answers; same log-probs, half the training time).
+  # --kl-beta 0.04: a KL pull toward the cold start; without it one run in twelve blew up (entropy 0.5 -> 5
+  # by step 60). --mine-max 256: each re-mining (every 10 steps) scores 256 random training questions x 4
+  # samples, ~165 of them mined into a pool that 10 steps of 16 questions use once (EXPERIMENTS.md)
   GRPO_STEPS=${GRPO_STEPS:-80}
   DATA="--kg-questions 6000 --sft-frac 0.3"
   SFT="--steps 300 --eval-every 100"
-  GRPO="--steps $GRPO_STEPS --stage2-at 30 --questions-per-step 16 --group-size 8 --stage2-group-size 12 --lr 1e-4 \
-        --temperature 0.7 --skip-zero-var --micro-batch 64 --kl-beta 0.04 --mine-max 256 --mine-every 10 \
-        --eval-every 30 --val-size 64 --share-prompt 4"
+  GRPO="--steps $GRPO_STEPS --stage2-at 30 --questions-per-step 16 --group-size 8 --stage2-group-size 12 \
+        --lr 1e-4 --temperature 0.7 --skip-zero-var --micro-batch 64 --kl-beta 0.04 --mine-max 256 \
+        --mine-every 10 --eval-every 30 --val-size 64 --share-prompt 4"
   EVAL=""
 fi
 NEW=128   # completion budget: the short KG rationales plus the answer text are ~60 tokens, at most ~100
@@ -63,16 +65,18 @@ for s in $SEEDS; do
   R="$OUT/seed$s"
   echo "== seed $s: base (random init) and CoT cold-start SFT"
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
-  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" --save-init "$R/base" --overwrite \
-    --seed "$s" $BF16 $SFT
+  OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" \
+    --save-init "$R/base" --overwrite --seed "$s" $BF16 $SFT
   echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
-  torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" --data "$OUT/data/rl_train.jsonl" \
-    --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --overwrite --seed "$s" $BF16 $GRAPH_GRPO --max-new-tokens $NEW $GRPO
+  torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" \
+    --data "$OUT/data/rl_train.jsonl" --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --overwrite \
+    --seed "$s" $BF16 $GRAPH_GRPO --max-new-tokens $NEW $GRPO
   echo "== seed $s: evaluate base, sft, grpo_stage1, grpo_stage2 (one launch)"
-  torchrun --standalone --nproc_per_node="$NPROC" evaluate.py --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \
+  torchrun --standalone --nproc_per_node="$NPROC" evaluate.py \
+    --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \
     --out "$R/eval_base" "$R/eval_sft" "$R/eval_grpo_stage1" "$R/eval_grpo_stage2" \
     --label base sft grpo_stage1 grpo_stage2 --benchmarks kg --file kg="$OUT/data/test.jsonl" \
-    --max-new-tokens $NEW --batch-size 64 $GRAPH_EVAL $EVAL > "$R/eval.log"   # a failure stops the script (set -e)
+    --max-new-tokens $NEW --batch-size 64 $GRAPH_EVAL $EVAL > "$R/eval.log"   # a failure stops here (set -e)
   grep -E "^\| kg" "$R/eval.log" | paste -d ' ' <(printf '%-12s\n' base sft grpo_stage1 grpo_stage2) -
 done
 echo "== stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s))"

@@ -6,9 +6,9 @@ with each step logged once.
     python bench/crash.py                 # 20 kills of a 1-process SFT run that checkpoints every step
     python bench/crash.py --kills 50 --nproc 2
 
-A run is started (then resumed) and watched; when a new checkpoint folder appears, the process (torchrun, with
---nproc 2) gets SIGKILL after a random 0-300 ms: inside torch.distributed.checkpoint's writes, at the marker, in
-the removal of the older folder, or in the step after.
+A run is started (then resumed) and watched; when a new checkpoint folder appears, the process (torchrun,
+with --nproc 2) gets SIGKILL after a random 0-300 ms: inside torch.distributed.checkpoint's writes, at the
+marker, in the removal of the older folder, or in the step after.
 """
 import argparse
 import json
@@ -39,8 +39,10 @@ pre = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.dis
 
 
 def cmd(out, *extra):
-    return pre + ["train_sft.py", "--data", f"{tmp}/sft.jsonl", "--out", out, "--preset", "nano", "--vocab-size",
-                  "300", "--seq-len", "128", "--steps", str(args.steps), "--rows-per-step", "4", "--micro-rows", "2",
+    return pre + ["train_sft.py", "--data", f"{tmp}/sft.jsonl", "--out", out, "--preset", "nano",
+                  "--vocab-size",
+                  "300", "--seq-len", "128", "--steps", str(args.steps), "--rows-per-step", "4",
+                  "--micro-rows", "2",
                   "--eval-every", "10", "--save-every", "1"] + list(extra)
 
 
@@ -80,10 +82,13 @@ if p.returncode:
 a = [json.loads(x) for x in open(f"{tmp}/whole/metrics.jsonl")]
 b = [json.loads(x) for x in open(f"{out}/metrics.jsonl")]
 steps = [r["step"] for r in b]
-same_metrics = all(x.get(k) == y.get(k) for x, y in zip(a, b) for k in ("step", "loss", "val_loss", "grad_norm"))
-same_model = open(f"{tmp}/whole/model.safetensors", "rb").read() == open(f"{out}/model.safetensors", "rb").read()
+same_metrics = all(x.get(k) == y.get(k) for x, y in zip(a, b) for k in ("step", "loss", "val_loss",
+                                                                        "grad_norm"))
+same_model = open(f"{tmp}/whole/model.safetensors", "rb").read() == open(f"{out}/model.safetensors",
+                                                                         "rb").read()
 print(f"\n{kills} kills during checkpointing, {len(resumes_from)} relaunches, {time.time() - t0:.0f} s")
 print(f"relaunches resumed from: {', '.join(os.path.basename(r) for r in resumes_from[1:])}")
 print(f"metrics lines {len(b)} for "
-      f"{args.steps + 1} steps, duplicates {len(steps) - len(set(steps))}; metrics equal to the uninterrupted "
+      f"{args.steps + 1} steps, duplicates {len(steps) - len(set(steps))}; metrics equal to the "
+      "uninterrupted "
       f"run: {same_metrics and len(a) == len(b)}; final model.safetensors byte-identical: {same_model}")

@@ -86,23 +86,27 @@ def run(dtype):
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"model {args.preset}: {n_params / 1e6:.1f}M params, device {args.device}, dtype {dtype}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, transformers {transformers.__version__}, threads "
+          f"{torch.get_num_threads()}")
     cases = [  # (name, tokens, ours (cuda_graph=False/True), transformers)
         # many prompts, as in evaluation
         (f"batch {args.batch} ragged prompts, greedy", args.batch * args.new,
          lambda graph=False: generate(ours, prompts, args.new, temperature=0.0, cuda_graph=graph),
          lambda: hf_batch(ref, prompts, do_sample=False)),
         (f"1 prompt x G={args.group} samples", args.group * args.new,            # GRPO rollouts
-         lambda graph=False: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group, seed=1,
+         lambda graph=False: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group,
+                                      seed=1,
                                       cuda_graph=graph),
          lambda: hf_batch(ref, prompts[:1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                           num_return_sequences=args.group))]
-    rows = [(name, ntok, best_of(ours_fn), best_of(ref_fn), best_of(lambda: ours_fn(True)) if args.cuda_graph else 0)
+    rows = [(name, ntok, best_of(ours_fn), best_of(ref_fn),
+             best_of(lambda: ours_fn(True)) if args.cuda_graph else 0)
             for name, ntok, ours_fn, ref_fn in cases]
     print(f"{'case':<36}{'ours tok/s':>12}{'HF tok/s':>12}{'ratio':>8}" +
           (f"{'ours+graph tok/s':>18}{'ratio':>8}" if args.cuda_graph else ""))
     for name, ntok, a, b, c in rows:
-        print(f"{name:<36}{ntok / a:>12.0f}{ntok / b:>12.0f}{b / a:>7.2f}x" + (f"{ntok / c:>18.0f}{b / c:>7.2f}x" if c else ""))
+        print(f"{name:<36}{ntok / a:>12.0f}{ntok / b:>12.0f}{b / a:>7.2f}x"
+              + (f"{ntok / c:>18.0f}{b / c:>7.2f}x" if c else ""))
     if args.cuda_graph:
         same = [ours_fn() == ours_fn(True) for _, _, ours_fn, _ in cases]
         print(f"cuda_graph=True gives the same tokens as the default path: {same}")

@@ -11,13 +11,15 @@ OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1
-command -v python >/dev/null || { mkdir -p /tmp/pybin; ln -sf "$(command -v python3)" /tmp/pybin/python; export PATH=/tmp/pybin:$PATH; }
+command -v python >/dev/null || {   # images with only python3
+  mkdir -p /tmp/pybin; ln -sf "$(command -v python3)" /tmp/pybin/python; export PATH=/tmp/pybin:$PATH; }
 step() {   # step SECONDS NAME CMD...: run with a limit, log output, record time and exit code
   local lim=$1 name=$2; shift 2
   echo "=== $name" | tee -a "$LOG"
   local t0=$(date +%s%N)
   timeout "$lim" "$@" >>"$LOG" 2>&1; local rc=$?
-  printf "%-38s rc %3d  %6d ms\n" "$name" $rc $(( ($(date +%s%N) - t0) / 1000000 )) | tee -a "$OUT/summary.txt"
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  printf "%-38s rc %3d  %6d ms\n" "$name" $rc $ms | tee -a "$OUT/summary.txt"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; lscpu | grep "Model name"
   python -c "import torch, transformers, model; print('torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -27,17 +29,18 @@ step 120 "cuda_check (parity, greedy, packed)"  python bench/cuda_check.py
 # SFT tokens/s and MFU at the Qwen2.5-1.5B shape (packed rows, flex_attention), decode vs the HBM roofline
 step 200 "roofline: SFT 1.5b, decode 0.5b"      python bench/scale.py roofline --shape qwen2.5-1.5b
 # the memory plan against the allocator's peak: one SFT step and one GRPO step at the 1.5B shape, bf16
-step 240 "rehearsal 1.5b, one GPU, bf16"        python bench/scale.py rehearsal --shape qwen2.5-1.5b --nproc 1 \
-  --device cuda --bf16 --work "$OUT/scale"
+step 240 "rehearsal 1.5b, one GPU, bf16"        python bench/scale.py rehearsal --shape qwen2.5-1.5b \
+  --nproc 1 --device cuda --bf16 --work "$OUT/scale"
 step 100 "generate 20m fp32+bf16, cuda graph"  python bench/generate.py --device cuda --cuda-graph --repeats 2
 if [ "${FULL:-0}" = 1 ]; then
-  step 240 "QUICK pipeline (run.sh, 1 GPU)"     env QUICK=1 OUT=runs/gpu_quick VIRTUAL_ENV=${VIRTUAL_ENV:-system} bash run.sh
+  step 240 "QUICK pipeline (run.sh, 1 GPU)"     env QUICK=1 OUT=runs/gpu_quick \
+    VIRTUAL_ENV=${VIRTUAL_ENV:-system} bash run.sh
   step 120 "train 20m fp32+bf16 16x1024"        python bench/train.py --device cuda --batch 16 --seq 1024
   step 120 "grpo bench tiny bf16 cuda graph"    python bench/grpo.py --device cuda --bf16 --cuda-graph
   step 180 "generate qwen2.5-0.5b bf16 b64"     python bench/generate.py --device cuda --preset qwen2.5-0.5b \
     --dtype bfloat16 --batch 64 --new 128 --repeats 2 --cuda-graph
 fi
 cp runs/gpu_quick/stage_table.md runs/gpu_quick/curves.png "$OUT/" 2>/dev/null
-echo; grep -E "max \||greedy|packed|ratio|^\[|tok/s|tokens/s|MFU|roofline|^\| (SFT|GRPO)|rollout|kg |\| " "$LOG" \
-  | grep -v "^   " | head -80
+KEEP="max \||greedy|packed|ratio|^\[|tok/s|tokens/s|MFU|roofline|^\| (SFT|GRPO)|rollout|kg |\| "
+echo; grep -E "$KEEP" "$LOG" | grep -v "^   " | head -80
 echo; cat "$OUT/summary.txt"

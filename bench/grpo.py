@@ -6,7 +6,7 @@ then summarises its metrics.jsonl (the first step is left out as warm-up). With 
 the prompt, and prints the reference + train time of that run against the first (same seed, same settings,
 same process count).
 
-    python bench/grpo.py                                   # builds a tiny KG set and a from-scratch tiny policy
+    python bench/grpo.py                 # builds a tiny KG set and a from-scratch tiny policy
     python bench/grpo.py --init runs/demo/seed0/sft --data runs/demo/data/rl_train.jsonl
     torchrun is not needed here; pass --nproc 2 to time the 2-rank FSDP2 run instead.
 """
@@ -51,12 +51,14 @@ def run(cmd, nproc=1):
 
 data, init = args.data, args.init
 if data is None:
-    run(["make_data.py", "--out", f"{tmp}/data", "--kg-questions", "400", "--kg-max-diseases", "40", "--seed", str(args.seed)])
+    run(["make_data.py", "--out", f"{tmp}/data", "--kg-questions", "400", "--kg-max-diseases", "40", "--seed",
+         str(args.seed)])
     data = f"{tmp}/data/rl_train.jsonl"
 if init is None:
     if not os.path.exists(f"{tmp}/data/sft.jsonl"):
         sys.exit("--init is needed with --data")
-    run(["train_sft.py", "--data", f"{tmp}/data/sft.jsonl", "--out", f"{tmp}/base", "--steps", "0", "--seed", str(args.seed)])
+    run(["train_sft.py", "--data", f"{tmp}/data/sft.jsonl", "--out", f"{tmp}/base", "--steps", "0", "--seed",
+         str(args.seed)])
     init = f"{tmp}/base"
 
 
@@ -65,7 +67,8 @@ def bench(share):
     cmd = ["train_grpo.py", "--init", init, "--data", data, "--out", out, "--steps", str(args.steps),
            "--questions-per-step", str(args.questions_per_step), "--group-size", str(args.group_size),
            "--max-new-tokens", str(args.max_new_tokens), "--kl-beta", str(args.kl_beta), "--val-size", "8",
-           "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed), "--share-prompt", str(share)]
+           "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed), "--share-prompt",
+           str(share)]
     cmd += ["--bf16"] if args.bf16 else []
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--cuda-graph"] if args.cuda_graph else []
@@ -75,10 +78,13 @@ def bench(share):
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     roll, ref, train = mean("rollout_s"), mean("ref_s"), mean("train_s")
     total = roll + ref + train
-    print(f"GRPO step ({len(rows)} timed steps, {args.questions_per_step} questions x {args.group_size} samples, "
-          f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, cuda graph {args.cuda_graph}, "
+    print(f"GRPO step ({len(rows)} timed steps, {args.questions_per_step} questions x {args.group_size} "
+          "samples, "
+          f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, cuda graph "
+          f"{args.cuda_graph}, "
           f"share-prompt {share}, init {init if args.init else 'random tiny'})")
-    print(f"  rollout   {roll:7.2f} s  ({roll / total:.0%})   {mean('rollout_tok_s'):,.0f} rollout tok/s per rank, "
+    print(f"  rollout   {roll:7.2f} s  ({roll / total:.0%})   {mean('rollout_tok_s'):,.0f} rollout tok/s per "
+          "rank, "
           f"mean completion {mean('response_len'):.0f} tokens")
     print(f"  reference {ref:7.2f} s  ({ref / total:.0%})")
     print(f"  train     {train:7.2f} s  ({train / total:.0%})")
@@ -89,5 +95,6 @@ def bench(share):
 base = bench(1)
 if args.share_prompt > 1:
     shared = bench(args.share_prompt)
-    print(f"reference + train per step: {base:.2f} s (one row per completion) vs {shared:.2f} s ({args.share_prompt} "
+    print(f"reference + train per step: {base:.2f} s (one row per completion) vs {shared:.2f} s "
+          f"({args.share_prompt} "
           f"completions per prompt copy): {base / shared:.2f}x")

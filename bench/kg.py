@@ -36,7 +36,8 @@ def bench_sampler(kg, name):
 
 t = time.perf_counter()
 kg = load_hpo()
-print(f"HPO (hpo3): {len(kg.names):,} entities, {kg.num_edges:,} edges, loaded in {time.perf_counter() - t:.2f} s")
+print(f"HPO (hpo3): {len(kg.names):,} entities, {kg.num_edges:,} edges, loaded in "
+      f"{time.perf_counter() - t:.2f} s")
 bench_sampler(kg, "HPO sampler")
 
 if not args.skip_synthetic:
@@ -48,9 +49,12 @@ if not args.skip_synthetic:
     for k, c in kinds:
         ranges[k] = (start, start + c)
         start += c
-    rels = [("disease_phenotype_positive", "disease", "effect/phenotype", 0.15), ("indication", "drug", "disease", 0.01),
-            ("contraindication", "drug", "disease", 0.02), ("disease_protein", "disease", "gene/protein", 0.05),
-            ("drug_protein", "drug", "gene/protein", 0.02), ("protein_protein", "gene/protein", "gene/protein", 0.75)]
+    rels = [("disease_phenotype_positive", "disease", "effect/phenotype", 0.15), ("indication", "drug",
+                                                                                  "disease", 0.01),
+            ("contraindication", "drug", "disease", 0.02), ("disease_protein", "disease", "gene/protein",
+                                                            0.05),
+            ("drug_protein", "drug", "gene/protein", 0.02), ("protein_protein", "gene/protein",
+                                                             "gene/protein", 0.75)]
     path = os.path.join(tempfile.mkdtemp(), "kg.csv")
     t = time.perf_counter()
     with open(path, "w") as f:
@@ -62,7 +66,8 @@ if not args.skip_synthetic:
             ys = y0 + rng.integers(0, y1 - y0, m)
             if xt == yt:   # PrimeKG keeps one copy of a symmetric pair per direction; we write x < y
                 xs, ys = np.minimum(xs, ys), np.maximum(xs, ys)
-            f.writelines(f"{rel},{rel},{x},X{x},{xt},{xt} {x},SRC,{y},Y{y},{yt},{yt} {y},SRC\n" for x, y in zip(xs.tolist(), ys.tolist()))
+            f.writelines(f"{rel},{rel},{x},X{x},{xt},{xt} {x},SRC,{y},Y{y},{yt},{yt} {y},SRC\n" for x,
+                         y in zip(xs.tolist(), ys.tolist()))
     size = os.path.getsize(path) / 1e6
     print(f"synthetic kg.csv: {size:.0f} MB written in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()

@@ -1,10 +1,10 @@
 """
 Real shapes on a CPU: what the memory plan says against what a process measures.
 
-    python bench/scale.py logits        # scoring / SFT loss at Qwen's 151,936-token vocabulary: plain vs chunked
-    python bench/scale.py rehearsal     # a Qwen2.5-0.5B-shaped model, 2 gloo ranks, FSDP2: SFT step + GRPO step
-    python bench/scale.py rehearsal --shape qwen2.5-1.5b --nproc 1 --device cuda --bf16   # the same on one GPU
-    python bench/scale.py roofline --shape qwen2.5-1.5b      # one GPU: SFT MFU, decode vs the HBM roofline
+    python bench/scale.py logits      # scoring / SFT loss at Qwen's 151,936-token vocabulary: plain, chunked
+    python bench/scale.py rehearsal   # a Qwen2.5-0.5B-shaped model, 2 gloo ranks, FSDP2: SFT + GRPO step
+    python bench/scale.py rehearsal --shape qwen2.5-1.5b --nproc 1 --device cuda --bf16   # on one GPU
+    python bench/scale.py roofline --shape qwen2.5-1.5b   # one GPU: SFT MFU, decode vs the HBM roofline
 
 logits: a narrow model (hidden 64, 2 layers) with the full vocabulary, so that nearly all memory is the
 (tokens x vocab) tensors; each case runs in its own process and prints its peak resident memory, with the
@@ -75,13 +75,16 @@ def logits_bench(args):
     for case, path, r in rows:
         print(f"| {case} | {path} | {r['peak_gb']} | {r['before_gb']} | {r['logits_gb']} | {r['s']} |")
     for i in range(0, len(rows), 2):
-        print(f"{rows[i][0]}: chunked peak = {rows[i + 1][2]['peak_gb'] / rows[i][2]['peak_gb']:.2f}x the plain one")
+        print(f"{rows[i][0]}: chunked peak = {rows[i + 1][2]['peak_gb'] / rows[i][2]['peak_gb']:.2f}x the "
+              "plain one")
 
 
 SHAPES = {   # real models' shapes (random weights): Qwen2.5-0.5B and -1.5B
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14,
                          num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12,
                          num_key_value_heads=2, tie_word_embeddings=True),
 }
 
@@ -122,17 +125,20 @@ def rehearsal(args):
     if not os.path.exists(os.path.join(ck, "config.json")):
         subprocess.run([sys.executable, "make_data.py", "--out", f"{tmp}/data", "--kg-questions", "400",
                         "--kg-max-diseases", "40", "--seed", "0"], cwd=ROOT, check=True, capture_output=True)
-        subprocess.run([sys.executable, __file__, "_checkpoint", args.shape, ck, f"{tmp}/data/sft.jsonl"], cwd=ROOT,
+        subprocess.run([sys.executable, __file__, "_checkpoint", args.shape, ck, f"{tmp}/data/sft.jsonl"],
+                       cwd=ROOT,
                        check=True)
     files = [f for f in os.listdir(ck) if f.endswith(".safetensors")]
     model_bytes = sum(os.path.getsize(os.path.join(ck, f)) for f in files)
     print(f"checkpoint: {args.shape}, {len(files)} safetensors shards, {model_bytes / 2**30:.2f} GB; "
           f"{args.nproc} rank(s) on {args.device}{' bf16' if args.bf16 else ''}")
     runs = {
-        "SFT": ["train_sft.py", "--init", ck, "--data", f"{tmp}/data/sft.jsonl", "--out", f"{tmp}/sft", "--steps", "1",
+        "SFT": ["train_sft.py", "--init", ck, "--data", f"{tmp}/data/sft.jsonl", "--out", f"{tmp}/sft",
+                "--steps", "1",
                 "--seq-len", "2048", "--rows-per-step", str(args.nproc), "--micro-rows", "1", "--act-ckpt",
                 "--eval-every", "1000", "--save-every", "1"] + bf16,
-        "GRPO": ["train_grpo.py", "--init", ck, "--data", f"{tmp}/data/rl_train.jsonl", "--out", f"{tmp}/grpo",
+        "GRPO": ["train_grpo.py", "--init", ck, "--data", f"{tmp}/data/rl_train.jsonl", "--out",
+                 f"{tmp}/grpo",
                  "--steps", "1", "--questions-per-step", "4", "--group-size", "4", "--stage2-group-size", "4",
                  "--max-new-tokens", "256", "--temperature", "1.0", "--kl-beta", "0.04", "--micro-batch", "4",
                  "--act-ckpt", "--val-size", "2", "--eval-every", "1000", "--save-every", "1"] + bf16,
@@ -145,7 +151,8 @@ def rehearsal(args):
         out, secs = torchrun(cmd, args.nproc, args.device, f"{tmp}/{name.lower()}.log")
         m = re.search(r"memory per rank: peak ([\d. /]+) GB \(plan ([\d.]+) GB\)(.*)", out)
         plan_lines = out[out.index("memory plan per rank"):].split("\n")
-        print("\n".join(plan_lines[:plan_lines.index(next(l for l in plan_lines if l.strip().startswith("total"))) + 1]))
+        end = next(i for i, l in enumerate(plan_lines) if l.strip().startswith("total"))
+        print("\n".join(plan_lines[:end + 1]))
         peaks = [float(x) for x in m.group(1).split("/")]
         phases = dict((k, [float(v) for v in re.findall(r"\+([\d.]+)", vals)])
                       for k, vals in re.findall(r"; (\w+) ([+\d. /]+) GB", m.group(3)))
@@ -213,12 +220,14 @@ def roofline(args):
     P = sum(p.numel() for p in m.parameters())   # tied: the embedding is the lm_head's matmul
     tok = args.rows * args.seq
     # 6 FLOPs per parameter and token (forward 2, backward 4), and causal attention inside each example
-    flops = 6 * P * tok + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * args.doc_len * tok
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * args.doc_len
+    flops = (6 * P + attn) * tok
     print(f"SFT {args.shape} ({P / 1e9:.2f}B), {args.rows} x {args.seq} packed tokens (~{args.doc_len}-token "
           f"examples): {tok / dt:,.0f} tokens/s, MFU {flops / dt / peak:.1%} of the bf16 peak")
     m = opt = None   # free the SFT model before the decode one
     # --- decode: 0.5B shape in bf16, batch of prompts, every row to the end
-    cfg = ModelConfig(vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768, **SHAPES["qwen2.5-0.5b"])
+    cfg = ModelConfig(vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
+                      **SHAPES["qwen2.5-0.5b"])
     m = Transformer(cfg).init_weights(0).to(dev, torch.bfloat16 if cuda else torch.float32).eval()
     prompts = [torch.randint(10, 4096, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
     w_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
@@ -233,7 +242,8 @@ def roofline(args):
         sync()
         tps = sum(len(o) for o in out) / (time.perf_counter() - t)
         print(f"decode qwen2.5-0.5b bf16, batch {args.batch}, {args.prompt} + {args.new} tokens, "
-              f"{'CUDA graph' if graph else 'eager'}: {tps:,.0f} tokens/s = {tps / roof:.1%} of the HBM roofline "
+              f"{'CUDA graph' if graph else 'eager'}: {tps:,.0f} tokens/s = {tps / roof:.1%} of the HBM "
+              "roofline "
               f"({roof:,.0f} tokens/s: {w_bytes / 2**30:.2f} GiB of weights + the KV cache per step)")
 
 

@@ -40,8 +40,10 @@ rows = []
 try:
     for c in (1, args.concurrency):
         out = f"{tmp}/c{c}"
-        cmd = [sys.executable, "make_data.py", "--kg", "none", "--public", f"medqa={tmp}/pub.jsonl", "--out", out,
-               "--teacher-url", srv.url, "--teacher-model", "t", "--validator-url", srv.url, "--validator-model", "v",
+        cmd = [sys.executable, "make_data.py", "--kg", "none", "--public", f"medqa={tmp}/pub.jsonl", "--out",
+               out,
+               "--teacher-url", srv.url, "--teacher-model", "t", "--validator-url", srv.url,
+               "--validator-model", "v",
                "--test-frac", "0", "--sft-frac", "1.0", "--concurrency", str(c)]
         t0 = time.time()
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)

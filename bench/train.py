@@ -4,7 +4,7 @@ weights and batch (forward + backward + AdamW step), in the same process; MFU ag
 measured in the same run; and parameter + gradient + optimizer-state bytes per rank, 1 process vs 2 FSDP2
 ranks.
 
-    python bench/train.py                        # CPU: fp32 (+ bf16 where native), then the 2-rank FSDP memory part
+    python bench/train.py       # CPU: fp32 (+ bf16 where native), then the 2-rank FSDP memory part
     python bench/train.py --device cuda --batch 16 --seq 2048 --preset small
 
 Three cases: "full" (every position, a pretraining step: both sides do the same work); "sft" (one example
@@ -68,7 +68,8 @@ def step_fn(model, opt, ids, bf16, hf, loss_mask=None, docs=None):
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
         if loss_mask is None:
             logits = model(input_ids=ids).logits if hf else model(ids)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:,
+                                                                                             1:].reshape(-1))
         elif hf:   # the usual transformers SFT step: labels -100 where there is no loss
             kw = {}
             if docs is not None:   # packed: block-diagonal causal mask, positions restart per example
@@ -162,15 +163,17 @@ def bench(model, hf, bf16, loss_mask, docs=None):
     return args.batch * args.seq / dt, peak, state_bytes(model, opt)
 
 
-print(f"model {args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, device {args.device}, "
-      f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+print(f"model {args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, device "
+      f"{args.device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"threads {torch.get_num_threads()}")
 sft_mask = torch.zeros_like(ids)
 sft_mask[:, int(args.seq * (1 - args.loss_frac)):] = 1
 pack_mask, pack_docs = packed_rows()
 with torch.no_grad():   # the packed case is only a fair race if both sides compute the same thing
     diff = (ours(ids, doc_ids=pack_docs) - ref(input_ids=ids, attention_mask=doc_attention_mask(pack_docs),
                                               position_ids=doc_positions(pack_docs)).logits).abs().max()
-print(f"packed rows: {int(pack_docs.max()) + 1} examples in {args.batch} rows; max |logit diff| ours vs transformers {diff:.1e} (fp32)")
+print(f"packed rows: {int(pack_docs.max()) + 1} examples in {args.batch} rows; max |logit diff| ours vs "
+      f"transformers {diff:.1e} (fp32)")
 precisions = [False] + ([True] if dev.type == "cuda" or cpu_has_native_bf16() else [])
 if len(precisions) == 1:
     print("bf16: skipped (this CPU has no native bf16; autocast would be emulated)")
@@ -182,7 +185,8 @@ for bf16 in precisions:
         a_tps, a_peak, a_state = bench(ours, False, bf16, mask, docs)
         b_tps, b_peak, _ = bench(ref, True, bf16, mask, docs)
         mem = f", peak GPU memory ours {a_peak:.0f} MiB vs HF {b_peak:.0f} MiB" if a_peak else ""
-        print(f"[{name}, {case}] ours {a_tps:,.0f} tok/s vs transformers {b_tps:,.0f} tok/s: ratio {a_tps / b_tps:.2f}x{mem}")
+        print(f"[{name}, {case}] ours {a_tps:,.0f} tok/s vs transformers {b_tps:,.0f} tok/s: ratio "
+              f"{a_tps / b_tps:.2f}x{mem}")
         if mask is None:
             print(f"[{name}] matmul rate {rate / 1e9:,.0f} GFLOP/s; MFU ours {a_tps * flops_tok / rate:.1%}, "
                   f"transformers {b_tps * flops_tok / rate:.1%}")
@@ -190,6 +194,7 @@ print(f"1 process: params+grads+optimizer state {a_state / 2**20:.1f} MiB")
 if not args.skip_fsdp and dev.type == "cpu":
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.abspath(__file__), "--fsdp-part", "--preset", args.preset, "--batch", str(args.batch),
+                          os.path.abspath(__file__), "--fsdp-part", "--preset", args.preset, "--batch",
+                          str(args.batch),
                           "--seq", str(args.seq)], env=env, capture_output=True, text=True)
     print(out.stdout.strip() or out.stderr[-2000:])

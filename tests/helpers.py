@@ -19,7 +19,8 @@ def write_toy_sft(path, n=120, seed=0):
             a, b = r.randint(0, 9), r.randint(0, 9)
             f.write(json.dumps({"messages": [
                 {"role": "system", "content": "Add."}, {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"{a} plus {b} is {a + b}. <answer>{a + b}</answer>"}]}) + "\n")
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b}. <answer>{a + b}</answer>"}]})
+                + "\n")
 
 
 def run(args, nproc=1, timeout=300):
@@ -30,7 +31,8 @@ def run(args, nproc=1, timeout=300):
     if nproc == 1:
         cmd = [sys.executable] + args
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}"] + args
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout + p.stderr
@@ -63,7 +65,8 @@ class FakeOpenAI:
                     outer.seen += 1
                     hang = outer.hang_after is not None and outer.calls >= outer.hang_after
                     throttled = outer.seen <= outer.throttle
-                    failed = not throttled and outer.fail_after is not None and outer.calls >= outer.fail_after
+                    failing = outer.fail_after is not None and outer.calls >= outer.fail_after
+                    failed = not throttled and failing
                     outer.calls += not (throttled or failed or hang)
                 if hang:
                     time.sleep(3600)
@@ -82,7 +85,8 @@ class FakeOpenAI:
                     if len(msgs) == 1:
                         text = "<think>Considering the findings, option Z fits.</think>\n<answer>Z</answer>"
                     else:
-                        text = f"<think>Weighing each finding in turn, the alternatives fail; {L} fits all.</think>\n<answer>{L}</answer>"
+                        text = (f"<think>Weighing each finding in turn, the alternatives fail; {L} fits all."
+                                f"</think>\n<answer>{L}</answer>")
                     choices = [text] * body.get("n", 1)
                 else:   # validator
                     user = msgs[-1]["content"]

@@ -1,4 +1,5 @@
-"""evaluate.py and mcq.py: loaders on upstream schemas, strict extraction, scoring, re-scoring, rank equivalence."""
+"""evaluate.py and mcq.py: loaders on upstream schemas, strict extraction, scoring, re-scoring, rank
+equivalence."""
 import json
 import os
 
@@ -88,7 +89,8 @@ def test_format_ok():
 
 
 def test_shared_fixture_loaders():
-    for name, fname, n_opts in [("medqa", "medqa_5opt_sample.jsonl", 5), ("medbullets", "medbullets_op4_sample.jsonl", 4),
+    for name, fname, n_opts in [("medqa", "medqa_5opt_sample.jsonl", 5), ("medbullets",
+                                                                          "medbullets_op4_sample.jsonl", 4),
                                 ("medxpertqa", "medxpertqa_text_sample.jsonl", 10)]:
         items = load_benchmark(name, os.path.join(FIX, fname))
         assert len(items) == 20
@@ -107,21 +109,26 @@ def test_crafted_upstream_schemas(tmp_path):
     write(tmp_path / "medmcqa.jsonl", [dict(id="x1", question="Q?", opa="a", opb="b", opc="c", opd="d", cop=2,
                                             choice_type="single", exp="", subject_name="s")])
     write(tmp_path / "careqa.jsonl", [dict(question="Q?", op1="a", op2="b", op3="c", op4="d", cop=1)])
-    write(tmp_path / "pubmedqa.jsonl", [dict(pubid=7, question="Does X?", context={"contexts": ["c1", "c2"], "labels": [],
+    write(tmp_path / "pubmedqa.jsonl", [dict(pubid=7, question="Does X?", context={"contexts": ["c1", "c2"],
+                                                                                   "labels": [],
                                              "meshes": []}, long_answer="", final_decision="maybe")])
     write(tmp_path / "mmlu_pro_biology.jsonl", [
-        dict(question_id=1, question="Q?", options=["o1", "o2", "o3", "N/A"], answer="B", answer_index=1, category="biology"),
-        dict(question_id=2, question="Q2?", options=["o1", "o2"], answer="A", answer_index=0, category="law")])
+        dict(question_id=1, question="Q?", options=["o1", "o2", "o3", "N/A"], answer="B", answer_index=1,
+             category="biology"),
+        dict(question_id=2, question="Q2?", options=["o1", "o2"], answer="A", answer_index=0,
+             category="law")])
     write(tmp_path / "jmed.jsonl", [dict(id=1, question="Q?", options=JMED, answer=["U"]),
                                     dict(id=2, question="Q?", options=JMED, answer=["A", "B"])])
-    mx = dict(id="T-1", question="Which?\nAnswer Choices: (A) x (B) y", options={"A": "x", "B": "y"}, label="B")
+    mx = dict(id="T-1", question="Which?\nAnswer Choices: (A) x (B) y", options={"A": "x", "B": "y"},
+              label="B")
     write(tmp_path / "medxpertqa.jsonl", [mx])
     got = {n: load_benchmark(n, data_dir=str(tmp_path)) for n in
            ["medmcqa", "careqa", "pubmedqa", "mmlu_pro_biology", "jmed", "medxpertqa"]}
     assert got["medmcqa"][0]["answer"] == "C"
     assert got["careqa"][0]["answer"] == "A"                           # 1-based cop
     assert got["pubmedqa"][0]["answer"] == "C" and got["pubmedqa"][0]["context"] == "c1 c2"
-    assert len(got["mmlu_pro_biology"]) == 1 and list(got["mmlu_pro_biology"][0]["options"]) == ["A", "B", "C"]
+    assert len(got["mmlu_pro_biology"]) == 1 and list(got["mmlu_pro_biology"][0]["options"]) == ["A", "B",
+                                                                                                 "C"]
     assert len(got["jmed"]) == 1 and got["jmed"][0]["answer"] == "U"   # multi-answer dropped
     assert got["medxpertqa"][0]["question"] == "Which?"                # options printed once
     prompt = build_messages(got["medxpertqa"][0])[1]["content"]
@@ -129,7 +136,8 @@ def test_crafted_upstream_schemas(tmp_path):
 
 
 def test_bad_file_names_line(tmp_path):
-    (tmp_path / "medqa.jsonl").write_text('{"question": "q", "options": {"A": "x"}, "answer_idx": "A"}\n{bad json\n')
+    (tmp_path / "medqa.jsonl").write_text('{"question": "q", "options": {"A": "x"}, "answer_idx": "A"}\n{bad '
+                                          'json\n')
     with pytest.raises(ValueError, match="medqa.jsonl:2"):
         load_benchmark("medqa", str(tmp_path / "medqa.jsonl"))
     (tmp_path / "medqa.jsonl").write_text('{"question": "q", "options": {"A": "x"}, "answer_idx": "B"}\n')
@@ -143,7 +151,8 @@ def test_missing_benchmark_is_skipped(capsys):
 
 
 def test_scoring_macro_and_table():
-    items = [dict(id="1", question="q", options=OPTS4, answer="A"), dict(id="2", question="q", options=OPTS4, answer="B")]
+    items = [dict(id="1", question="q", options=OPTS4, answer="A"), dict(id="2", question="q", options=OPTS4,
+                                                                         answer="B")]
     recs, s = score_items(items, {"1": ["<answer>A</answer>"], "2": ["nothing"]}, "medqa")
     assert s["accuracy"] == 50 and s["unanswered"] == 50 and recs[1]["extracted"] is None
     recs, s2 = score_items(items, {"1": ["<answer>B</answer>", "<answer>A</answer>", "<answer>A</answer>"],
@@ -163,16 +172,20 @@ def test_responses_rescoring_cli(tmp_path):
     with open(tmp_path / "resp.jsonl", "w") as f:
         for i, it in enumerate(items):
             letter = it["answer"] if i % 2 == 0 else "Z"
-            f.write(json.dumps(dict(benchmark="medqa", id=it["id"], response=f"<answer>{letter}</answer>")) + "\n")
-    out = run(["evaluate.py", "--benchmarks", "medqa", "--file", f"medqa={src}", "--responses", str(tmp_path / "resp.jsonl"),
+            f.write(json.dumps(dict(benchmark="medqa", id=it["id"], response=f"<answer>{letter}</answer>"))
+                    + "\n")
+    out = run(["evaluate.py", "--benchmarks", "medqa", "--file", f"medqa={src}", "--responses",
+               str(tmp_path / "resp.jsonl"),
                "--out", str(tmp_path / "ev")])
     res = json.load(open(tmp_path / "ev" / "results.json"))
     assert res["medqa"]["accuracy"] == 50.0 and res["medqa"]["n"] == 20
     assert "| ours |" in out
     # 20 items of the 5-option MedQA: warned, marked, and said why (the paper's MedQA: 1,273 items, 4 options)
     why = res["medqa"]["not_comparable"]
-    assert "20 items where the paper's set has 1,273" in why and "5 (20 items) where the paper's set has 4" in why
-    assert "warning: medqa:" in out and "| 50.00 (29.9-70.1) † |" in out and "† MedQA: not comparable" in out
+    assert "20 items where the paper's set has 1,273" in why
+    assert "5 (20 items) where the paper's set has 4" in why
+    assert "warning: medqa:" in out and "| 50.00 (29.9-70.1) † |" in out
+    assert "† MedQA: not comparable" in out
     lines = [json.loads(l) for l in open(tmp_path / "ev" / "responses.jsonl")]
     assert {"id", "prompt", "response", "extracted", "gold", "correct"} <= set(lines[0])
 
@@ -185,7 +198,8 @@ def test_stage_table_paired_gain(tmp_path):
         for stage, a in per.items():
             d = tmp_path / sd / f"eval_{stage}"
             d.mkdir(parents=True)
-            (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": a, "unanswered": 100 - a}}))
+            (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": a,
+                                                               "unanswered": 100 - a}}))
     text, means = stage_table(str(tmp_path))
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
     assert means["sft"] == (55.0, pytest.approx(7.0710678))
@@ -245,8 +259,10 @@ def test_stage_table_gains_over_the_previous_stage_with_intervals(tmp_path):
         for stage, c in per.items():
             d = tmp_path / sd / f"eval_{stage}"
             d.mkdir(parents=True)
-            (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": 10.0 * sum(c), "unanswered": 0}}))
-            (d / "responses.jsonl").write_text("".join(json.dumps(dict(benchmark="kg", id=str(i), correct=bool(x)))
+            (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": 10.0 * sum(c),
+                                                               "unanswered": 0}}))
+            (d / "responses.jsonl").write_text("".join(json.dumps(dict(benchmark="kg", id=str(i),
+                                                                       correct=bool(x)))
                                                        + "\n" for i, x in enumerate(c)))
     text, _ = stage_table(str(tmp_path))
     row = next(line for line in text.splitlines() if line.startswith("| +RL stage 1"))

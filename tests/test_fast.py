@@ -22,7 +22,8 @@ def test_fast_generate_makes_the_plain_tokens(kind, tmp_path):
     _, path = hf_model(kind, kind == "qwen2", tmp_path, seed=15)
     m = load_model(path)
     prompts = ragged_batch(97, [3, 14, 7, 1, 9], seed=16)
-    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3), SAMPLED):
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3),
+               SAMPLED):
         plain = generate(m, prompts, max_new_tokens=12, return_logprobs=True, **kw)
         quick = fast.generate(m, prompts, max_new_tokens=12, return_logprobs=True, **kw)
         assert quick[:2] == plain[:2], kw
@@ -70,7 +71,8 @@ def packing_off(kind, tmp_path, dtype, amp, seed):
         real = fast.packed_linears
         fast.packed_linears = lambda *a: contextlib.nullcontext()
         try:
-            assert [fast.generate(m, prompts, max_new_tokens=12, **kw) for kw in (dict(temperature=0.0), SAMPLED)] == runs
+            assert [fast.generate(m, prompts, max_new_tokens=12, **kw) for kw in (dict(temperature=0.0),
+                                                                                  SAMPLED)] == runs
         finally:
             fast.packed_linears = real
 
@@ -190,21 +192,23 @@ def test_flex_masks_match_dense_masks():
     """The attention packed rows get on CUDA (flex_attention; here on a CPU, forward only) gives the logits of
     the dense masks: packed SFT documents, and GRPO completions behind a shared prompt."""
     from model import doc_attention_mask
-    m = Transformer(ModelConfig.from_name("nano", vocab_size=97, num_key_value_heads=2)).init_weights(0).eval()
+    m = Transformer(ModelConfig.from_name("nano", vocab_size=97,
+                                          num_key_value_heads=2)).init_weights(0).eval()
     g = torch.Generator().manual_seed(0)
     T = 150
     docs = torch.tensor([[0] * 40 + [1] * 70 + [-1] * 40, [0] * 90 + [1] * 60])
     ids = torch.randint(0, 97, (2, T), generator=g)
     with torch.no_grad():
         pos = torch.arange(T).expand(2, T)
-        dense = m(ids, position_ids=pos, attention_mask=doc_attention_mask(docs) | torch.eye(T, dtype=torch.bool))
+        eye = torch.eye(T, dtype=torch.bool)
+        dense = m(ids, position_ids=pos, attention_mask=doc_attention_mask(docs) | eye)
         flex = m(ids, position_ids=pos, attention_mask=fast.FlexMask(docs))
         assert (flex - dense).abs().max() < 1e-4
         # a prompt, two completions, padding
         seg = torch.tensor([[0] * 50 + [1] * 30 + [2] * 45 + [-1] * 25])
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
-        dense = m(ids[:1], position_ids=pos[:1], attention_mask=((same & causal) | torch.eye(T, dtype=torch.bool))[:, None])
+        dense = m(ids[:1], position_ids=pos[:1], attention_mask=((same & causal) | eye)[:, None])
         flex = m(ids[:1], position_ids=pos[:1], attention_mask=fast.FlexMask(seg, shared_prefix=True))
         assert (flex - dense)[:, seg[0] >= 0].abs().max() < 1e-4
 
@@ -215,7 +219,8 @@ def test_plain_switch():
     try:
         fast.ON = False
         assert fast.doc_attention(torch.zeros(1, 8, dtype=torch.long)) is None
-        assert fast.generate(m, [[1, 2, 3]], 5, temperature=0.0) == generate(m, [[1, 2, 3]], 5, temperature=0.0)
+        assert fast.generate(m, [[1, 2, 3]], 5, temperature=0.0) == generate(m, [[1, 2, 3]], 5,
+                                                                             temperature=0.0)
     finally:
         fast.ON = True
     assert fast.doc_attention(torch.zeros(1, 8, dtype=torch.long)) is not None

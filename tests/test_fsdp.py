@@ -42,7 +42,8 @@ def test_sharded_load_equals_the_files(kind, tmp_path):
     m = Transformer(cfg).init_weights(3)
     (tmp_path / "check.py").write_text(SHARD_CHECK)
     cases = []
-    for file_dtype, load_dtype in ((torch.float32, "float32"), (torch.bfloat16, "float32"), (torch.bfloat16, "bfloat16")):
+    for file_dtype, load_dtype in ((torch.float32, "float32"), (torch.bfloat16, "float32"), (torch.bfloat16,
+                                                                                             "bfloat16")):
         path = tmp_path / f"m_{file_dtype}"
         save_model(m.to(file_dtype), str(path), max_shard_bytes=60_000)
         assert os.path.exists(path / "model.safetensors.index.json")
@@ -88,20 +89,25 @@ def test_dry_run_refuses_what_cannot_fit_and_accepts_the_recipe(tmp_path):
     """--dry-run reads config.json (no weights): the README's 8 x 80 GB 7B GRPO recipe fits; the same with a
     micro-batch of 64 full-length completions and no activation checkpointing does not, in one line."""
     cfg = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                      num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, tie_word_embeddings=False)
+                      num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6,
+                      tie_word_embeddings=False)
     d = tmp_path / "qwen7b"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg.to_hf("bfloat16")))
     from hf_io import train_tokenizer
     train_tokenizer(["a b c"] * 10, 300, str(d))
     data = tmp_path / "rl.jsonl"
-    data.write_text(json.dumps(dict(id="1", question="q " * 300, options={"A": "x", "B": "y"}, answer="A")) + "\n")
-    recipe = ["train_grpo.py", "--init", str(d), "--data", str(data), "--dry-run", "--plan-world", "8", "--gpu-mem", "80",
+    data.write_text(json.dumps(dict(id="1", question="q " * 300, options={"A": "x", "B": "y"}, answer="A"))
+                    + "\n")
+    recipe = ["train_grpo.py", "--init", str(d), "--data", str(data), "--dry-run", "--plan-world", "8",
+              "--gpu-mem", "80",
               "--bf16", "--questions-per-step", "64", "--group-size", "8", "--stage2-group-size", "16",
-              "--max-new-tokens", "2048", "--micro-batch", "4", "--act-ckpt", "--kl-beta", "0.04", "--val-size", "0"]
+              "--max-new-tokens", "2048", "--micro-batch", "4", "--act-ckpt", "--kl-beta", "0.04",
+              "--val-size", "0"]
     out = run(recipe)
     assert "memory plan per rank" in out and "memory plan: fits" in out
-    bad = recipe[:recipe.index("--micro-batch")] + ["--micro-batch", "64", "--kl-beta", "0.04", "--val-size", "0"]
+    bad = recipe[:recipe.index("--micro-batch")] + ["--micro-batch", "64", "--kl-beta", "0.04", "--val-size",
+                                                    "0"]
     p = subprocess.run([sys.executable] + bad, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1
     last = p.stdout.strip().splitlines()[-1]

@@ -130,7 +130,8 @@ def test_curriculum_switch_and_mining():
                      hard_below=0.5, seed=0)
     assert cur.pool == [0, 1, 3, 5]
     # a scripted policy: sparsity rising as it masters stage 1
-    assert [cur.observe(z, s) for s, z in enumerate([0.1, 0.9, 0.3, 0.6, 0.7], 1)] == [False, False, False, True, True]
+    assert [cur.observe(z, s) for s, z in enumerate([0.1, 0.9, 0.3, 0.6, 0.7], 1)] == [False, False, False,
+                                                                                       True, True]
     rates = {0: 1.0, 1: 0.25, 2: 0.75, 3: 1.0, 4: 1.0, 5: 0.0}
     info = cur.mine(rates, step=5)
     # hard: failing items (1, 5) and unsolved Difficult (2); Difficult 4 is solved; mix adds 3 solved ones

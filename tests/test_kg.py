@@ -50,7 +50,8 @@ class Independent:
         return out
 
     def of(self, ext_id):
-        """What is true of an entity (by its id): a gene's annotations, or those of every record of its name."""
+        """What is true of an entity (by its id): a gene's annotations, or those of every record of its
+        name."""
         return self.genes[ext_id] if ext_id.startswith("NCBIGene") else self.by_name[self.name_of[ext_id]]
 
     def second_answer(self, kind, ent, answer):
@@ -185,7 +186,8 @@ def test_primekg_loader_and_drug_questions(tmp_path):
 
 @pytest.mark.parametrize("row,msg", [
     ("indication,indication,1,X,drug,a,S,2,Y,disease,b", r"kg.csv:\d+: expected 12 fields"),
-    ("made_up_rel,x,1,X,drug,a,S,2,Y,disease,b,S", r"kg.csv:\d+: field 'relation': unknown relation 'made_up_rel'"),
+    ("made_up_rel,x,1,X,drug,a,S,2,Y,disease,b,S",
+     r"kg.csv:\d+: field 'relation': unknown relation 'made_up_rel'"),
     ("indication,indication,one,X,drug,a,S,2,Y,disease,b,S", r"kg.csv:\d+: field 'x_index'"),
 ])
 def test_primekg_bad_rows(tmp_path, row, msg):

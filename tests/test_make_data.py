@@ -25,15 +25,16 @@ def write(path, rows):
 def test_public_loaders(tmp_path):
     items = load_public("medqa5", os.path.join(FIX, "medqa_5opt_sample.jsonl"))
     assert len(items) == 20 and all(it["source"] == "medqa5" and len(it["options"]) == 5 for it in items)
-    write(tmp_path / "mm.jsonl", [dict(id="a", question="Q?", opa="w", opb="x", opc="y", opd="z", cop=3, exp="because")])
+    write(tmp_path / "mm.jsonl", [dict(id="a", question="Q?", opa="w", opb="x", opc="y", opd="z", cop=3,
+                                       exp="because")])
     it = load_public("medmcqa", str(tmp_path / "mm.jsonl"))[0]
     assert it["answer"] == "D" and it["rationale"] == "because"
-    write(tmp_path / "pq.jsonl", [dict(pubid=1, question="Does?", context={"contexts": ["c"]}, final_decision="no")])
+    write(tmp_path / "pq.jsonl", [dict(pubid=1, question="Does?", context={"contexts": ["c"]},
+                                       final_decision="no")])
     assert load_public("pubmedqa", str(tmp_path / "pq.jsonl"))[0]["answer"] == "B"
-    write(tmp_path / "cm.jsonl", [dict(Question="问题一", Options=[{"key": "A", "value": "甲"}, {"key": "B", "value": "乙"}],
-                                       Answer="B", Explanation="解释"),
-                                  dict(Question="问题二", Options=[{"key": "A", "value": "甲"}, {"key": "B", "value": "乙"}],
-                                       Answer="AB", Explanation="")])
+    opts = [{"key": "A", "value": "甲"}, {"key": "B", "value": "乙"}]
+    write(tmp_path / "cm.jsonl", [dict(Question="问题一", Options=opts, Answer="B", Explanation="解释"),
+                                  dict(Question="问题二", Options=opts, Answer="AB", Explanation="")])
     cm = load_public("cmexam", str(tmp_path / "cm.jsonl"))
     assert len(cm) == 1 and cm[0]["answer"] == "B"    # multi-letter answers dropped
 
@@ -54,7 +55,8 @@ def test_format_filters(item, reason):
 
 
 def test_anonymisation():
-    text = ("Mr. John Smith (MRN: 48213377, DOB: 03/14/1962) was seen by Dr. Alvarez; call 555-867-5309 or mail "
+    text = ("Mr. John Smith (MRN: 48213377, DOB: 03/14/1962) was seen by Dr. Alvarez; call 555-867-5309 or "
+            "mail "
             "jsmith@example.org. A 45-year-old man presents with chest pain.")
     out = anonymise(text)
     for secret in ("John", "Smith", "48213377", "03/14/1962", "Alvarez", "867-5309", "jsmith@example.org"):
@@ -71,11 +73,13 @@ def test_dedup_decontam_and_report(tmp_path):
     # a public file whose second row duplicates the first and whose third is planted from the eval set
     ev = json.loads(open(os.path.join(FIX, "medqa_5opt_sample.jsonl")).readline())
     rows = [dict(question="What causes scurvy in sailors on long voyages without fresh food?",
-                 options={"A": "Vitamin C deficiency", "B": "Iron", "C": "Zinc", "D": "Salt"}, answer_idx="A")] * 2
+                 options={"A": "Vitamin C deficiency", "B": "Iron", "C": "Zinc", "D": "Salt"},
+                 answer_idx="A")] * 2
     rows.append(dict(question=ev["question"], options=ev["options"], answer_idx=ev["answer_idx"]))
     write(tmp_path / "pub.jsonl", rows)
     make_data.main(small_kg_args(tmp_path / "d", ["--public", f"medqa={tmp_path / 'pub.jsonl'}",
-                                                   "--decontam", os.path.join(FIX, "medqa_5opt_sample.jsonl")]))
+                                                   "--decontam", os.path.join(FIX,
+                                                                              "medqa_5opt_sample.jsonl")]))
     rep = json.load(open(tmp_path / "d" / "report.json"))
     assert rep["dropped"]["duplicate"] == 1 and rep["dropped"]["contaminated"] == 1
     items = [json.loads(l) for l in open(tmp_path / "d" / "items.jsonl")]
@@ -103,7 +107,8 @@ def test_distillation_refines_and_verification_flags(tmp_path, monkeypatch):
         out = tmp_path / "d"
         make_data.main(["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(out),
                         "--teacher-url", srv.url, "--teacher-model", "t", "--validator-url", srv.url,
-                        "--validator-model", "v", "--key-env", "TEST_KEY", "--test-frac", "0", "--sft-frac", "1.0"])
+                        "--validator-model", "v", "--key-env", "TEST_KEY", "--test-frac", "0", "--sft-frac",
+                        "1.0"])
     finally:
         srv.close()
     rep = json.load(open(out / "report.json"))
@@ -121,7 +126,8 @@ def test_distillation_refines_and_verification_flags(tmp_path, monkeypatch):
 
 def test_interrupted_run_resumes_from_cache(tmp_path):
     public_file(tmp_path / "pub.jsonl")
-    args = lambda url: ["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(tmp_path / "d"),
+    args = lambda url: ["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out",
+                        str(tmp_path / "d"),
                         "--teacher-url", url, "--teacher-model", "t", "--test-frac", "0", "--sft-frac", "1.0",
                         "--retries", "2"]
     srv = FakeOpenAI(fail_after=5)      # dies after 5 answered calls, like a killed run
@@ -163,11 +169,13 @@ def test_short_rationale_with_text_answers(tmp_path):
         it, ts, tw = items[s["id"]], s["messages"][-1]["content"], w["messages"][-1]["content"]
         assert "Checking the options" in tw and "Checking the options" not in ts and len(ts) < len(tw)
         tag = re.search(r"<answer>(.*)</answer>", ts).group(1)
-        assert tag == it["options"][it["answer"]] and format_ok(ts) and extract_answer(ts, it["options"]) == it["answer"]
+        assert tag == it["options"][it["answer"]] and format_ok(ts)
+        assert extract_answer(ts, it["options"]) == it["answer"]
 
 
 def distill_args(tmp_path, url, out, extra=()):
-    return ["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(out), "--teacher-url", url,
+    return ["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out", str(out), "--teacher-url",
+            url,
             "--teacher-model", "t", "--validator-url", url, "--validator-model", "v", "--test-frac", "0",
             "--sft-frac", "1.0"] + list(extra)
 
@@ -196,7 +204,8 @@ def test_kill_mid_run_then_rerun(tmp_path):
     try:
         args = distill_args(tmp_path, srv.url, out, ["--concurrency", "4"])
         env = {**os.environ, "PYTHONPATH": ROOT}
-        p = subprocess.Popen([sys.executable, "make_data.py"] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen([sys.executable, "make_data.py"] + args, cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         cache, t0 = out / "cache.jsonl", time.time()
         while time.time() - t0 < 60 and (not cache.exists() or cache.read_text().count("\n") < 50):
@@ -237,7 +246,8 @@ def test_silent_endpoint_times_out_and_keeps_what_was_answered(tmp_path):
     t0 = time.time()
     try:
         with pytest.raises(ConnectionError, match="no answer within --teacher-timeout 1 s"):
-            make_data.main(distill_args(tmp_path, srv.url, tmp_path / "d", ["--concurrency", "2", "--teacher-timeout",
+            make_data.main(distill_args(tmp_path, srv.url, tmp_path / "d", ["--concurrency", "2",
+                                                                            "--teacher-timeout",
                                                                             "1", "--retries", "1"]))
     finally:
         srv.close()

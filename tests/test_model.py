@@ -83,7 +83,8 @@ def test_packed_documents_match_separate(tmp_path):
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_save_model_loads_in_transformers(kind, tmp_path):
-    cfg = ModelConfig(model_type=kind, vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = ModelConfig(model_type=kind, vocab_size=101, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, attention_bias=kind == "qwen2",
                       qk_norm=kind == "qwen3", tie_word_embeddings=(kind == "qwen2"), eos_token_id=2)
     ours = Transformer(cfg).init_weights(seed=4)
@@ -131,7 +132,8 @@ def test_greedy_batch_matches_transformers_alone(kind, tmp_path):
     outs, reasons = generate(ours, prompts, max_new_tokens=new, temperature=0.0)
     for p, o, r in zip(prompts, outs, reasons):
         want = ref.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                            pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):]
+                            pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))[0,
+                                                                                                    len(p):]
         assert o == want.tolist() and r == "length"
 
 
@@ -159,7 +161,8 @@ def test_sampling_reproducible_and_group_case(tmp_path):
     c = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=4)
     assert a == b and a != c and len(a[0]) == 8
     # a prompt's samples depend on its seed only, not on the rest of the batch or its position
-    alone = generate(m, prompts[1:], max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=[4])
+    alone = generate(m, prompts[1:], max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4,
+                     seed=[4])
     assert alone[0] == a[0][4:]
     assert len(set(map(tuple, a[0][:4]))) > 1   # the G samples of one prompt differ
     # greedy with G samples = the same greedy continuation G times, equal to the single-sample run
@@ -172,7 +175,8 @@ def test_top_k_one_is_greedy(tmp_path):
     _, path = hf_model("qwen2", False, tmp_path, seed=13)
     m = load_model(path)
     prompts = ragged_batch(97, [6, 3], seed=14)
-    assert generate(m, prompts, 6, temperature=0.7, top_k=1, seed=0)[0] == generate(m, prompts, 6, temperature=0.0)[0]
+    assert generate(m, prompts, 6, temperature=0.7, top_k=1, seed=0)[0] == generate(m, prompts, 6,
+                                                                                    temperature=0.0)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -202,7 +206,8 @@ def test_chunked_logprobs_match_plain(dtype):
     # bf16 before the chunks are summed
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     for lp, ent, gh, gw in res[1:]:
-        for got, want in ((lp, res[0][0]), (ent, -(full.exp() * full).sum(-1)), (gh, res[0][2]), (gw, res[0][3])):
+        for got, want in ((lp, res[0][0]), (ent, -(full.exp() * full).sum(-1)), (gh, res[0][2]), (gw,
+                                                                                                  res[0][3])):
             assert (got - want).abs().max() <= tol * max(1.0, want.abs().max())
     assert res[0][3].abs().max() > 0
 
@@ -226,7 +231,8 @@ def test_config_defaults_follow_transformers(tmp_path):
         (path / "config.json").write_text(json.dumps({**d, **change}))
         with pytest.raises(ValueError, match=message):
             load_model(str(path))
-    (path / "config.json").write_text(json.dumps({**d, "use_sliding_window": True, "sliding_window": 1 << 20}))
+    (path / "config.json").write_text(json.dumps({**d, "use_sliding_window": True,
+                                                  "sliding_window": 1 << 20}))
     load_model(str(path))   # a window longer than the context is plain attention
 
 

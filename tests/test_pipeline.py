@@ -13,7 +13,8 @@ def grpo_args(tiny, out):
     return ["--init", str(tiny / "sft"), "--data", str(tiny / "data" / "rl_train.jsonl"),
             "--out", str(out), "--steps", "4", "--questions-per-step", "4", "--group-size", "4",
             "--stage2-group-size", "6", "--stage2-at", "2", "--mine-max", "8", "--mine-samples", "2",
-            "--mine-every", "2", "--val-size", "8", "--eval-every", "2", "--max-new-tokens", "40", "--micro-batch", "8"]
+            "--mine-every", "2", "--val-size", "8", "--eval-every", "2", "--max-new-tokens", "40",
+            "--micro-batch", "8"]
 
 
 def grpo(tiny, out, nproc=1, extra=()):
@@ -39,7 +40,8 @@ KL = ["--kl-beta", "0.05", "--skip-zero-var", "--micro-batch", "2", "--warmup", 
 def two_rank_run(tiny):
     """The 2-rank run the tests below compare with (each group's prompt scored once: --share-prompt 4)."""
     if not (tiny / "g2" / "model.safetensors").exists():
-        out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g2") + KL + ["--share-prompt", "4"], nproc=2)
+        out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g2") + KL + ["--share-prompt", "4"],
+                  nproc=2)
         (tiny / "g2.log").write_text(out)
     return tiny / "g2"
 
@@ -82,27 +84,34 @@ def test_grpo_step_with_no_signal_leaves_weights_alone(tiny):
     must be skipped, not taken: with 2 ranks the collective empty-weight pass divides by a 0 normaliser,
     and before this guard that put NaN into every weight."""
     from safetensors.torch import load_file
-    grpo(tiny, tiny / "nosignal", nproc=2, extra=["--skip-zero-var", "--w-correct", "0", "--w-format", "0", "--steps", "2"])
-    before, after = load_file(str(tiny / "sft" / "model.safetensors")), load_file(str(tiny / "nosignal" / "model.safetensors"))
+    grpo(tiny, tiny / "nosignal", nproc=2,
+         extra=["--skip-zero-var", "--w-correct", "0", "--w-format", "0", "--steps", "2"])
+    before = load_file(str(tiny / "sft" / "model.safetensors"))
+    after = load_file(str(tiny / "nosignal" / "model.safetensors"))
     assert before.keys() == after.keys()
     for k in before:
         assert after[k].isfinite().all() and after[k].equal(before[k]), k
     rows = [r for r in metrics(tiny / "nosignal" / "metrics.jsonl") if "reward" in r]
-    assert [r["skipped_update"] for r in rows] == [True, True] and all(r["zero_var_frac"] == 1.0 for r in rows)
+    assert [r["skipped_update"] for r in rows] == [True,
+                                                   True] and all(r["zero_var_frac"] == 1.0 for r in rows)
 
 
 def test_evaluate_shared_samples_one_and_two_ranks(tiny):
     args = ["evaluate.py", "--model", str(tiny / "sft"), "--benchmarks", "medqa,medbullets,medxpertqa",
-            "--file", f"medqa={FIX}/medqa_5opt_sample.jsonl", "--file", f"medbullets={FIX}/medbullets_op4_sample.jsonl",
-            "--file", f"medxpertqa={FIX}/medxpertqa_text_sample.jsonl", "--max-new-tokens", "16", "--batch-size", "8"]
+            "--file", f"medqa={FIX}/medqa_5opt_sample.jsonl", "--file",
+            f"medbullets={FIX}/medbullets_op4_sample.jsonl",
+            "--file", f"medxpertqa={FIX}/medxpertqa_text_sample.jsonl", "--max-new-tokens", "16",
+            "--batch-size", "8"]
     out = run(args + ["--out", str(tiny / "e1")])
     # two ranks, and two models in one launch (run.sh's four evaluations per seed): each as if run alone
-    run(args[:3] + [str(tiny / "sft")] + args[3:] + ["--out", str(tiny / "e2"), str(tiny / "e3"), "--label", "ours",
+    run(args[:3] + [str(tiny / "sft")] + args[3:] + ["--out", str(tiny / "e2"), str(tiny / "e3"), "--label",
+                                                     "ours",
                                                      "again"], nproc=2)
     assert "| ours |" in out and "Fleming-R1-7B (paper)" in out
     r1 = json.load(open(tiny / "e1" / "results.json"))
     r2 = json.load(open(tiny / "e2" / "results.json"))
-    assert r1 == r2 and set(r1) == {"medqa", "medbullets", "medxpertqa", "macro_average"} and r1["medqa"]["n"] == 20
+    assert r1 == r2 and set(r1) == {"medqa", "medbullets", "medxpertqa",
+                                    "macro_average"} and r1["medqa"]["n"] == 20
     assert r1["macro_average"]["benchmarks"] == 3 and len(r1["macro_average"]["ci95"]) == 2
     rows1 = sorted(open(tiny / "e1" / "responses.jsonl").read().splitlines())
     rows2 = sorted(open(tiny / "e2" / "responses.jsonl").read().splitlines())
@@ -122,12 +131,14 @@ def test_grpo_sharded_checkpoint_resumes_on_any_world_size(tiny):
     ck = tiny / "cut2" / "ckpt"
     assert os.listdir(ck) == ["step-000002"]
     files = set(os.listdir(ck / "step-000002"))
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "COMPLETE", "trainer_state.json", "config.json"} <= files
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "COMPLETE", "trainer_state.json",
+            "config.json"} <= files
     shutil.copytree(tiny / "cut2", tiny / "cut1")
     run([runner] + args + ["--resume"], nproc=2)
     run([runner] + grpo_args(tiny, tiny / "cut1") + KL + ["--share-prompt", "4", "--resume"])
     full, two, one = (metrics(d / "metrics.jsonl") for d in (full, tiny / "cut2", tiny / "cut1"))
-    assert [r["step"] for r in full] == [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in full] == [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3,
+                                                                                                 4]
     assert any(r.get("loss") for r in full) and any(r.get("kl") for r in full[2:])
     keys = ("reward", "accuracy", "zero_var_frac", "response_len", "loss", "kl", "entropy", "grad_norm",
             "val_accuracy", "stage", "pool")
@@ -139,7 +150,8 @@ def test_grpo_sharded_checkpoint_resumes_on_any_world_size(tiny):
 
 
 def test_grpo_two_rank_export_loads_in_transformers(tiny):
-    """The final model of a 2-rank run, gathered one weight at a time, loads in transformers with our logits."""
+    """The final model of a 2-rank run, gathered one weight at a time, loads in transformers with our
+    logits."""
     import torch
     import transformers
     from hf_io import load_model
@@ -152,12 +164,15 @@ def test_grpo_two_rank_export_loads_in_transformers(tiny):
 
 
 def test_evaluate_with_shuffled_options(tiny):
-    """--shuffle-options 3: every item asked in three orders, and the report says how consistent the model is."""
+    """--shuffle-options 3: every item asked in three orders, and the report says how consistent the model
+    is."""
     out = run(["evaluate.py", "--model", str(tiny / "sft"), "--benchmarks", "medbullets", "--file",
-               f"medbullets={FIX}/medbullets_op4_sample.jsonl", "--max-new-tokens", "16", "--batch-size", "20",
+               f"medbullets={FIX}/medbullets_op4_sample.jsonl", "--max-new-tokens", "16", "--batch-size",
+               "20",
                "--shuffle-options", "3", "--out", str(tiny / "shuf")])
     r = json.load(open(tiny / "shuf" / "results.json"))["medbullets"]
-    assert r["n"] == 60 and r["orders"] == 3 and len(r["accuracy_per_order"]) == 3 and 0 <= r["consistency"] <= 100
+    assert r["n"] == 60 and r["orders"] == 3 and len(r["accuracy_per_order"]) == 3
+    assert 0 <= r["consistency"] <= 100
     assert "consistency" in out
     rows = [json.loads(line) for line in open(tiny / "shuf" / "responses.jsonl")]
     assert sorted({x["id"].rsplit("#p", 1)[1] for x in rows}) == ["0", "1", "2"]

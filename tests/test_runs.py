@@ -88,7 +88,7 @@ def test_one_job_per_folder(toy):
 
 
 def test_ranks_die_with_torchrun(toy):
-    """kill -9 of torchrun (each rank runs in a session of its own, out of reach of its process group): the
+    """kill -9 of torchrun (torchrun starts each rank with setsid, out of reach of its process group): the
     ranks must not train on."""
     out = toy / "orphans"
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -138,8 +138,8 @@ def test_bad_numbers_are_refused_by_flag(args, flag):
 
 
 def test_bad_files_get_one_line(toy, tmp_path):
-    """Non-UTF-8 data, a truncated safetensors file, an empty --init folder, the default paths of a fresh clone:
-    one line naming the file (and line), no traceback."""
+    """Non-UTF-8 data, a truncated safetensors file, an empty --init folder, the default paths of a fresh
+    clone: one line naming the file (and line), no traceback."""
     bad = tmp_path / "latin1.jsonl"
     good = open(toy / "sft.jsonl", encoding="utf-8").readline()
     bad.write_bytes(good.encode() + '{"messages": "caf\xe9"}\n'.encode("latin-1"))
@@ -149,12 +149,14 @@ def test_bad_files_get_one_line(toy, tmp_path):
     shutil.copytree(toy / "full", model, ignore=shutil.ignore_patterns("ckpt"))
     with open(model / "model.safetensors", "r+b") as f:
         f.truncate(os.path.getsize(model / "model.safetensors") - 100)
-    code, err = fails(SFT + ["--data", str(toy / "sft.jsonl"), "--init", str(model), "--out", str(tmp_path / "o2")])
+    code, err = fails(SFT + ["--data", str(toy / "sft.jsonl"), "--init", str(model), "--out",
+                             str(tmp_path / "o2")])
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {model / 'model.safetensors'}: truncated")
     (tmp_path / "empty").mkdir()
     code, err = fails(SFT + ["--data", str(toy / "sft.jsonl"), "--init", str(tmp_path / "empty"),
                              "--out", str(tmp_path / "o3")])
-    assert err == f"error: {tmp_path / 'empty' / 'config.json'}: no model: --init takes a Hugging Face model folder"
+    want = "no model: --init takes a Hugging Face model folder"
+    assert err == f"error: {tmp_path / 'empty' / 'config.json'}: {want}"
     code, err = fails(["train_grpo.py"], cwd=tmp_path)   # a fresh clone's first command: the defaults
-    assert err == "error: runs/sft/config.json: no model yet: make one with `python train_sft.py --out runs/sft`, " \
-                  "or pass --init"
+    assert err == ("error: runs/sft/config.json: no model yet: make one with "
+                   "`python train_sft.py --out runs/sft`, or pass --init")

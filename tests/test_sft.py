@@ -74,7 +74,8 @@ def test_resume_is_exact(toy):
     a, b = metrics(toy / "full" / "metrics.jsonl"), metrics(toy / "cut" / "metrics.jsonl")
     assert [r["step"] for r in b] == [r["step"] for r in a]
     assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
-    # --save-init wrote the untrained model, as a run of 0 steps does (run.sh's "Base" row); a resumed run does not
+    # --save-init wrote the untrained model, as a run of 0 steps does (run.sh's "Base" row); a resumed run
+    # does not
     run(COMMON + data + ["--out", str(toy / "zero"), "--steps", "0"])
     x, y = load_model(str(toy / "init")).state_dict(), load_model(str(toy / "zero")).state_dict()
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -83,7 +84,8 @@ def test_resume_is_exact(toy):
 
 def test_bad_data_names_line(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n{"messages": 3}\n')
+    p.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": '
+                 '"y"}]}\n{"messages": 3}\n')
     from train_sft import read_chat_jsonl
     with pytest.raises(ValueError, match="bad.jsonl:2: field 'messages'"):
         read_chat_jsonl(str(p))

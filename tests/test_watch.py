@@ -13,17 +13,17 @@ from test_pipeline import grpo_args
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_trainer_and_rollout_logprobs_agree(dtype):
-    """The same model scores a completion twice: token by token while sampling (KV cache, oneDNN-packed weights
-    on a CPU) and all at once when training. fp32: the same numbers up to summation order; bf16 autocast:
-    bounded."""
+    """The same model scores a completion twice: token by token while sampling (KV cache, oneDNN-packed
+    weights on a CPU) and all at once when training. fp32: the same numbers up to summation order; bf16
+    autocast: bounded."""
     import fast
     from model import ModelConfig, Transformer
     m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 7)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        outs, _, roll = fast.generate(m, prompts, max_new_tokens=12, temperature=1.0, num_samples=4, seed=[1, 2, 3],
-                                      return_logprobs=True)
+        outs, _, roll = fast.generate(m, prompts, max_new_tokens=12, temperature=1.0, num_samples=4,
+                                      seed=[1, 2, 3], return_logprobs=True)
         pr = [p for p in prompts for _ in range(4)]
         lp, mask, _ = fast.completion_logprobs(m, pr, outs, torch.device("cpu"), 0, share=4)
     roll_t = torch.zeros_like(lp)
@@ -54,12 +54,15 @@ def test_canaries_trip_on_scripted_policies(tiny):
     out = run([scripted(tiny, "always_a", "'<think>sure</think><answer>A</answer>'")] +
               grpo_args(tiny, tiny / "always_a") + ["--steps", "2"])
     rows = [r for r in metrics(tiny / "always_a" / "metrics.jsonl") if "warnings" in r]
-    assert rows and all(any("collapse onto one letter: 100% of the answers name A" in w for w in r["warnings"])
+    collapse = "collapse onto one letter: 100% of the answers name A"
+    assert rows and all(any(collapse in w for w in r["warnings"])
                         for r in rows)
     assert "warning (step 1): answers collapse onto one letter" in out
-    out = run(["train_grpo.py"] + grpo_args(tiny, tiny / "capped") + ["--steps", "2", "--max-new-tokens", "2"])
+    out = run(["train_grpo.py"] + grpo_args(tiny, tiny / "capped") + ["--steps", "2", "--max-new-tokens",
+                                                                      "2"])
     rows = [r for r in metrics(tiny / "capped" / "metrics.jsonl") if "warnings" in r]
-    assert all(r["truncated_frac"] == 1.0 and any("hit --max-new-tokens" in w for w in r["warnings"]) for r in rows)
+    assert all(r["truncated_frac"] == 1.0
+               and any("hit --max-new-tokens" in w for w in r["warnings"]) for r in rows)
     assert "warning (step 1): 100% of completions hit --max-new-tokens" in out
 
 
@@ -67,7 +70,8 @@ def test_rollout_log_and_report(tiny):
     """rollouts.jsonl holds each kept group once per step (prompt once, G completions with reward parts,
     advantage, finish reason, length); a group is printed every --print-every steps; report.html holds the
     curves and the groups side by side."""
-    out = run(["train_grpo.py"] + grpo_args(tiny, tiny / "logged") + ["--log-groups", "3", "--print-every", "2"],
+    out = run(["train_grpo.py"] + grpo_args(tiny, tiny / "logged") + ["--log-groups", "3", "--print-every",
+                                                                      "2"],
               nproc=2)
     groups = [json.loads(line) for line in open(tiny / "logged" / "rollouts.jsonl")]
     assert [(g["step"], g["index"]) for g in groups] == [(s, i) for s in (1, 2, 3, 4) for i in range(3)]
