@@ -448,6 +448,24 @@ def memory_plan(args, cfg, tok, items, world, device):
                     args, cuda)
 
 
+def setup(args):
+    """Ranks and device, and the flags and files that depend on them, checked before anything loads."""
+    fast.ON = not args.plain
+    rank, world, device = init_distributed(args.device)
+    if not args.dry_run:
+        check_bf16(args.bf16, device)
+    args.use_graph = args.cuda_graph and device.type == "cuda" and world == 1
+    args.autocast = wants_autocast(args.bf16, device, world)   # one GPU with --bf16 used to run in fp32
+    if args.cuda_graph and not args.use_graph:
+        print0(f"--cuda-graph ignored: it needs one CUDA process, not {world} rank(s) on {device.type}")
+    if args.questions_per_step % world:
+        raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
+    need(os.path.join(args.init, "config.json"), "no model yet",
+         f"make one with `python train_sft.py --out {args.init}`, or pass --init")
+    need(args.data, "no RL data", "make it with `python make_data.py --out data/kg`, or pass --data")
+    return rank, world, device
+
+
 def load_items(args, world, device):
     """The RL items (less --exclude), the tokenizer, and the memory plan; then the held-out / train split."""
     ckpt = latest_checkpoint(args.out) if args.resume else None
@@ -494,19 +512,7 @@ def load_policy(ckpt, args, world, device, meter):
 
 def main(argv=None):
     args = get_args(argv)
-    fast.ON = not args.plain
-    rank, world, device = init_distributed(args.device)
-    if not args.dry_run:
-        check_bf16(args.bf16, device)
-    args.use_graph = args.cuda_graph and device.type == "cuda" and world == 1
-    args.autocast = wants_autocast(args.bf16, device, world)   # one GPU with --bf16 used to run in fp32
-    if args.cuda_graph and not args.use_graph:
-        print0(f"--cuda-graph ignored: it needs one CUDA process, not {world} rank(s) on {device.type}")
-    if args.questions_per_step % world:
-        raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
-    need(os.path.join(args.init, "config.json"), "no model yet",
-         f"make one with `python train_sft.py --out {args.init}`, or pass --init")
-    need(args.data, "no RL data", "make it with `python make_data.py --out data/kg`, or pass --data")
+    rank, world, device = setup(args)
     set_seed(args.seed)
     if not args.dry_run:
         prepare_out(args.out, args.resume, args.overwrite, rank)

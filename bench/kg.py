@@ -4,7 +4,7 @@ KG load time and sampler throughput: the embedded HPO graph, and a synthetic Pri
 
     python bench/kg.py                 # both
     python bench/kg.py --skip-synthetic
-Targets (issue 3): >= 2,000 questions/s; the 4M-edge kg.csv loads in < 60 s.
+Targets: >= 2,000 questions/s; the 4M-edge kg.csv loads in < 60 s.
 """
 import argparse
 import os
