@@ -152,9 +152,10 @@ def group_html(g):
     cards = []
     for c in g["completions"]:
         kind = "right" if c["correct"] else "fmt" if c["format"] else "none"
-        sign = "pos" if c["advantage"] > 0 else "neg" if c["advantage"] < 0 else ""
+        adv = round(c["advantage"], 2) + 0.0   # + 0.0: a float-rounding -1e-9 shows as +0.00, not -0.00
+        sign = "pos" if adv > 0 else "neg" if adv < 0 else ""
         cards.append(f'<div class="card {kind}">reward {c["reward"]:.2f} &middot; advantage '
-                     f'<span class="{sign}">{c["advantage"]:+.2f}</span> &middot; '
+                     f'<span class="{sign}">{adv:+.2f}</span> &middot; '
                      f'{html.escape(c["finish"])}, {c["length"]} tokens'
                      f'<pre>{html.escape(c["text"])}</pre></div>')
     question = "\n\n".join(g["prompt"].split("\n\n")[:-1]) or g["prompt"]

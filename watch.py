@@ -61,7 +61,8 @@ def show_group(g, width=110):
     for c in g["completions"]:
         text = " ".join(c["text"].split())
         text = text if len(text) <= width else text[:width // 2 - 3] + " ... " + text[-(width // 2 - 3):]
-        lines.append(f"  r={c['reward']:+.2f} A={c['advantage']:+.2f} {c['finish'][:4]:4s} {text}")
+        adv = round(c["advantage"], 2) + 0.0   # never "-0.00"
+        lines.append(f"  r={c['reward']:+.2f} A={adv:+.2f} {c['finish'][:4]:4s} {text}")
     return "\n".join(lines)
 
 
