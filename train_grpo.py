@@ -543,25 +543,26 @@ def main(argv=None):
     for step in bar:
         G = args.group_size if cur.stage == 1 else args.stage2_group_size
         mine = pick_questions(cur, args, step)[rank::world]
+        batch = [items[i] for i in mine]
         t0 = time.time()
         with meter.phase("rollout"):   # seeds per (step, item): rollouts do not depend on how items are split
             seeds = [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine]
-            g = sample_groups(model, tok, [items[i] for i in mine], G, args, seeds, device, logprobs=True)
+            g = sample_groups(model, tok, batch, G, args, seeds, device, logprobs=True)
         t_roll = time.time() - t0
-        parts, rewards, adv, zero_var = score_groups(g, [items[i] for i in mine], G, args)
+        parts, rewards, adv, zero_var = score_groups(g, batch, G, args)
         g["prompts_of"] = [g["prompts"][j // G] for j in range(len(g["outs"]))]
         keep = [j for j in range(len(g["outs"])) if not (args.skip_zero_var and zero_var[j // G])]
         lr = lr_at(step, args.steps, args.lr, args.lr if args.min_lr is None else args.min_lr, args.warmup)
         t2 = time.time()
         stats = policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
-        row = step_metrics(step + 1, cur, G, lr, g, [items[i] for i in mine], parts, rewards, zero_var, stats,
+        row = step_metrics(step + 1, cur, G, lr, g, batch, parts, rewards, zero_var, stats,
                            t_roll, time.time() - t2 - stats.get("ref_s", 0), meter, args)
         picked = [extract_answer(t, items[mine[j // G]]["options"]) for j, t in enumerate(g["texts"])]
         signals = answer_signals(g["texts"], picked, [items[i]["answer"] for i in mine], parts, args.w_format)
         row["warnings"] = canaries.check(step + 1, row, merge_signals(gather_objects(signals)))
         index = [j * world + rank for j in range(len(mine))]
         questions = [build_messages(items[i])[1]["content"] for i in mine]
-        kept = rollout_log.groups(step + 1, cur.stage, [items[i] for i in mine], questions, g["texts"], parts,
+        kept = rollout_log.groups(step + 1, cur.stage, batch, questions, g["texts"], parts,
                                   adv, g["reasons"], [len(o) for o in g["outs"]], G, index)
         groups = [x for part in gather_objects(kept) for x in part]
         rollout_log.write(step + 1, groups)
