@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import KVCache, cpu_has_native_bf16, doc_starts, sample_next
+from common import cpu_has_native_bf16
+from model import KVCache, doc_starts, sample_next
 from model import generate as model_generate
 
 ON = True   # False: --plain, the textbook paths of model.py / train_grpo.py only

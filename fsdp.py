@@ -23,7 +23,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from hf_io import check_weights, load_model, load_rows, read_config, safetensors_index, save_model
+from hf_io import (check_weights, config_to_hf, load_model, load_rows, read_config, safetensors_index,
+                   save_model)
 from model import Transformer
 
 
@@ -169,7 +170,7 @@ def save_checkpoint(run_dir, model, optimizer, tok, step, extra, rank):
     if rank == 0:
         _write_synced(os.path.join(path, "trainer_state.json"), json.dumps(dict(
             step=step, extra=extra, rng_torch=torch.get_rng_state().tolist(), rng_python=random.getstate())))
-        _write_synced(os.path.join(path, "config.json"), json.dumps(model.config.to_hf(), indent=2))
+        _write_synced(os.path.join(path, "config.json"), json.dumps(config_to_hf(model.config), indent=2))
         if tok is not None:
             tok.save_pretrained(path)
     if dist.is_initialized():

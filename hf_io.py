@@ -29,13 +29,71 @@ def _atomic_write_text(path, text):
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+# config.json <-> ModelConfig
+
+
+def config_from_hf(d, path="config.json"):
+    """Build from a transformers config.json dict (transformers 4.x or 5.x)."""
+    model_type = d.get("model_type", "qwen2")
+    if model_type not in ("qwen2", "qwen3", "llama"):
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (qwen2, qwen3, llama)")
+    # transformers 5 writes rope_parameters={rope_theta, rope_type}; 4.x wrote rope_theta (+ rope_scaling)
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ValueError(f"{path}: rope_type {rope_type!r} is not implemented (only default RoPE)")
+    rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {d['hidden_act']!r} is not implemented (only silu)")
+    window, context = d.get("sliding_window"), d.get("max_position_embeddings", 2048)
+    if (d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or [])) and window \
+            and window < context:
+        raise ValueError(f"{path}: sliding-window attention ({window} of {context} positions) is not "
+                         f"implemented")
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0]
+    return ModelConfig(
+        model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),   # transformers' default for all three
+        attention_bias=d.get("attention_bias", model_type == "qwen2"),
+        qk_norm=(model_type == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
+        pad_token_id=d.get("pad_token_id"))
+
+
+def config_to_hf(cfg, dtype="float32"):
+    """The config.json transformers (4.x and 5.x) and vLLM read for this config."""
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+    arch = arch[cfg.model_type]
+    d = dict(architectures=[arch], model_type=cfg.model_type, vocab_size=cfg.vocab_size,
+             hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+             num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+             num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
+             rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+             tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias,
+             # both spellings, so transformers 4.x and 5.x (and vLLM) read the same theta
+             rope_theta=cfg.rope_theta,
+             rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+             bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+             pad_token_id=cfg.pad_token_id,
+             use_cache=True, dtype=dtype, torch_dtype=dtype)
+    if cfg.model_type == "qwen2":
+        d.update(use_sliding_window=False, sliding_window=None)
+    return d
+
+
 def read_config(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json (expected a Hugging Face model directory)")
     with open(cfg_path, encoding="utf-8") as f:
         try:
-            return ModelConfig.from_hf(json.load(f), cfg_path)
+            return config_from_hf(json.load(f), cfg_path)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e.msg})") from None
 
@@ -183,7 +241,7 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, generation_config=None, t
         stale = f.endswith(".safetensors") and f not in names
         if stale or (f == "model.safetensors.index.json" and len(parts) == 1):
             os.remove(os.path.join(path, f))
-    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(cfg.to_hf(dtype), indent=2))
+    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(config_to_hf(cfg, dtype), indent=2))
     gen = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                                 "pad_token_id": cfg.pad_token_id, "do_sample": False}
     _atomic_write_text(os.path.join(path, "generation_config.json"), json.dumps(gen, indent=2))

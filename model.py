@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig:   # to and from a transformers config.json: hf_io.config_from_hf / config_to_hf
     model_type: str = "qwen2"        # qwen2 (q/k/v bias) | qwen3 (q_norm/k_norm, no bias) | llama
     vocab_size: int = 4096
     hidden_size: int = 256
@@ -62,59 +62,6 @@ class ModelConfig:
     def from_name(cls, name, **overrides):
         return cls(**{**PRESETS[name], **overrides})
 
-    @classmethod
-    def from_hf(cls, d, path="config.json"):
-        """Build from a transformers config.json dict (transformers 4.x or 5.x)."""
-        model_type = d.get("model_type", "qwen2")
-        if model_type not in ("qwen2", "qwen3", "llama"):
-            raise ValueError(f"{path}: model_type {model_type!r} is not supported (qwen2, qwen3, llama)")
-        # transformers 5 writes rope_parameters={rope_theta, rope_type}; 4.x wrote rope_theta (+ rope_scaling)
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ValueError(f"{path}: rope_type {rope_type!r} is not implemented (only default RoPE)")
-        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{path}: hidden_act {d['hidden_act']!r} is not implemented (only silu)")
-        window, context = d.get("sliding_window"), d.get("max_position_embeddings", 2048)
-        if (d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or [])) and window \
-                and window < context:
-            raise ValueError(f"{path}: sliding-window attention ({window} of {context} positions) is not "
-                             f"implemented")
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0]
-        return cls(
-            model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),   # transformers' default for all three
-            attention_bias=d.get("attention_bias", model_type == "qwen2"),
-            qk_norm=(model_type == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
-            pad_token_id=d.get("pad_token_id"))
-
-    def to_hf(self, dtype="float32"):
-        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-        arch = arch[self.model_type]
-        d = dict(architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size,
-                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act="silu",
-                 rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
-                 tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
-                 # both spellings, so transformers 4.x and 5.x (and vLLM) read the same theta
-                 rope_theta=self.rope_theta,
-                 rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
-                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-                 pad_token_id=self.pad_token_id,
-                 use_cache=True, dtype=dtype, torch_dtype=dtype)
-        if self.model_type == "qwen2":
-            d.update(use_sliding_window=False, sliding_window=None)
-        return d
-
 
 # presets for from-scratch models (Qwen2 layout); real checkpoints bring their own config.json
 PRESETS = {
@@ -134,13 +81,6 @@ PRESETS = {
 
 # -----------------------------------------------------------------------------
 # the decoder
-
-
-def cpu_has_native_bf16():
-    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (AVX2-only CPUs) bf16
-    autocast is emulated and far slower than fp32 (bench/RESULTS.md); run.sh passes --bf16 only where this
-    is True."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,8 @@ import torch
 
 import fast
 from hf_io import load_model
-from model import ModelConfig, Transformer, cpu_has_native_bf16, generate
+from common import cpu_has_native_bf16
+from model import ModelConfig, Transformer, generate
 from test_model import hf_model, ragged_batch
 from train_grpo import completion_logprobs
 

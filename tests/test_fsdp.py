@@ -10,7 +10,7 @@ import torch
 
 from fsdp import latest_checkpoint
 from helpers import ROOT, run
-from hf_io import save_model
+from hf_io import config_to_hf, save_model
 from model import ModelConfig, Transformer
 
 SHARD_CHECK = r'''
@@ -93,7 +93,7 @@ def test_dry_run_refuses_what_cannot_fit_and_accepts_the_recipe(tmp_path):
                       tie_word_embeddings=False)
     d = tmp_path / "qwen7b"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(cfg.to_hf("bfloat16")))
+    (d / "config.json").write_text(json.dumps(config_to_hf(cfg, "bfloat16")))
     from hf_io import train_tokenizer
     train_tokenizer(["a b c"] * 10, 300, str(d))
     data = tmp_path / "rl.jsonl"
