@@ -387,7 +387,7 @@ def stage_table(run_dir, bench="kg"):
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
     for key, label in STAGES:
-        accs, unans, gains, steps = [], [], [], []
+        accs, unans, gains, steps = [], [], [], {}   # steps: seed dir -> {item id: change}
         for sd in seeds:
             p = os.path.join(sd, f"eval_{key}", "results.json")
             if os.path.exists(p):
@@ -402,8 +402,8 @@ def stage_table(run_dir, bench="kg"):
                     correct[key, sd] = {r["id"]: int(r["correct"]) for _, r in jsonl_rows(resp)
                                         if r["benchmark"] == bench}
                 if prev and (prev, sd) in correct and (key, sd) in correct:
-                    steps.append({i: c - correct[prev, sd][i] for i, c in correct[key, sd].items()
-                                  if i in correct[prev, sd]})
+                    steps[sd] = {i: c - correct[prev, sd][i] for i, c in correct[key, sd].items()
+                                 if i in correct[prev, sd]}
         if not accs:
             continue
         means[key] = mean_sd(accs)
@@ -413,11 +413,14 @@ def stage_table(run_dir, bench="kg"):
         step = "-"
         if steps:
             per_seed = []
-            for j, d in enumerate(steps):
+            for sd, d in steps.items():
+                # resampling seeded by the run's seed number: a seed's interval whatever seeds sit beside it
+                j = int("".join(c for c in os.path.basename(sd) if c.isdigit()) or 0)
                 lo, hi = percentile_ci(bootstrap_means(list(d.values()), seed=j))
                 per_seed.append(f"{100 * sum(d.values()) / len(d):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-            ids = [i for i in steps[0] if all(i in d for d in steps)]
-            pooled = [sum(d[i] for d in steps) / len(steps) for i in ids]
+            first, *rest = steps.values()
+            pooled = [sum(d[i] for d in steps.values()) / len(steps) for i in first
+                      if all(i in d for d in rest)]
             lo, hi = percentile_ci(bootstrap_means(pooled))
             step = (f"{100 * sum(pooled) / len(pooled):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
                     f"({'; '.join(per_seed)})")

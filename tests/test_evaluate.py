@@ -2,6 +2,8 @@
 equivalence."""
 import json
 import os
+import random
+import shutil
 
 import pytest
 
@@ -270,3 +272,25 @@ def test_stage_table_gains_over_the_previous_stage_with_intervals(tmp_path):
     assert step.startswith("+20.0 [") and "(+10.0 [" in step and "; +30.0 [" in step
     lo, hi = (float(x) for x in step.split("[")[1].split("]")[0].split(", "))
     assert 0 <= lo < 20 < hi <= 60
+
+
+def test_stage_table_seed_interval_does_not_depend_on_other_seeds(tmp_path):
+    """SEEDS="1 2" and SEEDS="0 1 2" print the same interval for seed 2 (its resampling is seeded by 2)."""
+    rng = random.Random(0)
+    for sd in ("seed0", "seed2"):
+        for stage in ("sft", "grpo_stage1"):
+            c = [rng.random() < 0.5 for _ in range(200)]
+            d = tmp_path / sd / f"eval_{stage}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps({"kg": {"n": 200, "accuracy": sum(c) / 2,
+                                                               "unanswered": 0}}))
+            (d / "responses.jsonl").write_text("".join(json.dumps(dict(benchmark="kg", id=str(i), correct=x))
+                                                       + "\n" for i, x in enumerate(c)))
+
+    def seed2_interval():
+        row = next(r for r in stage_table(str(tmp_path))[0].splitlines() if r.startswith("| +RL stage 1"))
+        return row.split(" | ")[4].split("(")[1].split("; ")[-1].rstrip(")")
+
+    both = seed2_interval()
+    shutil.rmtree(tmp_path / "seed0")
+    assert seed2_interval() == both
