@@ -557,11 +557,11 @@ def main(argv=None):
         stats = policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
         row = step_metrics(step + 1, cur, G, lr, g, batch, parts, rewards, zero_var, stats,
                            t_roll, time.time() - t2 - stats.get("ref_s", 0), meter, args)
-        picked = [extract_answer(t, items[mine[j // G]]["options"]) for j, t in enumerate(g["texts"])]
-        signals = answer_signals(g["texts"], picked, [items[i]["answer"] for i in mine], parts, args.w_format)
+        picked = [extract_answer(t, batch[j // G]["options"]) for j, t in enumerate(g["texts"])]
+        signals = answer_signals(g["texts"], picked, [it["answer"] for it in batch], parts, args.w_format)
         row["warnings"] = canaries.check(step + 1, row, merge_signals(gather_objects(signals)))
         index = [j * world + rank for j in range(len(mine))]
-        questions = [build_messages(items[i])[1]["content"] for i in mine]
+        questions = [build_messages(it)[1]["content"] for it in batch]
         kept = rollout_log.groups(step + 1, cur.stage, batch, questions, g["texts"], parts,
                                   adv, g["reasons"], [len(o) for o in g["outs"]], G, index)
         groups = [x for part in gather_objects(kept) for x in part]
