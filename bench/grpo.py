@@ -9,6 +9,9 @@ same process count).
     python bench/grpo.py                 # builds a tiny KG set and a from-scratch tiny policy
     python bench/grpo.py --init runs/demo/seed0/sft --data runs/demo/data/rl_train.jsonl
     torchrun is not needed here; pass --nproc 2 to time the 2-rank FSDP2 run instead.
+
+To compare two commits, give both the same --init and --data: by default each builds its own with its own
+make_data.py and train_sft.py, so the prompts (and the work) change whenever those do.
 """
 import argparse
 import json
