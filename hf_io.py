@@ -59,7 +59,7 @@ def config_from_hf(d, path="config.json"):
         num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        max_position_embeddings=context,
         tie_word_embeddings=d.get("tie_word_embeddings", False),   # transformers' default for all three
         attention_bias=d.get("attention_bias", model_type == "qwen2"),
         qk_norm=(model_type == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
@@ -69,8 +69,7 @@ def config_from_hf(d, path="config.json"):
 def config_to_hf(cfg, dtype="float32"):
     """The config.json transformers (4.x and 5.x) and vLLM read for this config."""
     arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-    arch = arch[cfg.model_type]
-    d = dict(architectures=[arch], model_type=cfg.model_type, vocab_size=cfg.vocab_size,
+    d = dict(architectures=[arch[cfg.model_type]], model_type=cfg.model_type, vocab_size=cfg.vocab_size,
              hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
              num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
              num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
