@@ -100,30 +100,25 @@ def load_benchmark(name, path=None, data_dir=None, limit=None):
 # running a model over items
 
 
-def run_items(model, tok, items, max_new_tokens=512, batch_size=16, temperature=0.0, n_samples=1, seed=0,
+def run_items(model, tok, items, max_new_tokens=512, slots=16, temperature=0.0, n_samples=1, seed=0,
               rank=0, world=1, progress=True, cuda_graph=False):
-    """Generate for this rank's share (sorted by prompt length so batches pad little). Returns
-    {item id: [responses]} for the items of this rank."""
-    from fast import generate
+    """Generate for this rank's share: one queue through the rollout engine's slots (engine.py), so a long
+    answer holds one slot, not a whole batch. Returns {item id: [responses]} for the items of this rank."""
+    from engine import generate
     from tqdm import tqdm
     mine = items[rank::world]
     prompts = [prompt_ids(tok, it) for it in mine]
-    order = sorted(range(len(mine)), key=lambda i: -len(prompts[i]))
-    out = {}
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    bar = tqdm(range(0, len(order), batch_size), desc="eval", disable=not progress or rank != 0, leave=False)
-    for b in bar:
-        idx = order[b:b + batch_size]
-        # per-item seeds (its index in the full list): the same samples on 1 rank or N, in any batch
-        outs, _ = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                           temperature=temperature, num_samples=n_samples,
-                           stop_ids=[s for s in stop if s is not None],
-                           seed=[seed * 1_000_033 + rank + world * i for i in idx],
-                           pad_id=tok.pad_token_id or 0, cuda_graph=cuda_graph)
-        for j, i in enumerate(idx):
-            mine_outs = outs[j * n_samples:(j + 1) * n_samples]
-            out[mine[i]["id"]] = [tok.decode(o, skip_special_tokens=True) for o in mine_outs]
-    return out
+    bar = tqdm(total=len(mine) * n_samples, desc="eval", disable=not progress or rank != 0, leave=False)
+    # per-item seeds (its index in the full list): the same samples on 1 rank or N, with any number of slots
+    outs, _ = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                       num_samples=n_samples, stop_ids=[s for s in stop if s is not None],
+                       seed=[seed * 1_000_033 + rank + world * i for i in range(len(mine))],
+                       pad_id=tok.pad_token_id or 0, slots=slots, cuda_graph=cuda_graph,
+                       on_done=lambda _: bar.update())
+    bar.close()
+    return {it["id"]: [tok.decode(o, skip_special_tokens=True) for o in outs[j * n_samples:(j + 1) * n_samples]]
+            for j, it in enumerate(mine)}
 
 
 def score_items(items, responses, bench, lenient=False):
@@ -448,7 +443,9 @@ def main():
                     "id, response; items looked up from the benchmarks) without any model")
     # --- generation
     ap.add_argument("--max-new-tokens", type=at_least(1), default=512, help="generation budget per answer")
-    ap.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per generation batch")
+    ap.add_argument("--gen-slots", "--batch-size", dest="gen_slots", type=at_least(1), default=64,
+                    help="rows decoding at once (the rollout engine's slots: their KV cache is slots x (prompt "
+                    "+ --max-new-tokens)); the whole benchmark is one queue through them")
     ap.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0 = greedy")
     ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports "
                     "pass@n and majority vote")
@@ -547,7 +544,7 @@ def main():
         model = load_model(path, device=device, dtype=dtype).eval()
         tok = load_tokenizer(path)
         recs, summaries = evaluate_model(model, tok, asked, rank, world, args.lenient,
-                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                         max_new_tokens=args.max_new_tokens, slots=args.gen_slots,
                                          temperature=args.temperature, n_samples=args.n_samples,
                                          seed=args.seed,
                                          cuda_graph=args.cuda_graph and device.type == "cuda")

@@ -13,7 +13,6 @@ numbers up to float rounding (tests/test_fast.py checks each against the plain p
                            (--share-prompt), laid end to end in one unpadded row on a CPU
 Why each is faster, measured: bench/RESULTS.md.
 """
-import os
 import types
 from contextlib import contextmanager
 
@@ -22,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import cpu_has_native_bf16
-from model import KVCache, doc_starts, sample_next
+from model import KVCache, doc_starts, sample_next, sample_seeds
 from model import generate as model_generate
 
 ON = True   # False: --plain, the textbook paths of model.py / train_grpo.py only
@@ -304,13 +303,58 @@ def fixed_shape_step(model, tok_in, pos_in, cache):
     return replay
 
 
+def compute_dtype(model):
+    """(device, dtype) of a generate call: the weights' dtype, or autocast's when it is on (the cache is
+    stored in it, as attention reads it so: half the memory, no cast of the whole cache per layer per step;
+    and the weights are packed for it)."""
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled(dev.type):
+        dtype = torch.get_autocast_dtype(dev.type)
+    return dev, dtype
+
+
+def prefill(model, prompts, dtype, waste=0.15, pad_id=0):
+    """The prompts' forward, in buckets of similar length (prefill_buckets), each left-padded only to its own
+    longest prompt. Yields (rows, Pc, cache part (len(rows) rows x Pc slots), logits of each row's last
+    prompt token (len(rows), vocab) fp32) per bucket."""
+    dev, cfg = next(model.parameters()).device, model.config
+    for rows, Pc in prefill_buckets([len(p) for p in prompts], waste):
+        ids = torch.full((len(rows), Pc), pad_id, dtype=torch.long)
+        real = torch.zeros(len(rows), Pc, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, Pc - len(prompts[i]):] = torch.tensor(prompts[i])
+            real[r, Pc - len(prompts[i]):] = 1
+        ids, real = ids.to(dev), real.to(dev)
+        part = FastCache(cfg.num_hidden_layers, len(rows), cfg.num_key_value_heads, Pc, cfg.head_dim, dev, dtype)
+        logits = model(ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), cache=part, attention_mask=real,
+                       last_only=True)[:, -1].float()
+        yield rows, Pc, part, logits
+
+
+def row_budgets(max_new_tokens, n):
+    """max_new_tokens: one budget for every row, or one per row (a scripted stop: bench/rollout.py)."""
+    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != n or min(budgets) < 1:
+        raise ValueError(f"generate: {n} rows need {n} budgets of at least 1 token, got {len(budgets)}")
+    return budgets
+
+
+def count_pass(stats, rows):
+    """bench/rollout.py's counters: decode forward passes, and the rows they computed."""
+    if stats is not None:
+        stats["passes"] = stats.get("passes", 0) + 1
+        stats["row_steps"] = stats.get("row_steps", 0) + rows
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
              num_samples=1, seed=None, pad_id=0, compact_frac=0.25, waste=0.15, cuda_graph=False,
-             return_logprobs=False):
+             return_logprobs=False, stats=None):
     """prompts: list of token-id lists (ragged). Returns (completions, finish_reasons), one per prompt and
     sample, in order prompt0-sample0, prompt0-sample1, ...; each completion ends with its stop token if it
-    stopped ("stop"), else it is max_new_tokens long ("length").
+    stopped ("stop"), else it is max_new_tokens long ("length"). One static batch: every row starts
+    together and the call lasts as long as its longest row (engine.generate refills finished rows instead).
 
     Prompts are left-padded into one batch; each row has its own positions, and pad slots are masked out
     of attention, so a row's tokens do not depend on what else is in the batch. The prefill runs in
@@ -323,49 +367,31 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     CUDA graph replay on a GPU (see fixed_shape_step); same tokens up to float rounding. Not under FSDP.
     With ON False (--plain): model.generate, the textbook loop, same tokens. return_logprobs: also each
     sampled token's log-probability under the model (temperature 1, before top-k / top-p), for comparing
-    the trainer's scoring with the rollout's."""
+    the trainer's scoring with the rollout's. max_new_tokens may be one budget per row; stats: a dict that
+    counts decode passes and the rows they computed (bench/rollout.py)."""
     if not ON:
         return model_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                              num_samples,
-                              seed, pad_id, return_logprobs)
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled(dev.type):
-        # under autocast the compute dtype is autocast's: the cache is stored in it (attention reads it so;
-        # half the memory, and no cast of the whole cache per layer per step) and the weights are packed for
-        # it
-        dtype = torch.get_autocast_dtype(dev.type)
+                              num_samples, seed, pad_id, return_logprobs)
+    dev, dtype = compute_dtype(model)
     cfg = model.config
     B, G = len(prompts), num_samples
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     if int(lens.min()) == 0:
         raise ValueError("generate: empty prompt")
+    budget = torch.tensor(row_budgets(max_new_tokens, B * G), device=dev)
+    max_new = int(budget.max())
     P = int(lens.max())
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
-    amask = torch.zeros(B, P, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, device=dev)
-        amask[i, P - len(p):] = 1
-    positions = (amask.cumsum(1) - 1).clamp(min=0)
-    if seed is None:   # fresh entropy, without re-seeding torch's global generator (callers' state is theirs)
-        seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
-    row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(G)], dtype=torch.long,
-                             device=dev)
+    row_seeds = torch.tensor(sample_seeds(seed, B, G), dtype=torch.long, device=dev)
     cache = (FixedShapeCache if cuda_graph else FastCache)(cfg.num_hidden_layers, B, cfg.num_key_value_heads,
-                                                            P + max_new_tokens, cfg.head_dim, dev, dtype)
+                                                            P + max_new, cfg.head_dim, dev, dtype)
     # bf16 on CPU: weights packed once for all the matmuls of this call
     with packed_linears(model, B * G, dtype):
         logits = torch.empty(B, cfg.vocab_size, device=dev)
-        for rows_, Pc in prefill_buckets(lens.tolist(), waste):
-            # each bucket of similar lengths is prefilled padded only to its own longest prompt, into the
-            # right end of the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are
-            # mostly saved
+        # each bucket of similar lengths prefilled padded only to its own longest prompt, into the right end of
+        # the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are mostly saved
+        for rows_, Pc, part, lg in prefill(model, prompts, dtype, waste, pad_id):
             r = torch.tensor(rows_, device=dev)
-            L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-            part = FastCache(L, len(rows_), Hkv, Pc, D, dev, dtype)
-            logits[r] = model(ids[r, P - Pc:], position_ids=positions[r, P - Pc:], cache=part,
-                              attention_mask=amask[r, P - Pc:], last_only=True)[:, -1].float()
+            logits[r] = lg
             cache.k[:, r, :, P - Pc:P], cache.v[:, r, :, P - Pc:P] = part.k, part.v
             cache.valid[r, P - Pc:P] = part.valid
         cache.length = P
@@ -374,8 +400,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
             cache.select_rows(rep)
             logits, lens = logits[rep], lens[rep]
         N = B * G
-        out = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=dev)   # -1 = not generated
-        logps = torch.zeros(N, max_new_tokens, device=dev) if return_logprobs else None
+        out = torch.full((N, max_new), -1, dtype=torch.long, device=dev)   # -1 = not generated
+        logps = torch.zeros(N, max_new, device=dev) if return_logprobs else None
         stopped = torch.zeros(N, dtype=torch.bool, device=dev)
         rows = torch.arange(N, device=dev)   # output row of each batch row; -1 once finished (until dropped)
         next_pos = lens.clone()
@@ -383,19 +409,21 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
         if cuda_graph:
             tok_in, pos_in = torch.zeros(N, 1, dtype=torch.long, device=dev), next_pos[:, None].clone()
             fixed_step = None
-        for step in range(max_new_tokens):
+        for step in range(max_new):
             tok = sample_next(logits, temperature, top_k, top_p, row_seeds, step)
             live = rows >= 0
             out[rows[live], step] = tok[live]
             if return_logprobs:
                 lp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
                 logps[rows[live], step] = lp[live]
-            done = live & torch.isin(tok, stop)
-            stopped[rows[done]] = True
+            hit = live & torch.isin(tok, stop)
+            stopped[rows[hit]] = True
+            done = hit | (live & (budget[rows.clamp(min=0)] <= step + 1))
             rows = torch.where(done, -1, rows)
             n_live = int((rows >= 0).sum())
-            if n_live == 0 or step == max_new_tokens - 1:
+            if n_live == 0 or step == max_new - 1:
                 break
+            count_pass(stats, len(rows))
             # new inputs into the fixed buffers; finished rows decode throwaway tokens to the end
             if cuda_graph:
                 tok_in.copy_(tok[:, None])
@@ -418,7 +446,6 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     if return_logprobs:
         return completions, reasons, [lp[:len(c)] for lp, c in zip(logps.tolist(), completions)]
     return completions, reasons
-
 
 
 # -----------------------------------------------------------------------------

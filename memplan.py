@@ -17,7 +17,9 @@ Per rank, for P parameters sharded over W ranks by FSDP2 (fp32 master weights, A
                recomputed); attention scores where a CPU attends per sequence with plain matmuls; the
                log-probs' chunk of vocabulary logits (model.token_logprobs)
   a rollout    the whole policy gathered (plus, on a CPU, its weights packed for oneDNN; on one GPU under
-               autocast, their bf16 copies), the KV cache, sampling's (rows x vocab) temporaries
+               autocast, their bf16 copies), the rollout engine's KV cache (--gen-slots slots x context;
+               by default as many slots as fit beside the rest, fit_slots), sampling's (slots x vocab)
+               temporaries
 Phases do not overlap: total = always + the largest phase.
 """
 import os
@@ -54,11 +56,11 @@ def layer_act_bytes(cfg, c, resid=4):
     return 2 * H * resid + c * (2 * H + 3 * q + 2 * kv + 4 * I) + 4 * cfg.num_attention_heads
 
 
-def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, rows=0, ctx=0, ref=False,
+def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0, ctx=0, ref=False,
          sdpa_len=0):
     """[(what, bytes, phase)] per rank. kind: "sft" or "grpo". tokens: tokens in one micro-batch's forward,
     seq_len: the longest sequence that attends as one (per-sequence attention scores on CPU: sdpa_len > 0),
-    rows / ctx: rollout rows per rank and their prompt + new tokens (grpo)."""
+    slots / ctx: the rollout engine's decode slots per rank and their prompt + new tokens (grpo)."""
     P, block, root = param_counts(cfg)
     W, L, V = world, cfg.num_hidden_layers, cfg.vocab_size
     mp = cuda and bf16 and W > 1                # FSDP mixed precision: gathered weights in bf16
@@ -105,13 +107,33 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, rows=0,
             rows_out.append(("rollout: weights packed for oneDNN (CPU)", c * P, "rollout"))
         elif bf16 and not mp:
             rows_out.append(("rollout: autocast's bf16 weight copies", 2 * P, "rollout"))
-        kv = rows * ctx * L * 2 * cfg.num_key_value_heads * cfg.head_dim * c
-        rows_out.append((f"rollout: KV cache, {rows} rows x {ctx:,} tokens", kv, "rollout"))
-        rows_out.append((f"rollout: sampling over the vocabulary, {rows} rows", 48 * rows * V, "rollout"))
+        rows_out.append((f"rollout: KV cache, {slots} slots x {ctx:,} tokens (--gen-slots)",
+                         slots * kv_bytes(cfg, ctx, bf16), "rollout"))
+        rows_out.append((f"rollout: sampling over the vocabulary, {slots} slots", 48 * slots * V, "rollout"))
         if ref:   # its forward, no gradients: a gathered block, one block's activations, a logits chunk
             rows_out.append(("reference forward", (ref_c * (root + 2 * block) if W > 1 else 0)
                              + tokens * per_tok + (c + 8) * chunk * V, "ref"))
     return rows_out
+
+
+def kv_bytes(cfg, ctx, bf16):
+    """One decode slot's KV cache: keys and values of ctx tokens in every layer, in the compute dtype."""
+    return ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (2 if bf16 else 4)
+
+
+def slot_bytes(cfg, ctx, bf16):
+    """A decode slot's whole rollout memory: its KV cache and its share of sampling's (slots x vocab) fp32 and
+    int64 temporaries (logits, the Gumbel uniforms' hash, their doubles: ~48 bytes a vocabulary entry)."""
+    return kv_bytes(cfg, ctx, bf16) + 48 * cfg.vocab_size
+
+
+def fit_slots(rows, cap, per_slot, most):
+    """--gen-slots 0: the decode slots the rollout phase has room for within 90 % of cap beside everything else
+    it holds (rows: a plan with 0 slots), at least 1 (a plan where even one does not fit then refuses, naming
+    its largest part) and at most `most` (the requests of the largest call)."""
+    always = sum(b for _, b, ph in rows if ph == "always")
+    rollout = sum(b for _, b, ph in rows if ph == "rollout")
+    return int(max(1, min(most, (0.9 * cap - always - rollout) // per_slot)))
 
 
 def total(rows):
@@ -153,8 +175,8 @@ def report(rows, cap, header):
 ADVICE = [("activations", "lower --micro-batch / --micro-rows or add --act-ckpt"),
           ("attention scores", "add --act-ckpt or lower --seq-len / --micro-rows"),
           ("logits", "lower --logits-chunk"),
-          ("KV cache", "lower --questions-per-step, --group-size or --max-new-tokens, or add ranks"),
-          ("sampling", "lower --questions-per-step or --group-size"),
+          ("KV cache", "lower --gen-slots or --max-new-tokens, or add ranks"),
+          ("sampling", "lower --gen-slots"),
           ("reference", "add --bf16 or ranks, or --kl-beta 0"),
           ("weights", "add ranks (torchrun --nproc_per_node / --nnodes)"),
           ("AdamW", "add ranks (torchrun --nproc_per_node / --nnodes)"),

@@ -387,13 +387,24 @@ def _signed(c):
 _MASK = [(1 << (64 - k)) - 1 for k in range(64)]
 
 
+def sample_seeds(seed, n_prompts, n_samples):
+    """The seed of each row, prompt-major: sample j of prompt i gets seed_i * 1_000_003 + j, where seed_i is
+    seed + i for an int seed, the i-th of a list, or fresh entropy for None (without re-seeding torch's
+    global generator: callers' state is theirs)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") % 2**31
+    seeds = [seed + i for i in range(n_prompts)] if isinstance(seed, int) else list(seed)
+    return [s * 1_000_003 + j for s in seeds for j in range(n_samples)]
+
+
 def row_uniforms(row_seeds, step, V):
     """(B, V) uniforms in (0, 1) from a counter-based hash (splitmix64) of (row seed, step, token id).
     Why not torch.multinomial with one generator: there a row's sample depends on which other rows share the
     batch. Here it depends only on its own seed, so rollouts are the same whatever the batch, the number of
     ranks or the order of prompts, which GRPO's 1-rank == N-rank equivalence needs."""
-    x = row_seeds[:, None] * _signed(0x9E3779B97F4A7C15) \
-        + torch.full_like(row_seeds[:, None], step) * _signed(0xD1B54A32D192ED03) \
+    # step: one for every row, or a (B,) tensor (engine.py: each slot is at its own step)
+    steps = step[:, None] if torch.is_tensor(step) else torch.full_like(row_seeds[:, None], step)
+    x = row_seeds[:, None] * _signed(0x9E3779B97F4A7C15) + steps * _signed(0xD1B54A32D192ED03) \
         + torch.arange(V, device=row_seeds.device) * _signed(0x8CB92BA72F3D8DD7)
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = x ^ ((x >> shift) & _MASK[shift])
@@ -440,11 +451,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     cfg = model.config
     if min(map(len, prompts)) == 0:
         raise ValueError("generate: empty prompt")
-    if seed is None:   # fresh entropy, without re-seeding torch's global generator (callers' state is theirs)
-        seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     rows = [p for p in prompts for _ in range(num_samples)]
-    row_seeds = torch.tensor([s * 1_000_003 + j for s in seeds for j in range(num_samples)], device=dev)
+    row_seeds = torch.tensor(sample_seeds(seed, len(prompts), num_samples), device=dev)
     N, P = len(rows), max(map(len, rows))
     ids = torch.full((N, P), pad_id, dtype=torch.long, device=dev)
     # 1 where a prompt token is, 0 on the left padding

@@ -1,6 +1,6 @@
 """
 train_grpo.py: two-stage RLVR with GRPO (paper 3.3). Rollouts from the current policy with model.py's
-KV-cached generation, reward = answer correctness + format (never length), advantage = reward minus the
+rollout engine (engine.py: continuous batching over the plan's decode slots), reward = answer correctness + format (never length), advantage = reward minus the
 group mean, stage 1 on Easy + Moderate items, stage 2 once rewards go sparse: hard-sample mining over the
 whole training set, more rollouts per question, mining repeated every M steps.
 
@@ -27,7 +27,8 @@ from common import (MetricsLog, add_run_flags, all_reduce_max, all_reduce_sum, a
 from mcq import build_messages, extract_answer, format_ok, prompt_ids, read_records
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, unsharded)
-from memplan import Meter, announce, plan, size
+from memplan import Meter, announce, device_memory, fit_slots, plan, size, slot_bytes
+import engine
 import fast
 from hf_io import has_tokenizer, load_tokenizer, read_config
 from watch import Canaries, RolloutLog, Wandb, answer_signals, merge_signals
@@ -248,8 +249,9 @@ def get_args(argv=None):
     ap.add_argument("--share-prompt", type=at_least(1), default=1, help="completions of one prompt "
                     "scored in one row behind a single copy of it (same log-probs, ~2x less work for short "
                     "answers to long prompts)")
-    ap.add_argument("--gen-batch", type=at_least(1), default=32, help="questions per generate call when "
-                    "mining and evaluating (memory: their KV cache)")
+    ap.add_argument("--gen-slots", type=at_least(0), default=0, help="rollout engine decode slots per rank "
+                    "(rows decoding at once; their KV cache is slots x (prompt + --max-new-tokens)); 0: as many "
+                    "as the memory plan has room for, up to the most requests a call has")
     ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts "
                     "and evals one CUDA graph replay (bench/generate.py); ignored on CPU and under FSDP")
     # --- what the policy writes, and warnings (watch.py)
@@ -284,12 +286,11 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
     only on its item and step, never on the batch or the rank."""
     prompts = [prompt_ids(tok, it) for it in items]
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
-        res = fast.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
-                            num_samples=G,
-                            seed=seeds, pad_id=tok.pad_token_id or 0, cuda_graph=args.use_graph,
-                            # model.generate's tokens, less work (--plain: that one)
-                            return_logprobs=logprobs)
+        # model.generate's tokens, less work (--plain: that one): one queue over --gen-slots slots
+        res = engine.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
+                              num_samples=G, seed=seeds, pad_id=tok.pad_token_id or 0, slots=args.gen_slots,
+                              cuda_graph=args.use_graph, return_logprobs=logprobs)
     outs, reasons = res[0], res[1]
     return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
                 texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0)
@@ -382,14 +383,12 @@ def policy_update(model, ref, opt, g, adv, keep, args, lr, world, device, meter)
 def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
     """Fraction of k samples correct for each item index in idx (sharded over ranks, gathered)."""
     mine = idx[rank::world]
+    # one queue over this rank's share: the engine keeps its slots full; seeds per item, as in any split
+    g = sample_groups(model, tok, [items[i] for i in mine], k, args, [seed * 1_000_003 + i for i in mine], device)
     rates = {}
-    for b in range(0, len(mine), args.gen_batch):   # gen_batch items x k samples a generate call
-        chunk = mine[b:b + args.gen_batch]
-        seeds = [seed * 1_000_003 + i for i in chunk]
-        g = sample_groups(model, tok, [items[i] for i in chunk], k, args, seeds, device)
-        for j, i in enumerate(chunk):
-            rows = range(j * k, (j + 1) * k)
-            rates[i] = sum(reward_parts(g["texts"][r], items[i], g["reasons"][r])[0] for r in rows) / k
+    for j, i in enumerate(mine):
+        rows = range(j * k, (j + 1) * k)
+        rates[i] = sum(reward_parts(g["texts"][r], items[i], g["reasons"][r])[0] for r in rows) / k
     return {i: p for part in gather_objects(rates) for i, p in part.items()}
 
 
@@ -397,7 +396,7 @@ def evaluate_policy(model, tok, val, args, rank, world, device):
     """Greedy accuracy and format rate on the held-out items (evaluate.py's runner and scoring)."""
     from evaluate import run_items, score_items
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
-        resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+        resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, slots=args.gen_slots,
                          temperature=0.0, rank=rank, world=world, progress=False, cuda_graph=args.use_graph)
     resp = {k: v for p in gather_objects(resp) for k, v in p.items()}
     _, s = score_items(val, resp, "val")
@@ -436,12 +435,19 @@ def memory_plan(args, cfg, tok, items, world, device):
     cuda = device.type == "cuda" or args.gpu_mem is not None
     prompt = max((len(prompt_ids(tok, it)) for it in items[:2000]), default=512) if tok else 512
     ctx = prompt + args.max_new_tokens
-    rows = max(args.questions_per_step // world * max(args.group_size, args.stage2_group_size),
-               # a step's rollouts, or a mining call (and evaluation: fewer)
-               args.gen_batch * args.mine_samples)
+    # the most requests one generate call has: a step's rollouts, a mining call, or the evaluation
+    n_mine = min(args.mine_max or len(items), len(items))
+    most = max(args.questions_per_step // world * max(args.group_size, args.stage2_group_size),
+               -(-n_mine // world) * args.mine_samples, -(-args.val_size // world), 1)
     tokens = args.micro_batch * args.max_new_tokens + -(-args.micro_batch // args.share_prompt) * prompt
-    p = plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk, rows=rows,
-             ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx)
+
+    def grpo_plan(slots):
+        return plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk,
+                    slots=slots, ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx)
+    cap = device_memory(args.gpu_mem, cuda, args.plan_world or int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if not args.gen_slots:   # what the KV budget fits beside the rest
+        args.gen_slots = fit_slots(grpo_plan(0), cap, slot_bytes(cfg, ctx, args.bf16), most)
+    p = grpo_plan(args.gen_slots)
     return announce(p, f"GRPO, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
                     f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}, prompts up to {prompt} "
                     f"tokens",

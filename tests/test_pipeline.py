@@ -40,14 +40,16 @@ KL = ["--kl-beta", "0.05", "--skip-zero-var", "--micro-batch", "2", "--warmup", 
 def two_rank_run(tiny):
     """The 2-rank run the tests below compare with (each group's prompt scored once: --share-prompt 4)."""
     if not (tiny / "g2" / "model.safetensors").exists():
-        out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g2") + KL + ["--share-prompt", "4"],
-                  nproc=2)
+        # and three decode slots a rank: the rollout, mining and evaluation queues are longer than the slots
+        out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g2") + KL + ["--share-prompt", "4",
+                                                                                  "--gen-slots", "3"], nproc=2)
         (tiny / "g2.log").write_text(out)
     return tiny / "g2"
 
 
 def test_grpo_two_ranks_match_one_and_stages(tiny):
-    """1 rank and 2 (FSDP2, gloo): the same rollouts, rewards, losses and KL. The rank with fewer kept
+    """1 rank and 2 (FSDP2, gloo), all rows in slots at once and 3 slots a rank: the same rollouts, rewards,
+    losses and KL. The rank with fewer kept
     completions runs empty-weight passes to keep the collective FSDP forwards in step; those passes once
     looked up reference log-probs that had not been computed for them. The reference is sharded: half of
     it on each rank."""
@@ -101,12 +103,12 @@ def test_evaluate_shared_samples_one_and_two_ranks(tiny):
             "--file", f"medqa={FIX}/medqa_5opt_sample.jsonl", "--file",
             f"medbullets={FIX}/medbullets_op4_sample.jsonl",
             "--file", f"medxpertqa={FIX}/medxpertqa_text_sample.jsonl", "--max-new-tokens", "16",
-            "--batch-size", "8"]
+            "--gen-slots", "8"]
     out = run(args + ["--out", str(tiny / "e1")])
     # two ranks, and two models in one launch (run.sh's four evaluations per seed): each as if run alone
+    # and 3 decode slots a rank instead of 8: one queue longer than the slots
     run(args[:3] + [str(tiny / "sft")] + args[3:] + ["--out", str(tiny / "e2"), str(tiny / "e3"), "--label",
-                                                     "ours",
-                                                     "again"], nproc=2)
+                                                     "ours", "again", "--gen-slots", "3"], nproc=2)
     assert "| ours |" in out and "Fleming-R1-7B (paper)" in out
     r1 = json.load(open(tiny / "e1" / "results.json"))
     r2 = json.load(open(tiny / "e2" / "results.json"))

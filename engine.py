@@ -1,0 +1,182 @@
+"""
+engine.py: the rollout engine. Continuous batching over a fixed pool of decode slots, apart from the model
+(model.py) and from the static-batch generate it replaces (fast.generate), as nanochat keeps engine.py
+apart from gpt.py. The GRPO rollouts, stage-2 mining, periodic evaluation and evaluate.py all generate here.
+
+    from engine import generate        # fast.generate's arguments and results, plus slots=
+    outs, reasons = generate(model, prompts, max_new_tokens=256, num_samples=8, seed=0, slots=64)
+
+    python bench/rollout.py            # against fast.generate (eager and fixed-shape) and transformers
+
+A call is a queue of requests, (prompt i, sample j) in order, and S slots over one preallocated KV cache.
+Each step samples one token in every live slot and decodes all S slots in one forward; a slot whose
+request stops (its stop token or its budget) takes the next waiting request at once: the prompts that
+arrive in a step are prefilled together (fast.prefill: buckets of similar length) and copied into their
+slots, and the G samples of a prompt share that one prefill (its KV stays pending until its last sample
+has a slot). So a call costs about (completion tokens / S) decode passes instead of (rows / S) x its
+longest completion, and the cache is S x (longest prompt + budget), not rows x that.
+
+Why a contiguous cache per slot and not blocks (vLLM's PagedAttention, Nano-vLLM's block manager): every
+request of a call fits the same context (longest prompt + max_new_tokens), so a slot never overflows and
+needs no block table; blocks would let the G samples keep one copy of their prompt's KV, but attention
+over a block table needs a gather per layer per step (a paged-attention kernel) that PyTorch's SDPA does
+not have, while copying a prompt into G slots costs one prompt's worth of memory traffic per sample,
+little beside that sample's decode steps.
+
+The step keeps one shape (S rows): with cuda_graph=True it is one CUDA graph replay (fast.fixed_shape_step)
+and attends over the whole slot length under a mask; eagerly (a CPU) it attends only up to the longest
+live slot, and once the queue is empty it drops finished slots from the batch (compact_frac), as
+fast.generate does. Each completion is a function of its prompt, its sample index and its seed only
+(model.row_uniforms, one step counter per slot): the tokens of fast.generate and model.generate, whatever
+S, the order of arrival or the number of ranks (tests/test_engine.py).
+"""
+from collections import deque
+
+import torch
+
+import fast
+from fast import Fold, compute_dtype, count_pass, fixed_shape_step, packed_linears, prefill, row_budgets
+from model import generate as model_generate
+from model import sample_next, sample_seeds
+
+
+class SlotCache:
+    """KV buffers (layers, S, Hkv, max_len, D), one contiguous row per slot: slot s holds its request's prompt
+    and completion at 0 .. lens[s] - 1, and the token being decoded goes to lens[s] (also its position). An
+    idle slot has lens 0: it decodes a throwaway token at 0, which the next prefill overwrites."""
+
+    def __init__(self, num_layers, slots, num_kv_heads, max_len, head_dim, device, dtype, fixed):
+        self.k = torch.zeros(num_layers, slots, num_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.lens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.fixed = fixed   # CUDA graph: nothing may depend on the host, so attend over all max_len
+        self.span = max_len
+
+    def begin(self, T, pad_mask=None):
+        assert T == 1, "the slot cache decodes one token per slot"
+        S, Hkv, M, D = self.k.shape[1:]
+        if not self.fixed:   # eager: only as far as the longest slot (a host read per step)
+            self.span = int(self.lens.max()) + 1
+        self.at = self.lens.view(S, 1, 1, 1).expand(S, Hkv, 1, D)
+        seen = torch.arange(self.span, device=self.lens.device) <= self.lens[:, None]   # this token included
+        return Fold(seen[:, None, None, :])
+
+    def update(self, layer, k, v):
+        self.k[layer].scatter_(2, self.at, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, self.at, v.to(self.v.dtype))
+        return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
+
+    def end(self, T):
+        pass   # the engine advances lens of the live slots only
+
+    def fill(self, slot, k, v):
+        """A prompt's prefilled keys and values (layers, Hkv, P, D) into a slot."""
+        P = k.shape[2]
+        self.k[:, slot, :, :P], self.v[:, slot, :, :P] = k, v
+        self.lens[slot] = P
+
+    def keep(self, idx):
+        self.k, self.v, self.lens = self.k[:, idx], self.v[:, idx], self.lens[idx]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
+             num_samples=1, seed=None, pad_id=0, slots=None, cuda_graph=False, return_logprobs=False,
+             compact_frac=0.25, waste=0.15, on_done=None, stats=None):
+    """fast.generate's arguments and results (completions, finish reasons[, log-probs]), one per prompt and
+    sample in the order prompt0-sample0, prompt0-sample1, ..., with the requests decoded through `slots`
+    slots (default: all rows at once). max_new_tokens: one budget, or one per row. on_done(row): called
+    as each row finishes (a progress bar). stats: counts decode passes and the slots they computed. With
+    fast.ON False (--plain): model.generate, the textbook loop, same tokens."""
+    if not fast.ON:
+        return model_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                              num_samples, seed, pad_id, return_logprobs)
+    if min(map(len, prompts), default=1) == 0:
+        raise ValueError("generate: empty prompt")
+    dev, dtype = compute_dtype(model)
+    cfg = model.config
+    G, N = num_samples, len(prompts) * num_samples
+    budget = row_budgets(max_new_tokens, N)
+    seeds = sample_seeds(seed, len(prompts), G)
+    S = max(1, min(slots or N, N))
+    cache = SlotCache(cfg.num_hidden_layers, S, cfg.num_key_value_heads, max(map(len, prompts)) + max(budget),
+                      cfg.head_dim, dev, dtype, cuda_graph)
+    queue = deque(range(N))
+    pending = {}                        # prompt -> [keys, values, last logits, samples not yet in a slot]
+    req = [-1] * S                      # the row each slot decodes, -1 when idle
+    steps = torch.zeros(S, dtype=torch.long, device=dev)       # tokens each slot's row has so far
+    row_seeds = torch.zeros(S, dtype=torch.long, device=dev)
+    logits = torch.zeros(S, cfg.vocab_size, device=dev)
+    outs, logps, reasons = [[] for _ in range(N)], [[] for _ in range(N)], ["length"] * N
+    stop = set(stop_ids)
+    tok_in = torch.zeros(S, 1, dtype=torch.long, device=dev)
+    graph_step = None
+
+    def admit(free):
+        """The next requests into the free slots; prompts not seen yet prefilled together."""
+        new = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+        fresh = sorted({r // G for r in new} - set(pending))
+        if fresh:
+            for rows, Pc, part, lg in prefill(model, [prompts[i] for i in fresh], dtype, waste, pad_id):
+                for b, r in enumerate(rows):
+                    n = len(prompts[fresh[r]])
+                    pending[fresh[r]] = [part.k[:, b, :, Pc - n:], part.v[:, b, :, Pc - n:], lg[b], G]
+        for s, r in zip(free, new):
+            p = pending[r // G]
+            cache.fill(s, p[0], p[1])
+            logits[s], steps[s], row_seeds[s], req[s] = p[2], 0, seeds[r], r
+            p[3] -= 1
+            if p[3] == 0:
+                del pending[r // G]
+
+    with packed_linears(model, S, dtype):
+        while True:
+            free = [s for s in range(len(req)) if req[s] < 0]
+            if free and queue:
+                admit(free)
+            tok = sample_next(logits, temperature, top_k, top_p, row_seeds, steps)
+            lp = (logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)).tolist() \
+                if return_logprobs else None
+            done = []
+            for s, t in enumerate(tok.tolist()):
+                r = req[s]
+                if r < 0:
+                    continue
+                outs[r].append(t)
+                if return_logprobs:
+                    logps[r].append(lp[s])
+                if t in stop or len(outs[r]) >= budget[r]:
+                    reasons[r] = "stop" if t in stop else "length"
+                    req[s] = -1
+                    done.append(s)
+                    if on_done:
+                        on_done(r)
+            if done:
+                cache.lens[torch.tensor(done, device=dev)] = 0
+            live = [s for s in range(len(req)) if req[s] >= 0]
+            if not live:   # every slot just finished: the next requests' first tokens come from their prefill
+                if not queue:
+                    break
+                continue
+            # the queue is empty: finished slots leave the batch once they are compact_frac of it (eager only;
+            # a CUDA graph keeps its shape)
+            if not queue and not cuda_graph and 1 - len(live) / len(req) >= compact_frac:
+                idx = torch.tensor(live, device=dev)
+                cache.keep(idx)
+                req, tok, steps, row_seeds, logits = ([req[s] for s in live], tok[idx], steps[idx],
+                                                      row_seeds[idx], logits[idx])
+                tok_in = tok_in[:len(live)]
+            count_pass(stats, len(req))
+            tok_in.copy_(tok[:, None])
+            if cuda_graph:
+                if graph_step is None:   # positions are the slots' lens: the graph reads them in place
+                    graph_step = fixed_shape_step(model, tok_in, cache.lens[:, None], cache)
+                logits.copy_(graph_step())
+            else:
+                logits = model(tok_in, position_ids=cache.lens[:, None], cache=cache)[:, -1].float()
+            on = torch.tensor([r >= 0 for r in req], device=dev)
+            cache.lens += on
+            steps += on
+    if return_logprobs:
+        return outs, reasons, logps
+    return outs, reasons
