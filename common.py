@@ -1,7 +1,9 @@
 """
-common.py: the pieces train_sft.py, train_grpo.py and evaluate.py share: torchrun setup and collectives,
-the LR schedule, JSONL metrics, the run folder (refused, resumed or overwritten; locked), the end of a
-run. FSDP2 sharding, loading and checkpoints are in fsdp.py; curves and report.html in report.py.
+common.py: only what the scripts share (train_sft.py, train_grpo.py, evaluate.py, and fast.py's bf16 probe):
+torchrun setup and collectives, bf16 / autocast checks, the LR schedule and seeds, JSONL metrics, the run
+folder (refused, resumed or overwritten; locked) and the shared run flags. It imports nothing of the project
+but cli.py. Elsewhere: FSDP2 sharding, loading and checkpoints in fsdp.py; the end of a run (export, curves,
+report.html, memory against the plan) in report.py; intervals and tests in stats.py.
 """
 import atexit
 import json
@@ -245,23 +247,6 @@ atexit.register(release_lock)
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
-
-
-def finish_run(model, tok, args, rank, world, meter, planned, title, keys, png="curves.png"):
-    """The end of a training run: the model in the HF layout at --out (not after --stop-after), its curves and
-    report.html, each rank's peak memory beside the plan, and the process group torn down."""
-    from fsdp import export_hf
-    from memplan import report_peaks
-    if args.stop_after is None or args.stop_after >= args.steps:
-        with meter.phase("export"):
-            export_hf(model, tok, args.out, rank)
-        if rank == 0:
-            from report import plot_metrics, write_report
-            plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, png), keys, title)
-            write_report(args.out)
-        print0(f"saved {args.out} (HF layout), {args.out}/{png} and {args.out}/report.html")
-    report_peaks(meter, planned, rank, world)
-    close_distributed()
 
 
 def need(path, what, hint):

@@ -6,6 +6,7 @@ apart from gpt.py. The GRPO rollouts, stage-2 mining, periodic evaluation and ev
     from engine import generate        # fast.generate's arguments and results, plus slots=
     outs, reasons = generate(model, prompts, max_new_tokens=256, num_samples=8, seed=0, slots=64)
 
+    python engine.py --path runs/demo/seed0/sft --prompt "A patient presents with"   # one chat answer
     python bench/rollout.py            # against fast.generate (eager and fixed-shape) and transformers
 
 A call is a queue of requests, (prompt i, sample j) in order, and S slots over one preallocated KV cache.
@@ -30,6 +31,7 @@ fast.generate does. Each completion is a function of its prompt, its sample inde
 (model.row_uniforms, one step counter per slot): the tokens of fast.generate and model.generate, whatever
 S, the order of arrival or the number of ranks (tests/test_engine.py).
 """
+import argparse
 from collections import deque
 
 import torch
@@ -180,3 +182,21 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     if return_logprobs:
         return outs, reasons, logps
     return outs, reasons
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Answer one chat prompt from an HF-layout checkpoint.")
+    ap.add_argument("--path", required=True, help="checkpoint directory (ours or a real Qwen)")
+    ap.add_argument("--prompt", default="A patient presents with", help="user message (chat template applied)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = ap.parse_args()
+    from hf_io import load_model, load_tokenizer
+    m, tok = load_model(args.path).eval(), load_tokenizer(args.path)
+    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                  tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    stop = [t for t in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
+    out, why = generate(m, [ids], args.max_new_tokens, args.temperature, seed=args.seed, stop_ids=stop)
+    print(tok.decode(out[0], skip_special_tokens=True), f"[{why[0]}]")

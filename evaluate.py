@@ -27,6 +27,7 @@ from cli import Parser, at_least, guard
 from mcq import (LETTERS, build_messages, canon, conv_careqa, conv_jmed, conv_medbullets, conv_medmcqa,
                  conv_medqa, conv_medxpertqa, conv_mmlu_pro, conv_ours, conv_pubmedqa, convert,
                  extract_answer, jsonl_rows, prompt_ids, read_records)
+from stats import bootstrap_means, macro_ci, mcnemar, paired_diff_ci, percentile_ci, wilson
 
 # name: (column in the paper's Table 3, hub id, config, split, size, converter, row filter, options an item)
 BENCHMARKS = {
@@ -117,7 +118,8 @@ def run_items(model, tok, items, max_new_tokens=512, slots=16, temperature=0.0, 
                        pad_id=tok.pad_token_id or 0, slots=slots, cuda_graph=cuda_graph,
                        on_done=lambda _: bar.update())
     bar.close()
-    return {it["id"]: [tok.decode(o, skip_special_tokens=True) for o in outs[j * n_samples:(j + 1) * n_samples]]
+    n = n_samples
+    return {it["id"]: [tok.decode(o, skip_special_tokens=True) for o in outs[j * n:(j + 1) * n]]
             for j, it in enumerate(mine)}
 
 
@@ -156,56 +158,6 @@ def score_items(items, responses, bench, lenient=False):
 def macro_average(summaries):
     accs = [s["accuracy"] for s in summaries.values() if s["n"] > 0]
     return sum(accs) / len(accs) if accs else float("nan")
-
-
-# -----------------------------------------------------------------------------
-# intervals and paired comparisons: on Medbullets (308 items) a 95 % interval is about +-5.5 points, wider
-# than most steps in the paper's Table 4
-
-Z95 = 1.959963984540054
-
-
-def wilson(k, n, z=Z95):
-    """95 % Wilson score interval of k right out of n, in percent."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return 100 * (c - h), 100 * (c + h)
-
-
-def bootstrap_means(values, reps=2000, seed=0):
-    """Means of `reps` resamples (with replacement) of the items: values[i] is item i's score."""
-    import numpy as np
-    v = np.asarray(values, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(v), (reps, len(v)))
-    return v[idx].mean(1)
-
-
-def percentile_ci(samples):
-    import numpy as np
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def macro_ci(correct_by_bench, reps=2000, seed=0):
-    """95 % interval of the macro average (percent): each benchmark's items resampled on their own."""
-    import numpy as np
-    means = [bootstrap_means(c, reps, seed + i) for i, c in enumerate(correct_by_bench.values())]
-    return percentile_ci(100 * np.mean(means, axis=0))
-
-
-def paired_diff_ci(a, b, reps=2000, seed=0):
-    """Model B minus model A on the same items (0/1 per item, aligned): the difference in points and its 95 %
-    paired-bootstrap interval (items resampled, both models' answers kept together)."""
-    d = [y - x for x, y in zip(a, b)]
-    return 100 * sum(d) / len(d), tuple(100 * x for x in percentile_ci(bootstrap_means(d, reps, seed)))
-
-
-def mcnemar(b, c):
-    """Exact two-sided McNemar p-value from the discordant pairs: b items only A got right, c only B."""
-    n = b + c
-    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
 
 
 def macro_summary(recs, summaries):
@@ -426,6 +378,59 @@ def stage_table(run_dir, bench="kg"):
     return "\n".join(rows), means
 
 
+def read_responses(path):
+    """A saved responses JSONL -> ({benchmark: {id: [responses]}}, rows read, repeated (benchmark, id))."""
+    saved, repeated, n = {}, [], 0
+    for i, r in enumerate(read_records(path)):
+        n += 1
+        if "benchmark" not in r or "id" not in r or "response" not in r:
+            sys.exit(f"{path}:{i + 1}: needs fields benchmark, id, response")
+        resps = r.get("responses") or [r["response"]]
+        if not isinstance(resps, list) or not all(isinstance(x, str) for x in resps):
+            sys.exit(f"{path}:{i + 1}: field 'response' must be a string ('responses' a list of strings), "
+                     f"got {type(r['response']).__name__}")
+        key = (str(r["benchmark"]), str(r["id"]))
+        if key[1] in saved.get(key[0], {}):
+            repeated.append(key)
+        saved.setdefault(key[0], {})[key[1]] = resps
+    return saved, n, repeated
+
+
+def rescore(path, asked, lenient):
+    """--responses: score the saved rows against the asked benchmarks' items. Every row is scored or named in
+    one summary line (benchmark not asked, id not among its items, repeated id); none scored is an error."""
+    saved, n, repeated = read_responses(path)
+    recs, summaries, left = [], {}, []
+    for bench, rows in saved.items():
+        if bench not in asked:
+            left += [f"{bench}:{i} (benchmark not asked)" for i in rows]
+            continue
+        known = {str(it["id"]) for it in asked[bench]}
+        left += [f"{bench}:{i} (no such item)" for i in rows if i not in known]
+        rr, s = score_items(asked[bench], rows, bench, lenient)
+        if rr:
+            recs += rr
+            summaries[bench] = s
+    left += [f"{b}:{i} (repeated: the last kept)" for b, i in repeated]
+    if not recs:
+        sys.exit(f"{path}: none of its {n} rows matches an item of {', '.join(asked)} (first: "
+                 f"{', '.join(left[:3])}); check --benchmarks / --file")
+    if left:
+        print(f"warning: {path}: {len(left)} of {n} rows not scored: {', '.join(left[:5])}"
+              f"{', ...' if len(left) > 5 else ''}")
+    return recs, summaries
+
+
+def refuse_earlier_results(outs, overwrite):
+    """An --out folder that holds results is replaced only with --overwrite."""
+    for out in outs:
+        earlier = [f for f in ("results.json", "results.md", "responses.jsonl")
+                   if os.path.exists(os.path.join(out, f))]
+        if earlier and not overwrite:
+            sys.exit(f"{out} already holds results ({', '.join(earlier)}): --overwrite replaces them, or "
+                     "pick another --out")
+
+
 def main():
     ap = Parser(description=__doc__)
     # --- what to evaluate
@@ -444,8 +449,8 @@ def main():
     # --- generation
     ap.add_argument("--max-new-tokens", type=at_least(1), default=512, help="generation budget per answer")
     ap.add_argument("--gen-slots", "--batch-size", dest="gen_slots", type=at_least(1), default=64,
-                    help="rows decoding at once (the rollout engine's slots: their KV cache is slots x (prompt "
-                    "+ --max-new-tokens)); the whole benchmark is one queue through them")
+                    help="rows decoding at once (the rollout engine's slots: their KV cache is slots x "
+                    "(prompt + --max-new-tokens)); the whole benchmark is one queue through them")
     ap.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0 = greedy")
     ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports "
                     "pass@n and majority vote")
@@ -462,6 +467,7 @@ def main():
                     "extraction ('the answer is C')")
     ap.add_argument("--out", nargs="+", default=["runs/eval"], help="output folder (responses.jsonl, "
                     "results.md, results.json); one per --model")
+    ap.add_argument("--overwrite", action="store_true", help="replace results already in an --out folder")
     ap.add_argument("--label", nargs="+", default=None, help="row label in the table, one per --model "
                     "(default: ours, or each model folder's name)")
     ap.add_argument("--stage-table", default=None, help="print the stage table of a run.sh "
@@ -483,6 +489,7 @@ def main():
         print(text)
         return
 
+    refuse_earlier_results(args.out, args.overwrite)
     files = dict(f.split("=", 1) for f in args.file)
     names = [n for n in args.benchmarks.split(",") if n]
     for n in files:
@@ -510,17 +517,7 @@ def main():
         return summaries
 
     if args.responses:
-        saved = {}
-        for i, r in enumerate(read_records(args.responses)):
-            if "benchmark" not in r or "id" not in r or "response" not in r:
-                sys.exit(f"{args.responses}:{i + 1}: needs fields benchmark, id, response")
-            saved.setdefault(r["benchmark"], {})[str(r["id"])] = r.get("responses") or [r["response"]]
-        recs, summaries = [], {}
-        for n, items in asked.items():
-            if n in saved:
-                rr, s = score_items(items, saved[n], n, args.lenient)
-                recs += rr
-                summaries[n] = s
+        recs, summaries = rescore(args.responses, asked, args.lenient)
         report(args.out[0], recs, finish(recs, summaries), (args.label or ["ours"])[0])
         return
 

@@ -326,7 +326,8 @@ def prefill(model, prompts, dtype, waste=0.15, pad_id=0):
             ids[r, Pc - len(prompts[i]):] = torch.tensor(prompts[i])
             real[r, Pc - len(prompts[i]):] = 1
         ids, real = ids.to(dev), real.to(dev)
-        part = FastCache(cfg.num_hidden_layers, len(rows), cfg.num_key_value_heads, Pc, cfg.head_dim, dev, dtype)
+        part = FastCache(cfg.num_hidden_layers, len(rows), cfg.num_key_value_heads, Pc, cfg.head_dim, dev,
+                         dtype)
         logits = model(ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), cache=part, attention_mask=real,
                        last_only=True)[:, -1].float()
         yield rows, Pc, part, logits
@@ -387,8 +388,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     # bf16 on CPU: weights packed once for all the matmuls of this call
     with packed_linears(model, B * G, dtype):
         logits = torch.empty(B, cfg.vocab_size, device=dev)
-        # each bucket of similar lengths prefilled padded only to its own longest prompt, into the right end of
-        # the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are mostly saved
+        # each bucket of similar lengths prefilled padded only to its own longest prompt, into the right end
+        # of the shared cache (slots P - Pc .. P): the padding FLOPs of one (B, P) prefill are mostly saved
         for rows_, Pc, part, lg in prefill(model, prompts, dtype, waste, pad_id):
             r = torch.tensor(rows_, device=dev)
             logits[r] = lg

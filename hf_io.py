@@ -255,9 +255,17 @@ def load_tokenizer(path):
     when tokenizer.json exists: with a qwen2 config.json beside it, transformers 5 picks Qwen2Tokenizer, which
     rebuilds the pre-tokenizer from vocab + merges and tokenises our trained BPE differently."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if not has_tokenizer(path):   # transformers would build a 3-token tokenizer that encodes every text to []
+        raise ValueError(f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json); copy them "
+                         "from the checkpoint these weights came from (the hub model's folder)")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+    if len(tok) < 16 or not tok.encode("A patient presents with fever."):
+        raise ValueError(f"{path}: its tokenizer is degenerate ({len(tok)} tokens, encodes text to nothing); "
+                         "copy the tokenizer files of the checkpoint these weights came from")
+    return tok
 
 
 # ChatML, as Qwen uses; written into tokenizers we train so apply_chat_template works like on Qwen

@@ -192,20 +192,33 @@ def anonymise(text):
 # models: an OpenAI-compatible endpoint or a local checkpoint, every call cached on disk
 
 
+def answered(value):
+    """A cacheable answer: a list of non-empty strings (a server may answer 200 with content null)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(c, str) and c.strip() for c in value)
+
+
 class CallCache:
     """Append-only JSONL of request-hash -> response, flushed per answer: a kill loses only what was in
-    flight."""
+    flight. A line that holds no valid answer (cut by a kill, or null / empty contents written by an older
+    version) is ignored: that call is asked again."""
 
     def __init__(self, path):
         self.path, self.data = path, {}
+        bad = 0
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         r = json.loads(line)
-                        self.data[r["key"]] = r["value"]
-                    except (json.JSONDecodeError, KeyError):
-                        pass   # a line cut by a kill: ignore it, the call is simply redone
+                        if answered(r["value"]):
+                            self.data[r["key"]] = r["value"]
+                            continue
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        pass
+                    bad += bool(line.strip())
+        if bad:
+            print(f"warning: {path}: {bad} line(s) hold no valid answer (cut short, or null / empty "
+                  "contents); those calls are asked again", flush=True)
         self.f = open(path, "a", encoding="utf-8")
         if self.f.tell() and open(path, "rb").read()[-1:] != b"\n":
             self.f.write("\n")   # close a line cut by a kill, so the next record starts on its own line
@@ -214,6 +227,8 @@ class CallCache:
         return self.data.get(key)
 
     def put(self, key, value):
+        if not answered(value):   # never cache a failed answer: the next run asks again
+            return
         self.data[key] = value
         self.f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
         self.f.flush()
@@ -257,7 +272,15 @@ class ChatModel:
         self.calls, self.retried, self.seconds = 0, 0, 0.0   # answers, retries, time waiting for them
         self.rng = random.Random()   # jitter only: never touches what is asked or answered
 
+    def redact(self, text):
+        """The API key out of any message (a server may echo the Authorization header in its reason)."""
+        text = str(text)
+        return text.replace(self.key, "[API key]") if self.key else text
+
     def _http(self, messages, temperature, n):
+        """n answers; an answer that is null or empty (a content filter, a tool call) is retried like a busy
+        server, and after the last retry comes back as "" (the caller counts it as a rejection and does
+        not cache it)."""
         body = json.dumps(dict(model=self.model, messages=messages, temperature=temperature, n=n,
                                max_tokens=self.max_tokens, seed=self.seed)).encode()
         headers = {"Content-Type": "application/json"}
@@ -268,19 +291,24 @@ class ChatModel:
                 req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     out = json.loads(r.read())
-                return [c["message"]["content"] for c in out["choices"]]
+                got = [c["message"]["content"] for c in out["choices"]]
+                if answered(got) or attempt == self.retries:
+                    return [c if isinstance(c, str) else "" for c in got]
+                last, err = "an answer with null or empty content", None
             except urllib.error.HTTPError as e:
                 if e.code not in RETRY_STATUS:   # 400, 401, 404...: asking again will not help
-                    raise ConnectionError(f"endpoint {self.url}: HTTP {e.code} {e.reason}") from None
+                    why = self.redact(f"endpoint {self.url}: HTTP {e.code} {e.reason}")
+                    raise ConnectionError(why) from None
                 last = f"HTTP {e.code}"
                 err = e
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
                 if "timed out" in str(e):
                     last = f"no answer within --teacher-timeout {self.timeout:g} s"
                 err = e
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConnectionError(f"endpoint {self.url}: not an OpenAI chat completion ({e})") from None
+                raise ConnectionError(self.redact(f"endpoint {self.url}: not an OpenAI chat completion "
+                                                  f"({e})")) from None
             if attempt < self.retries:
                 self.retried += 1
                 time.sleep(retry_after(err, attempt, self.rng))
@@ -336,24 +364,22 @@ class ChatModel:
             else:
                 todo.setdefault(key, msgs)   # the same conversation twice is asked once
         answers = {}
-        if self.local and todo:
-            from fast import generate
+        if self.local and todo:   # one queue through the rollout engine; conversation i has seed + i
+            from engine import generate
             m, tok = self.local
             stop = [tok.convert_tokens_to_ids("<|im_end|>")]
             items = list(todo.items())
-            for b in range(0, len(items), 16):
-                chunk = items[b:b + 16]
-                prompts = [tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-                           for _, msgs in chunk]
-                prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
-                gen, _ = generate(m, prompts, max_new_tokens=self.max_tokens, temperature=temperature,
-                                  num_samples=n, stop_ids=stop, seed=self.seed + b,
-                                  pad_id=tok.pad_token_id or 0)
-                for j, (key, _) in enumerate(chunk):
-                    answers[key] = [tok.decode(g, skip_special_tokens=True) for g in gen[j * n:(j + 1) * n]]
-                    self.calls += 1
-                    if self.cache:
-                        self.cache.put(key, answers[key])
+            prompts = [tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+                       for _, msgs in items]
+            prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+            gen, _ = generate(m, prompts, max_new_tokens=self.max_tokens, temperature=temperature,
+                              num_samples=n, stop_ids=stop, seed=self.seed, pad_id=tok.pad_token_id or 0,
+                              slots=64)
+            for j, (key, _) in enumerate(items):
+                answers[key] = [tok.decode(g, skip_special_tokens=True) for g in gen[j * n:(j + 1) * n]]
+                self.calls += 1
+                if self.cache:
+                    self.cache.put(key, answers[key])
         elif todo:
             t0 = time.time()
             try:
@@ -438,6 +464,8 @@ def answer_leaks(trace, it):
 def check_trace(trace, it):
     """A kept trace: the right letter, exactly one answer tag at the end, no answer leak in the first
     sentence."""
+    if not trace.strip():   # a null / empty answer from the teacher
+        return "empty_answer"
     if not format_ok(trace):
         return "format"
     if extract_answer(trace, it["options"]) != it["answer"]:
@@ -493,6 +521,39 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+OUTPUTS = ("items.jsonl", "sft.jsonl", "rl_train.jsonl", "test.jsonl", "review.jsonl", "report.json")
+# flags that change how the data is fetched, not what it is (the same models at another address too): another
+# value continues the same dataset
+RUN_ONLY = ("out", "overwrite", "concurrency", "teacher_timeout", "retries", "key_env", "teacher_url",
+            "validator_url")
+
+
+def claim_out(args):
+    """The folder's dataset is named by its flags (args.json): the same flags continue it (the teacher cache
+    resumes), others are refused unless --overwrite (which removes the old outputs; the cache of answers,
+    keyed by request, stays valid)."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "args.json")
+    flags = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    outputs = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        differ = ["--" + k.replace("_", "-") for k in sorted(set(old) | set(flags))
+                  if old.get(k) != flags.get(k)]
+    else:
+        differ = ["flags not recorded"] if outputs else []
+    if differ and not args.overwrite:
+        raise SystemExit(f"{args.out} holds a dataset made with other flags ({', '.join(differ[:5])}): "
+                         "--overwrite replaces it, or pick another --out")
+    if differ:
+        for f in outputs:
+            os.remove(os.path.join(args.out, f))
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(flags, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def get_args(argv=None):
@@ -557,7 +618,10 @@ def get_args(argv=None):
     ap.add_argument("--retries", type=at_least(0), default=5, help="retries per request on 429 / 5xx / "
                     "timeouts (exponential backoff with jitter, or the server's Retry-After)")
     # --- run
-    ap.add_argument("--out", default="data/kg", help="output folder")
+    ap.add_argument("--out", default="data/kg", help="output folder (its flags kept in args.json: the same "
+                    "flags resume it, others need --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a dataset made in --out with other "
+                    "flags")
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling, splits and mixing")
     return ap.parse_args(argv)
 
@@ -565,7 +629,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    claim_out(args)
     rng = random.Random(args.seed)
     report = dict(dropped=Counter(), sources=Counter())
     models = args.teacher_url or args.teacher_ckpt or args.validator_url or args.validator_ckpt
@@ -576,13 +640,16 @@ def main(argv=None):
     for spec in args.public:
         name, _, where = spec.partition("=")
         got = load_public(name, where or "hub")
-        print(f"{name}: {len(got)} items")
+        print(f"{name}: {len(got)} items" + ("" if got else f" (warning: --public {spec} has no rows)"))
         items += got
     if args.kg != "none":
         got, src = kg_items(args)
         print(f"KG ({src}): {len(got)} questions")
         items += got
     report["loaded"] = len(items)
+    if not items:
+        sources = ", ".join("--public " + p for p in args.public) or "no --public"
+        raise SystemExit(f"no items to write: {sources} and --kg {args.kg} gave none")
 
     # --- refinement: format, duplicates, contamination, identifiers
     kept, seen = [], set()
@@ -666,6 +733,9 @@ def main(argv=None):
         fields = ("id", "source", "question", "options", "answer", "context", "difficulty", "meta")
         return {k: it[k] for k in fields if it.get(k) is not None}
 
+    if not train and not test:
+        raise SystemExit(f"no items to write: every one of the {report['loaded']} loaded was dropped "
+                         f"({dict(report['dropped'])}); nothing written to {args.out}")
     write_jsonl(os.path.join(args.out, "items.jsonl"), items)
     write_jsonl(os.path.join(args.out, "sft.jsonl"), sft)
     write_jsonl(os.path.join(args.out, "rl_train.jsonl"), [rl_row(it) for it in train])

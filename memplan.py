@@ -128,9 +128,9 @@ def slot_bytes(cfg, ctx, bf16):
 
 
 def fit_slots(rows, cap, per_slot, most):
-    """--gen-slots 0: the decode slots the rollout phase has room for within 90 % of cap beside everything else
-    it holds (rows: a plan with 0 slots), at least 1 (a plan where even one does not fit then refuses, naming
-    its largest part) and at most `most` (the requests of the largest call)."""
+    """--gen-slots 0: the decode slots the rollout phase has room for within 90 % of cap beside everything
+    else it holds (rows: a plan with 0 slots), at least 1 (a plan where even one does not fit then refuses,
+    naming its largest part) and at most `most` (the requests of the largest call)."""
     always = sum(b for _, b, ph in rows if ph == "always")
     rollout = sum(b for _, b, ph in rows if ph == "rollout")
     return int(max(1, min(most, (0.9 * cap - always - rollout) // per_slot)))

@@ -11,7 +11,6 @@ numbers.
     out, reasons = generate(model, ids, max_new_tokens=32, temperature=0.0, stop_ids=[tok.eos_token_id])
 
     python model.py --preset tiny            # prints the parameter count of a preset
-    python model.py --path runs/demo/sft --prompt "A patient presents with"
 
 The decoder: token embedding, then blocks of [RMSNorm -> attention (grouped-query, RoPE; Qwen2: q/k/v
 bias, Qwen3: RMSNorm on each head of q and k) -> residual, RMSNorm -> SwiGLU MLP -> residual], a final
@@ -489,24 +488,9 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Inspect a preset or generate from a checkpoint directory.")
-    ap.add_argument("--preset", default=None, help=f"print a preset's parameter count: {', '.join(PRESETS)}")
-    ap.add_argument("--path", default=None, help="HF-layout checkpoint directory to generate from")
-    ap.add_argument("--prompt", default="A patient presents with", help="user message (chat "
-                    "template applied)")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    args = ap.parse_args()
-    if args.preset:
-        m = Transformer(ModelConfig.from_name(args.preset))
-        print(f"{args.preset}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters")
-    if args.path:
-        from hf_io import load_model, load_tokenizer
-        m, tok = load_model(args.path), load_tokenizer(args.path)
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                      tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        out, why = generate(m, [ids], args.max_new_tokens, args.temperature, stop_ids=[tok.eos_token_id],
-                            seed=args.seed)
-        print(tok.decode(out[0]), f"[{why[0]}]")
+    ap = argparse.ArgumentParser(description="Print the parameter count of a preset (generate from a checkpoint: "
+                                 "python engine.py --path DIR).")
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset")
+    name = ap.parse_args().preset
+    print(f"{name}: {sum(p.numel() for p in Transformer(ModelConfig.from_name(name)).parameters()) / 1e6:.2f}M "
+          "parameters")

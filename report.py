@@ -16,7 +16,7 @@ import math
 import os
 import sys
 
-from common import read_metrics
+from common import close_distributed, print0, read_metrics
 
 
 def _plt():
@@ -44,7 +44,7 @@ def draw(ax, rows, key, label=None, color=None):
         return
     x, y = [p[0] for p in pts], [p[1] for p in pts]
     if key == "val_accuracy":
-        from evaluate import wilson
+        from stats import wilson
         band = [wilson(round(a * n / 100), n) if n else (a, a) for _, a, n in pts]
         ax.fill_between(x, [b[0] for b in band], [b[1] for b in band], color=color, alpha=0.15)
         ax.plot(x, y, marker="o", ms=3, color=color, label=label)
@@ -135,6 +135,26 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;paddin
 .right{background:#dff3e0;border:1px solid #7cbf84}.fmt{background:#fff4d6;border:1px solid #d8b75b}
 .none{background:#fbe3e1;border:1px solid #d48a83}
 .pos{color:#17702a;font-weight:bold}.neg{color:#a3261b;font-weight:bold}"""
+
+
+# -----------------------------------------------------------------------------
+# the end of a training run (train_sft.py, train_grpo.py)
+
+
+def finish_run(model, tok, args, rank, world, meter, planned, title, keys, png="curves.png"):
+    """The end of a training run: the model in the HF layout at --out (not after --stop-after), its curves and
+    report.html, each rank's peak memory beside the plan, and the process group torn down."""
+    from fsdp import export_hf
+    from memplan import report_peaks
+    if args.stop_after is None or args.stop_after >= args.steps:
+        with meter.phase("export"):
+            export_hf(model, tok, args.out, rank)
+        if rank == 0:
+            plot_metrics(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, png), keys, title)
+            write_report(args.out)
+        print0(f"saved {args.out} (HF layout), {args.out}/{png} and {args.out}/report.html")
+    report_peaks(meter, planned, rank, world)
+    close_distributed()
 
 
 def md_table(md):

@@ -60,7 +60,7 @@ NEW=128   # completion budget: the short KG rationales plus the answer text are 
 
 t0=$(date +%s)
 echo "== make_data -> $OUT/data"
-python make_data.py --out "$OUT/data" --seed 0 $DATA
+python make_data.py --out "$OUT/data" --overwrite --seed 0 $DATA
 for s in $SEEDS; do
   R="$OUT/seed$s"
   echo "== seed $s: base (random init) and CoT cold-start SFT"
@@ -76,7 +76,7 @@ for s in $SEEDS; do
     --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \
     --out "$R/eval_base" "$R/eval_sft" "$R/eval_grpo_stage1" "$R/eval_grpo_stage2" \
     --label base sft grpo_stage1 grpo_stage2 --benchmarks kg --file kg="$OUT/data/test.jsonl" \
-    --max-new-tokens $NEW --batch-size 64 $GRAPH_EVAL $EVAL > "$R/eval.log"   # a failure stops here (set -e)
+    --max-new-tokens $NEW --gen-slots 64 --overwrite $GRAPH_EVAL $EVAL > "$R/eval.log"   # a failure stops here (set -e)
   grep -E "^\| kg" "$R/eval.log" | paste -d ' ' <(printf '%-12s\n' base sft grpo_stage1 grpo_stage2) -
 done
 echo "== stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s))"

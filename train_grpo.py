@@ -1,8 +1,9 @@
 """
-train_grpo.py: two-stage RLVR with GRPO (paper 3.3). Rollouts from the current policy with model.py's
-rollout engine (engine.py: continuous batching over the plan's decode slots), reward = answer correctness + format (never length), advantage = reward minus the
-group mean, stage 1 on Easy + Moderate items, stage 2 once rewards go sparse: hard-sample mining over the
-whole training set, more rollouts per question, mining repeated every M steps.
+train_grpo.py: two-stage RLVR with GRPO (paper 3.3). Rollouts from the current policy through the rollout
+engine (engine.py: continuous batching over the plan's decode slots), reward = answer correctness + format
+(never length), advantage = reward minus the group mean, stage 1 on Easy + Moderate items, stage 2 once
+rewards go sparse: hard-sample mining over the whole training set, more rollouts per question, mining
+repeated every M steps.
 
     python train_grpo.py --init runs/demo/sft --out runs/demo/grpo           # embedded default (CPU)
     torchrun --nproc_per_node=2 train_grpo.py --init runs/demo/sft            # 2 CPU ranks, FSDP2 + gloo
@@ -22,7 +23,7 @@ import torch
 
 from cli import Parser, at_least, between, fraction, guard
 from common import (MetricsLog, add_run_flags, all_reduce_max, all_reduce_sum, autocast, check_bf16,
-                    even_micro_batches, finish_run, gather_objects, init_distributed, lr_at, need,
+                    even_micro_batches, gather_objects, init_distributed, lr_at, need,
                     prepare_out, print0, set_seed, wants_autocast)
 from mcq import build_messages, extract_answer, format_ok, prompt_ids, read_records
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
@@ -31,6 +32,7 @@ from memplan import Meter, announce, device_memory, fit_slots, plan, size, slot_
 import engine
 import fast
 from hf_io import has_tokenizer, load_tokenizer, read_config
+from report import finish_run
 from watch import Canaries, RolloutLog, Wandb, answer_signals, merge_signals
 
 # -----------------------------------------------------------------------------
@@ -250,8 +252,8 @@ def get_args(argv=None):
                     "scored in one row behind a single copy of it (same log-probs, ~2x less work for short "
                     "answers to long prompts)")
     ap.add_argument("--gen-slots", type=at_least(0), default=0, help="rollout engine decode slots per rank "
-                    "(rows decoding at once; their KV cache is slots x (prompt + --max-new-tokens)); 0: as many "
-                    "as the memory plan has room for, up to the most requests a call has")
+                    "(rows decoding at once; their KV cache is slots x (prompt + --max-new-tokens)); 0: as "
+                    "many as the memory plan has room for, up to the most requests a call has")
     ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts "
                     "and evals one CUDA graph replay (bench/generate.py); ignored on CPU and under FSDP")
     # --- what the policy writes, and warnings (watch.py)
@@ -287,10 +289,11 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
     prompts = [prompt_ids(tok, it) for it in items]
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
         # model.generate's tokens, less work (--plain: that one): one queue over --gen-slots slots
-        res = engine.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
-                              num_samples=G, seed=seeds, pad_id=tok.pad_token_id or 0, slots=args.gen_slots,
-                              cuda_graph=args.use_graph, return_logprobs=logprobs)
+        res = engine.generate(model, prompts, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p,
+                              stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G, seed=seeds,
+                              pad_id=tok.pad_token_id or 0, slots=args.gen_slots, cuda_graph=args.use_graph,
+                              return_logprobs=logprobs)
     outs, reasons = res[0], res[1]
     return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
                 texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0)
@@ -384,7 +387,8 @@ def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
     """Fraction of k samples correct for each item index in idx (sharded over ranks, gathered)."""
     mine = idx[rank::world]
     # one queue over this rank's share: the engine keeps its slots full; seeds per item, as in any split
-    g = sample_groups(model, tok, [items[i] for i in mine], k, args, [seed * 1_000_003 + i for i in mine], device)
+    seeds = [seed * 1_000_003 + i for i in mine]
+    g = sample_groups(model, tok, [items[i] for i in mine], k, args, seeds, device)
     rates = {}
     for j, i in enumerate(mine):
         rows = range(j * k, (j + 1) * k)
@@ -492,6 +496,10 @@ def load_items(args, world, device):
     order = list(range(len(rows)))
     random.Random(args.seed).shuffle(order)
     val, train = [rows[i] for i in order[:args.val_size]], [rows[i] for i in order[args.val_size:]]
+    if not train and not args.dry_run:
+        excluded = f" after --exclude {args.exclude}" if args.exclude else ""
+        raise SystemExit(f"{args.data}: {len(rows)} item(s){excluded} leave none to train on beside "
+                         f"--val-size {args.val_size}: lower --val-size or give more items")
     return ckpt, tok, val, train, planned
 
 

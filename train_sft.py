@@ -19,7 +19,7 @@ import time
 import torch
 
 from cli import Parser, at_least, fraction, guard
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, finish_run,
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16,
                     init_distributed, lr_at, need, prepare_out, print0, set_seed, wants_autocast)
 from mcq import jsonl_rows
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
@@ -27,7 +27,8 @@ from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, 
 from memplan import Meter, announce, plan, size
 import fast
 from hf_io import has_tokenizer, load_tokenizer, read_config, train_tokenizer
-from model import ModelConfig, Transformer
+from model import PRESETS, ModelConfig, Transformer
+from report import finish_run
 
 
 # -----------------------------------------------------------------------------
@@ -130,7 +131,8 @@ def get_args(argv=None):
                     "fine-tune; default: from scratch")
     ap.add_argument("--save-init", default=None, help="also write the model as initialised (before any "
                     "step) to this directory, HF layout: the untrained baseline, without a second run")
-    ap.add_argument("--preset", default="tiny", help="from scratch: model preset (see model.PRESETS)")
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS), help="from scratch: model "
+                    "preset (model.PRESETS)")
     ap.add_argument("--vocab-size", type=at_least(260), default=4096, help="from scratch: BPE "
                     "vocabulary to train")
     ap.add_argument("--act-ckpt", action="store_true", help="activation checkpointing "

@@ -21,10 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import cpu_has_native_bf16  # noqa: E402
 from fast import generate  # noqa: E402
 from hf_io import load_model, save_model  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--preset", default="20m", help="model preset (20m ~ 20M parameters)")
+ap.add_argument("--preset", default="20m", choices=list(PRESETS), help="model preset (20m ~ 20M "
+                "parameters)")
 ap.add_argument("--batch", type=int, default=16, help="distinct prompts in the batch")
 ap.add_argument("--group", type=int, default=8, help="G for the one-prompt-G-samples case")
 ap.add_argument("--new", type=int, default=64, help="new tokens per row (no stop token, "

@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import fast  # noqa: E402
 from hf_io import load_model, save_model  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--preset", default="20m", help="model preset (random weights)")
+ap.add_argument("--preset", default="20m", choices=list(PRESETS), help="model preset (random weights)")
 ap.add_argument("--device", default="cpu", help="cpu or cuda")
 ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
 ap.add_argument("--shape", default="both", choices=["nano", "grpo", "both"], help="request shape")

@@ -30,11 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import cpu_has_native_bf16  # noqa: E402
 from hf_io import save_model  # noqa: E402
-from model import ModelConfig, Transformer, doc_attention_mask, doc_positions  # noqa: E402
+from model import PRESETS, ModelConfig, Transformer, doc_attention_mask, doc_positions  # noqa: E402
 from train_sft import masked_loss_sum, pack  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--preset", default="20m", help="model preset")
+ap.add_argument("--preset", default="20m", choices=list(PRESETS), help="model preset")
 ap.add_argument("--batch", type=int, default=4, help="sequences per step")
 ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
 ap.add_argument("--loss-frac", type=float, default=0.35, help="sft case: share of positions with loss (the "

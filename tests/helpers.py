@@ -46,12 +46,13 @@ class FakeOpenAI:
     """Speaks POST /v1/chat/completions, answering requests concurrently. Teacher prompts: a wrong trace
     first, the right one after a refinement turn. Validator prompts: always picks the option whose text
     says RIGHT. fail_after: HTTP 500 from then on. delay: seconds per answer. throttle: the first N
-    requests get HTTP 429 (Retry-After: 0). hang_after: accept, then never answer, from then on. calls
-    counts answered requests."""
+    requests get HTTP 429 (Retry-After: 0). hang_after: accept, then never answer, from then on. nulls: the
+    first N answers are HTTP 200 with "content": null (a content filter). echo_auth: every request gets HTTP
+    401 whose reason phrase echoes the Authorization header. calls counts answered requests."""
 
-    def __init__(self, fail_after=None, delay=0.0, throttle=0, hang_after=None):
+    def __init__(self, fail_after=None, delay=0.0, throttle=0, hang_after=None, nulls=0, echo_auth=False):
         self.calls, self.fail_after, self.delay, self.throttle, self.seen = 0, fail_after, delay, throttle, 0
-        self.hang_after = hang_after
+        self.hang_after, self.nulls, self.echo_auth = hang_after, nulls, echo_auth
         self.lock = threading.Lock()
         outer = self
 
@@ -70,6 +71,10 @@ class FakeOpenAI:
                     outer.calls += not (throttled or failed or hang)
                 if hang:
                     time.sleep(3600)
+                    return
+                if outer.echo_auth:
+                    self.send_response(401, f"Unauthorized: {self.headers.get('Authorization')}")
+                    self.end_headers()
                     return
                 if throttled or failed:
                     self.send_response(429 if throttled else 500)
@@ -92,7 +97,11 @@ class FakeOpenAI:
                     user = msgs[-1]["content"]
                     right = re.search(r"^([A-Z])\. .*RIGHT", user, re.M)
                     choices = [f"<answer>{right.group(1) if right else 'A'}</answer>"] * body.get("n", 1)
-                out = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": c}}
+                with outer.lock:
+                    null = outer.nulls > 0
+                    outer.nulls -= null
+                out = json.dumps({"choices": [{"index": i, "message": {"role": "assistant",
+                                                                       "content": None if null else c}}
                                               for i, c in enumerate(choices)]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

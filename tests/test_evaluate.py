@@ -214,7 +214,7 @@ def test_intervals_and_paired_tests_by_hand():
     """Wilson's interval for 8 of 10 is 49.02-94.33 %; McNemar's exact p for 10 vs 2 discordant pairs is
     2 x (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 158 / 4096; the bootstrap draws are numpy's for the seed."""
     import numpy as np
-    from evaluate import bootstrap_means, mcnemar, paired_diff_ci, percentile_ci, wilson
+    from stats import bootstrap_means, mcnemar, paired_diff_ci, percentile_ci, wilson
     lo, hi = wilson(8, 10)
     assert abs(lo - 49.016) < 1e-3 and abs(hi - 94.332) < 1e-3
     assert wilson(0, 20)[0] == 0 and abs(wilson(20, 20)[1] - 100) < 1e-9
@@ -294,3 +294,54 @@ def test_stage_table_seed_interval_does_not_depend_on_other_seeds(tmp_path):
     both = seed2_interval()
     shutil.rmtree(tmp_path / "seed0")
     assert seed2_interval() == both
+
+
+def rescore(tmp_path, rows, out="ev", extra=()):
+    """evaluate.py --responses over rows of the MedQA sample: (exit code, stdout, stderr)."""
+    import subprocess
+    import sys
+    from helpers import ROOT
+    with open(tmp_path / "resp.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    p = subprocess.run([sys.executable, "evaluate.py", "--benchmarks", "medqa", "--file",
+                        f"medqa={os.path.join(FIX, 'medqa_5opt_sample.jsonl')}", "--responses",
+                        str(tmp_path / "resp.jsonl"), "--out", str(tmp_path / out)] + list(extra),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout, p.stderr.strip()
+
+
+def test_rescoring_names_every_row_it_does_not_score(tmp_path):
+    """Rows whose id is not among the benchmark's items, of a benchmark not asked, or repeated: named in one
+    summary line (they used to vanish: n = 3 of 4); a file where nothing matches is an error, not n 0 and
+    nan; a response that is not a string names its file and line."""
+    items = load_benchmark("medqa", os.path.join(FIX, "medqa_5opt_sample.jsonl"))
+    good = [dict(benchmark="medqa", id=it["id"], response=f"<answer>{it['answer']}</answer>")
+            for it in items[:3]]
+    odd = [dict(benchmark="medqa", id="nope-7", response="<answer>A</answer>"),
+           dict(benchmark="pubmedqa", id="1", response="x"), good[0]]
+    code, out, _ = rescore(tmp_path, good + odd)
+    assert code == 0 and json.load(open(tmp_path / "ev" / "results.json"))["medqa"]["n"] == 3
+    line = [l for l in out.splitlines() if "not scored" in l]
+    assert len(line) == 1 and "3 of 6 rows not scored" in line[0] and "medqa:nope-7 (no such item)" in line[0]
+    assert "pubmedqa:1 (benchmark not asked)" in line[0] and "(repeated: the last kept)" in line[0]
+    code, _, err = rescore(tmp_path, [dict(benchmark="medqa", id="x1", response="A")], out="ev2")
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'resp.jsonl'}: none of its 1 rows matches")
+    assert not (tmp_path / "ev2").exists()
+    code, _, err = rescore(tmp_path, good[:1] + [dict(benchmark="medqa", id=items[1]["id"], response=3)],
+                           out="ev3")
+    assert code == 1 and err == (f"error: {tmp_path / 'resp.jsonl'}:2: field 'response' must be a string "
+                                 "('responses' a list of strings), got int")
+
+
+def test_earlier_results_are_not_replaced_silently(tmp_path):
+    items = load_benchmark("medqa", os.path.join(FIX, "medqa_5opt_sample.jsonl"))
+    rows = [dict(benchmark="medqa", id=it["id"], response="<answer>A</answer>") for it in items]
+    assert rescore(tmp_path, rows)[0] == 0
+    before = (tmp_path / "ev" / "results.json").read_text()
+    code, _, err = rescore(tmp_path, rows[:5])
+    assert code == 1 and err == (f"error: {tmp_path / 'ev'} already holds results (results.json, results.md, "
+                                 "responses.jsonl): --overwrite replaces them, or pick another --out")
+    assert (tmp_path / "ev" / "results.json").read_text() == before
+    assert rescore(tmp_path, rows[:5], extra=["--overwrite"])[0] == 0
+    assert json.load(open(tmp_path / "ev" / "results.json"))["medqa"]["n"] == 5

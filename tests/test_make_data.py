@@ -257,3 +257,87 @@ def test_silent_endpoint_times_out_and_keeps_what_was_answered(tmp_path):
         srv.close()
     assert time.time() - t0 < 30
     assert len((tmp_path / "d" / "cache.jsonl").read_text().splitlines()) == 5
+
+
+def test_null_answers_are_retried_never_cached(tmp_path):
+    """A server that answers 200 with "content": null (a content filter, a tool call): each such answer is a
+    failed attempt, retried; the run completes and the cache holds no null. A cache that already holds nulls
+    (written before this check) is read with a warning and those calls are asked again."""
+    public_file(tmp_path / "pub.jsonl", n=5)
+    out = tmp_path / "d"
+    srv = FakeOpenAI(nulls=3)
+    try:
+        make_data.main(distill_args(tmp_path, srv.url, out, ["--concurrency", "1"]))
+    finally:
+        srv.close()
+    rep = json.load(open(out / "report.json"))
+    assert rep["sft"] == 4 and rep["validator_requests"]["retries"] == 3
+    values = [json.loads(l)["value"] for l in open(out / "cache.jsonl")]
+    assert values and all(v and all(isinstance(c, str) and c for c in v) for v in values)
+    # a poisoned cache: every value null; the rerun warns, asks again and ends with the same data
+    poisoned = [dict(json.loads(l), value=[None]) for l in open(out / "cache.jsonl")]
+    write(out / "cache.jsonl", poisoned)
+    srv = FakeOpenAI()
+    try:
+        p = subprocess.run([sys.executable, "make_data.py"] + distill_args(tmp_path, srv.url, out),
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        srv.close()
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"{len(poisoned)} line(s) hold no valid answer" in p.stdout and srv.calls == len(poisoned)
+
+
+def test_null_answers_after_every_retry_count_as_rejections(tmp_path):
+    """Nulls to the last retry: the item's trace is rejected (failed_empty_answer), the run still ends."""
+    public_file(tmp_path / "pub.jsonl", n=3)
+    srv = FakeOpenAI(nulls=10 ** 6)
+    try:
+        make_data.main(["--kg", "none", "--public", f"medqa={tmp_path / 'pub.jsonl'}", "--out",
+                        str(tmp_path / "d"), "--teacher-url", srv.url, "--teacher-model", "t", "--test-frac",
+                        "0", "--sft-frac", "1.0", "--retries", "1", "--refine-rounds", "0"])
+    finally:
+        srv.close()
+    rep = json.load(open(tmp_path / "d" / "report.json"))
+    assert rep["sft"] == 0 and rep["distillation"]["failed_empty_answer"] == 3
+    assert not (tmp_path / "d" / "cache.jsonl").read_text().strip()
+
+
+def test_api_key_never_reaches_a_message(tmp_path):
+    """A server whose 401 reason phrase echoes the Authorization header: the error names the endpoint and the
+    status, the key itself is redacted."""
+    public_file(tmp_path / "pub.jsonl", n=2)
+    srv = FakeOpenAI(echo_auth=True)
+    env = {**os.environ, "PYTHONPATH": ROOT, "NF_TEST_KEY": "sk-very-secret-123"}
+    try:
+        p = subprocess.run([sys.executable, "make_data.py", "--key-env", "NF_TEST_KEY"]
+                           + distill_args(tmp_path, srv.url, tmp_path / "d"), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        srv.close()
+    assert p.returncode == 1 and "HTTP 401" in p.stderr and "[API key]" in p.stderr
+    assert "sk-very-secret-123" not in p.stdout + p.stderr
+
+
+def test_empty_public_file_is_an_error(tmp_path):
+    """A --public file with no rows (and no KG): said by name, non-zero exit, nothing written."""
+    (tmp_path / "empty.jsonl").write_text("")
+    p = subprocess.run([sys.executable, "make_data.py", "--kg", "none", "--public",
+                        f"medqa={tmp_path / 'empty.jsonl'}", "--out", str(tmp_path / "d")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "has no rows" in p.stdout
+    assert p.stderr.strip().splitlines()[-1].startswith("error: no items to write")
+    assert not (tmp_path / "d" / "rl_train.jsonl").exists()
+
+
+def test_folder_with_another_dataset_is_refused(tmp_path):
+    """The same flags again (the documented resume of the teacher cache) keep the folder; other flags are
+    refused in one line naming them, --overwrite replaces the dataset."""
+    out = tmp_path / "d"
+    make_data.main(small_kg_args(out))
+    make_data.main(small_kg_args(out, ["--concurrency", "3"]))   # how it is fetched, not what it is
+    first = (out / "rl_train.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match=r"other flags \(--kg-questions\): --overwrite replaces it"):
+        make_data.main(small_kg_args(out, ["--kg-questions", "30"]))
+    assert (out / "rl_train.jsonl").read_bytes() == first
+    make_data.main(small_kg_args(out, ["--kg-questions", "30", "--overwrite"]))
+    assert (out / "rl_train.jsonl").read_bytes() != first

@@ -41,8 +41,8 @@ def two_rank_run(tiny):
     """The 2-rank run the tests below compare with (each group's prompt scored once: --share-prompt 4)."""
     if not (tiny / "g2" / "model.safetensors").exists():
         # and three decode slots a rank: the rollout, mining and evaluation queues are longer than the slots
-        out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g2") + KL + ["--share-prompt", "4",
-                                                                                  "--gen-slots", "3"], nproc=2)
+        extra = ["--share-prompt", "4", "--gen-slots", "3"]
+        out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "g2") + KL + extra, nproc=2)
         (tiny / "g2.log").write_text(out)
     return tiny / "g2"
 

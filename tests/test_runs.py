@@ -160,3 +160,43 @@ def test_bad_files_get_one_line(toy, tmp_path):
     code, err = fails(["train_grpo.py"], cwd=tmp_path)   # a fresh clone's first command: the defaults
     assert err == ("error: runs/sft/config.json: no model yet: make one with "
                    "`python train_sft.py --out runs/sft`, or pass --init")
+
+
+def test_model_folder_without_tokenizer_is_refused(toy, tmp_path):
+    """Weights without tokenizer files: transformers would build a 3-token tokenizer that encodes every text
+    to []; train_sft.py (which then trained on nothing and exited 0) and evaluate.py (every response empty, an
+    accuracy printed) stop in one line naming the folder."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(toy / "full" / f, bare / f)
+    want = f"error: {bare}: no tokenizer files (tokenizer.json or tokenizer_config.json); copy them"
+    _, err = fails(SFT + ["--data", str(toy / "sft.jsonl"), "--init", str(bare), "--out",
+                          str(tmp_path / "o")])
+    assert len(err.splitlines()) == 1 and err.startswith(want)
+    fix = os.path.join(ROOT, "tests", "fixtures", "medqa_5opt_sample.jsonl")
+    _, err = fails(["evaluate.py", "--model", str(bare), "--benchmarks", "medqa", "--file", f"medqa={fix}",
+                    "--out", str(tmp_path / "ev")])
+    assert len(err.splitlines()) == 1 and err.startswith(want)
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_unknown_preset_lists_the_presets():
+    code, err = fails(["train_sft.py", "--preset", "huge"])
+    assert code == 2 and err.startswith("train_sft.py: argument --preset: invalid choice: 'huge'")
+    assert "'nano'" in err and "'tiny'" in err and len(err.splitlines()) == 1
+
+
+def test_grpo_with_no_training_items_says_so(tiny, tmp_path):
+    """An empty --data file, or --val-size taking every item: one line with the counts and the flag (it was a
+    torch RuntimeError from generate)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    args = ["train_grpo.py", "--init", str(tiny / "sft"), "--steps", "1"]
+    _, err = fails(args + ["--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "g1")])
+    assert err == (f"error: {tmp_path / 'empty.jsonl'}: 0 item(s) leave none to train on beside --val-size "
+                   "128: lower --val-size or give more items")
+    data = str(tiny / "data" / "rl_train.jsonl")
+    n = sum(1 for line in open(data) if line.strip())
+    _, err = fails(args + ["--data", data, "--val-size", str(n), "--out", str(tmp_path / "g2")])
+    assert err == (f"error: {data}: {n} item(s) leave none to train on beside --val-size {n}: "
+                   "lower --val-size or give more items")
