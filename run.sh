@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The whole recipe in miniature on the embedded default, on CPU, for several seeds:
+# The whole recipe in miniature on the embedded default, on CPU:
 #   make_data (KG questions from hpo3) -> train_sft (tiny model from scratch) -> train_grpo stage 1 -> stage 2
 #   (torchrun, 2 CPU ranks) -> evaluate after each stage -> the stage table (paper Table 4) and plots.
 #
-#   bash run.sh                 # creates .venv if needed, then the full demo (see README for times)
-#   QUICK=1 bash run.sh         # tiny sizes, one seed: a smoke test of every stage (CI runs this)
-#   SEEDS="0" OUT=runs/one bash run.sh
-#   GRPO_STEPS=60 bash run.sh   # a shorter GRPO stage 2: ~2.5 min less, less gain (README)
+#   bash run.sh                 # creates .venv if needed, then the demo on seed 0 (see README for times)
+#   SEEDS="0 1 2" bash run.sh   # the three-seed table (mean +- std over seeds)
+#   QUICK=1 bash run.sh         # tiny sizes: a smoke test of every stage (CI runs this)
+#   GRPO_STEPS=60 bash run.sh   # a shorter GRPO stage 2: ~2.5 min less a seed, less gain (README)
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/demo}
@@ -33,15 +33,14 @@ GRAPH_EVAL=$(python -c "import torch; print('--cuda-graph' if torch.cuda.is_avai
 GRAPH_GRPO=$([ "$NPROC" = 1 ] && echo "$GRAPH_EVAL" || true)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}
 
+SEEDS=${SEEDS:-"0"}
 if [ "$QUICK" = 1 ]; then
-  SEEDS=${SEEDS:-"0"}
   DATA="--kg-questions 400 --kg-max-diseases 40"
   SFT="--steps 30 --seq-len 384 --eval-every 15"
   GRPO="--steps 6 --stage2-at 3 --questions-per-step 4 --group-size 4 --stage2-group-size 6 --val-size 16 \
         --mine-max 16 --mine-every 2 --eval-every 3 --share-prompt 4 --print-every 3"
   EVAL="--limit 24"
 else
-  SEEDS=${SEEDS:-"0 1 2"}
   # the cold start sees 30 % of the training questions; RL gets the other 70 % (--exclude below), whose
   # facts only the reward can teach it. --share-prompt 4: four completions of a question scored behind one
   # copy of its prompt (the prompts are ~2x longer than the answers; same log-probs, half the training time).
@@ -58,20 +57,35 @@ else
 fi
 NEW=128   # completion budget: the short KG rationales plus the answer text are ~60 tokens, at most ~100
 
+# progress: which stage, how long the run has taken and about how long it has left. Each stage's seconds on a
+# 2-core AMD EPYC with AVX2 (fp32), scaled by how fast this machine has been on the stages so far
+if [ "$QUICK" = 1 ]; then declare -A EST=([data]=15 [sft]=25 [grpo]=50 [eval]=15 [report]=10)
+else declare -A EST=([data]=60 [sft]=330 [grpo]=780 [eval]=150 [report]=30); fi
+PLAN=(data); for s in $SEEDS; do PLAN+=(sft grpo eval); done; PLAN+=(report)
+K=0; PAST=0
+mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }
+stage() {   # stage TEXT: the next stage of PLAN begins
+  local i left=0 el=$(( $(date +%s) - t0 ))
+  for (( i = K; i < ${#PLAN[@]}; i++ )); do left=$(( left + ${EST[${PLAN[i]}]} )); done
+  [ "$PAST" -gt 0 ] && left=$(( left * el / PAST ))
+  PAST=$(( PAST + ${EST[${PLAN[K]}]} )); K=$(( K + 1 ))
+  echo "== [$K/${#PLAN[@]}] $1 | $(mmss $el) so far, about $(mmss $left) left"
+}
+
 t0=$(date +%s)
-echo "== make_data -> $OUT/data"
+stage "make_data -> $OUT/data"
 python make_data.py --out "$OUT/data" --overwrite --seed 0 $DATA
 for s in $SEEDS; do
   R="$OUT/seed$s"
-  echo "== seed $s: base (random init) and CoT cold-start SFT"
+  stage "seed $s: base (random init) and CoT cold-start SFT"
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
   OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" \
     --save-init "$R/base" --overwrite --seed "$s" $BF16 $SFT
-  echo "== seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
+  stage "seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" \
     --data "$OUT/data/rl_train.jsonl" --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --overwrite \
     --seed "$s" $BF16 $GRAPH_GRPO --max-new-tokens $NEW $GRPO
-  echo "== seed $s: evaluate base, sft, grpo_stage1, grpo_stage2 (one launch)"
+  stage "seed $s: evaluate base, sft, grpo_stage1, grpo_stage2 (one launch)"
   torchrun --standalone --nproc_per_node="$NPROC" evaluate.py \
     --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \
     --out "$R/eval_base" "$R/eval_sft" "$R/eval_grpo_stage1" "$R/eval_grpo_stage2" \
@@ -79,7 +93,7 @@ for s in $SEEDS; do
     --max-new-tokens $NEW --gen-slots 64 --overwrite $GRAPH_EVAL $EVAL > "$R/eval.log"   # a failure stops here (set -e)
   grep -E "^\| kg" "$R/eval.log" | paste -d ' ' <(printf '%-12s\n' base sft grpo_stage1 grpo_stage2) -
 done
-echo "== stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s))"
+stage "stage table (held-out KG test split, $(echo $SEEDS | wc -w) seed(s)), curves and report.html"
 python evaluate.py --stage-table "$OUT"
 python report.py "$OUT"   # curves.png and report.html: the stage table, the curves, seed0's rollout groups
 echo "== done in $(( $(date +%s) - t0 )) s; see $OUT/stage_table.md, $OUT/curves.png and $OUT/report.html"
