@@ -187,7 +187,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Answer one chat prompt from an HF-layout checkpoint.")
     ap.add_argument("--path", required=True, help="checkpoint directory (ours or a real Qwen)")
-    ap.add_argument("--prompt", default="A patient presents with", help="user message (chat template applied)")
+    ap.add_argument("--prompt", default="A patient presents with", help="user message (chat template "
+                    "applied)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")

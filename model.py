@@ -488,9 +488,9 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Print the parameter count of a preset (generate from a checkpoint: "
-                                 "python engine.py --path DIR).")
+    ap = argparse.ArgumentParser(description="Print the parameter count of a preset (to generate from a "
+                                 "checkpoint: python engine.py --path DIR).")
     ap.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset")
     name = ap.parse_args().preset
-    print(f"{name}: {sum(p.numel() for p in Transformer(ModelConfig.from_name(name)).parameters()) / 1e6:.2f}M "
-          "parameters")
+    n = sum(p.numel() for p in Transformer(ModelConfig.from_name(name)).parameters())
+    print(f"{name}: {n / 1e6:.2f}M parameters")

@@ -254,6 +254,9 @@ def get_args(argv=None):
     ap.add_argument("--gen-slots", type=at_least(0), default=0, help="rollout engine decode slots per rank "
                     "(rows decoding at once; their KV cache is slots x (prompt + --max-new-tokens)); 0: as "
                     "many as the memory plan has room for, up to the most requests a call has")
+    ap.add_argument("--rollout", default="engine", choices=["engine", "static"], help="engine: one queue "
+                    "through --gen-slots slots (engine.py); static: fast.generate's one batch a call, "
+                    "--gen-slots rows at a time (the same tokens; bench/grpo.py times the two)")
     ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts "
                     "and evals one CUDA graph replay (bench/generate.py); ignored on CPU and under FSDP")
     # --- what the policy writes, and warnings (watch.py)
@@ -287,13 +290,18 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
     rollout's own log-prob of each token (logprobs=True). seeds: one per item, so a completion depends
     only on its item and step, never on the batch or the rank."""
     prompts = [prompt_ids(tok, it) for it in items]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G, pad_id=tok.pad_token_id or 0,
+              cuda_graph=args.use_graph, return_logprobs=logprobs)
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
-        # model.generate's tokens, less work (--plain: that one): one queue over --gen-slots slots
-        res = engine.generate(model, prompts, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p,
-                              stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G, seed=seeds,
-                              pad_id=tok.pad_token_id or 0, slots=args.gen_slots, cuda_graph=args.use_graph,
-                              return_logprobs=logprobs)
+        if args.rollout == "engine":   # model.generate's tokens, less work (--plain: that one)
+            res = engine.generate(model, prompts, seed=seeds, slots=args.gen_slots, **kw)
+        else:   # the static batches the engine replaced, --gen-slots rows a call: the same tokens
+            k, res = max(1, args.gen_slots // G), [[], [], []]
+            for i in range(0, len(prompts), k):
+                part = fast.generate(model, prompts[i:i + k], seed=seeds[i:i + k], **kw)
+                for whole, rows in zip(res, part):
+                    whole += rows
     outs, reasons = res[0], res[1]
     return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
                 texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0)

@@ -26,6 +26,15 @@ step() {   # step SECONDS NAME CMD...: run with a limit, log output, record time
 'transformers', transformers.__version__, 'cpu bf16', torch.cpu._is_avx512_bf16_supported())"
 } 2>&1 | tee "$OUT/summary.txt" >>"$LOG"
 step 120 "cuda_check (parity, greedy, packed)"  python bench/cuda_check.py
+# the rollout engine with the CUDA graph against the static CUDA-graph path at the 0.5B shape, bf16: Nano-vLLM's
+# benchmark shape (256 requests, prompt and output lengths uniform in 100-1,024), then the GRPO shape; the
+# engine's decode against the HBM roofline
+step 150 "rollout engine 0.5b, Nano-vLLM shape"  python bench/rollout.py --device cuda --dtype bfloat16 \
+  --preset qwen2.5-0.5b --shape nano --requests 256 --min-len 100 --max-len 1024 --slots 256 --cuda-graph \
+  --no-hf --no-all-rows
+step 200 "rollout engine 0.5b, GRPO shape"       python bench/rollout.py --device cuda --dtype bfloat16 \
+  --preset qwen2.5-0.5b --shape grpo --prompts 32 --group 8 --max-new 1024 --slots 64 --cuda-graph --no-hf \
+  --no-all-rows
 # SFT tokens/s and MFU at the Qwen2.5-1.5B shape (packed rows, flex_attention), decode vs the HBM roofline
 step 200 "roofline: SFT 1.5b, decode 0.5b"      python bench/scale.py roofline --shape qwen2.5-1.5b
 # the memory plan against the allocator's peak: one SFT step and one GRPO step at the 1.5B shape, bf16
@@ -41,6 +50,6 @@ if [ "${FULL:-0}" = 1 ]; then
     --dtype bfloat16 --batch 64 --new 128 --repeats 2 --cuda-graph
 fi
 cp runs/gpu_quick/stage_table.md runs/gpu_quick/curves.png "$OUT/" 2>/dev/null
-KEEP="max \||greedy|packed|ratio|^\[|tok/s|tokens/s|MFU|roofline|^\| (SFT|GRPO)|rollout|kg |\| "
+KEEP="max \||greedy|packed|ratio|^\[|tok/s|tokens/s|MFU|roofline|^\| (SFT|GRPO)|rollout|kg |\| |^engine|^static"
 echo; grep -E "$KEEP" "$LOG" | grep -v "^   " | head -80
 echo; cat "$OUT/summary.txt"

@@ -1,10 +1,11 @@
 """
 Where a GRPO step's time goes: rollout (KV-cached generation) / reference forward (KL) / policy update,
 and rollout tokens/s. Runs train_grpo.py for a few steps with a KL reference so all three parts are timed,
-then summarises its metrics.jsonl (the first step is left out as warm-up). With --share-prompt N > 1
-(default 4) it runs a second time with each question's completions scored N to a row behind one copy of
-the prompt, and prints the reference + train time of that run against the first (same seed, same settings,
-same process count).
+then summarises its metrics.jsonl (the first step is left out as warm-up). It runs again with
+--rollout static (the static batches the rollout engine replaced, --gen-slots rows a call) and prints the
+rollout time of the two and whether every step's rewards are the same. With --share-prompt N > 1 (default 4)
+it runs a third time with each question's completions scored N to a row behind one copy of the prompt, and
+prints the reference + train time of that run against the first (same seed, settings and process count).
 
     python bench/grpo.py                 # builds a tiny KG set and a from-scratch tiny policy
     python bench/grpo.py --init runs/demo/seed0/sft --data runs/demo/data/rl_train.jsonl
@@ -37,6 +38,7 @@ ap.add_argument("--device", default=None, help="cpu / cuda")
 ap.add_argument("--cuda-graph", action="store_true", help="rollouts with generate(cuda_graph=True) (one GPU)")
 ap.add_argument("--share-prompt", type=int, default=4, help="second run with train_grpo.py --share-prompt N "
                 "(1: only the first run)")
+ap.add_argument("--gen-slots", type=int, default=0, help="train_grpo.py --gen-slots (0: the memory plan's)")
 ap.add_argument("--seed", type=int, default=0, help="seed")
 args = ap.parse_args()
 
@@ -65,9 +67,10 @@ if init is None:
     init = f"{tmp}/base"
 
 
-def bench(share):
-    out = f"{tmp}/grpo_share{share}"
-    cmd = ["train_grpo.py", "--init", init, "--data", data, "--out", out, "--steps", str(args.steps),
+def bench(share, rollout="engine"):
+    out = f"{tmp}/grpo_share{share}_{rollout}"
+    cmd = ["train_grpo.py", "--rollout", rollout, "--gen-slots", str(args.gen_slots), "--init", init,
+           "--data", data, "--out", out, "--steps", str(args.steps),
            "--questions-per-step", str(args.questions_per_step), "--group-size", str(args.group_size),
            "--max-new-tokens", str(args.max_new_tokens), "--kl-beta", str(args.kl_beta), "--val-size", "8",
            "--eval-every", "1000", "--save-every", "1000", "--seed", str(args.seed), "--share-prompt",
@@ -82,22 +85,24 @@ def bench(share):
     roll, ref, train = mean("rollout_s"), mean("ref_s"), mean("train_s")
     total = roll + ref + train
     print(f"GRPO step ({len(rows)} timed steps, {args.questions_per_step} questions x {args.group_size} "
-          "samples, "
-          f"<= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, cuda graph "
-          f"{args.cuda_graph}, "
-          f"share-prompt {share}, init {init if args.init else 'random tiny'})")
+          f"samples, <= {args.max_new_tokens} new tokens, {args.nproc} rank(s), bf16 {args.bf16}, cuda graph "
+          f"{args.cuda_graph}, rollout {rollout}, share-prompt {share}, "
+          f"init {init if args.init else 'random tiny'})")
     print(f"  rollout   {roll:7.2f} s  ({roll / total:.0%})   {mean('rollout_tok_s'):,.0f} rollout tok/s per "
           "rank, "
           f"mean completion {mean('response_len'):.0f} tokens")
     print(f"  reference {ref:7.2f} s  ({ref / total:.0%})")
     print(f"  train     {train:7.2f} s  ({train / total:.0%})")
     print(f"  total     {total:7.2f} s per step")
-    return ref + train
+    return ref + train, roll, [r["reward"] for r in rows]
 
 
-base = bench(1)
+base, roll, rewards = bench(1)
+_, roll_static, rewards_static = bench(1, "static")
+print(f"rollout per step: {roll_static:.2f} s (static batches) vs {roll:.2f} s (the engine): "
+      f"{roll_static / roll:.2f}x; the same rewards at every step: {rewards == rewards_static}")
 if args.share_prompt > 1:
-    shared = bench(args.share_prompt)
+    shared = bench(args.share_prompt)[0]
     print(f"reference + train per step: {base:.2f} s (one row per completion) vs {shared:.2f} s "
           f"({args.share_prompt} "
           f"completions per prompt copy): {base / shared:.2f}x")

@@ -47,9 +47,9 @@ ap.add_argument("--prompts", type=int, default=16, help="grpo: prompts")
 ap.add_argument("--group", type=int, default=8, help="grpo: samples per prompt (G)")
 ap.add_argument("--prompt-len", type=int, default=128, help="grpo: mean prompt length (uniform +-50 %%)")
 ap.add_argument("--max-new", type=int, default=256, help="grpo: completion budget")
-ap.add_argument("--sigma", type=float, default=0.7, help="grpo: log-normal sigma of the output lengths (0.7: the "
-                "fixed-shape path then spends ~70 %% of its slot-steps on finished rows at 128 rows, the case "
-                "of a 2,048-token budget with a 500-token median)")
+ap.add_argument("--sigma", type=float, default=0.7, help="grpo: log-normal sigma of the output lengths "
+                "(0.7: the fixed-shape path then spends ~70 %% of its slot-steps on finished rows at 128 "
+                "rows, the case of a 2,048-token budget with a 500-token median)")
 ap.add_argument("--no-hf", action="store_true", help="leave transformers out")
 ap.add_argument("--no-all-rows", action="store_true", help="leave out the all-rows-at-once static runs")
 ap.add_argument("--cuda-graph", action="store_true", help="CUDA: the engine and the fixed-shape path as CUDA "
@@ -79,8 +79,9 @@ def shapes():
     if args.shape in ("nano", "both"):
         prompts = [torch.randint(10, cfg.vocab_size, (n,), generator=g).tolist()
                    for n in uniform(args.min_len, args.max_len, args.requests)]
-        out.append((f"nano: {args.requests} requests, prompt and output uniform in {args.min_len}-{args.max_len}",
-                    prompts, 1, uniform(args.min_len, args.max_len, args.requests), args.slots or 16))
+        out.append((f"nano: {args.requests} requests, prompt and output uniform in "
+                    f"{args.min_len}-{args.max_len}", prompts, 1,
+                    uniform(args.min_len, args.max_len, args.requests), args.slots or 16))
     if args.shape in ("grpo", "both"):
         lo, hi = args.prompt_len // 2, args.prompt_len * 3 // 2
         prompts = [torch.randint(10, cfg.vocab_size, (n,), generator=g).tolist()
@@ -88,9 +89,9 @@ def shapes():
         n = args.prompts * args.group
         z = torch.randn(n, generator=g, dtype=torch.float64)
         lens = (args.max_new / 4 * torch.exp(args.sigma * z)).round().clamp(1, args.max_new).long().tolist()
-        out.append((f"grpo: {args.prompts} prompts x G={args.group}, output log-normal (median {args.max_new // 4}, "
-                    f"sigma {args.sigma}) clipped at {args.max_new}", prompts, args.group, lens,
-                    args.slots or 32))
+        out.append((f"grpo: {args.prompts} prompts x G={args.group}, output log-normal (median "
+                    f"{args.max_new // 4}, sigma {args.sigma}) clipped at {args.max_new}", prompts,
+                    args.group, lens, args.slots or 32))
     return out
 
 
@@ -150,7 +151,8 @@ def run_shape(name, prompts, G, budgets, S, ref):
     print(f"\n{name}; {N} rows, {tokens:,} output tokens; {S} slots")
 
     def eng(ps, bs, seeds, st):
-        return engine.generate(ours, ps, bs, slots=S, cuda_graph=args.cuda_graph, seed=seeds, stats=st, **kw)[0]
+        return engine.generate(ours, ps, bs, slots=S, cuda_graph=args.cuda_graph, seed=seeds, stats=st,
+                               **kw)[0]
 
     def static(graph):
         return lambda ps, bs, seeds, st: fast.generate(ours, ps, bs, cuda_graph=graph, seed=seeds, stats=st,
@@ -162,8 +164,10 @@ def run_shape(name, prompts, G, budgets, S, ref):
         sides.append((f"transformers, {S} rows a call", lambda: chunked(
             lambda ps, bs, _, st: st.update(hf_generate(ref, ps, G, bs)), prompts, G, budgets, S)))
     if not args.no_all_rows:
-        sides += [(f"  static eager, all {N} rows at once", lambda: chunked(static(False), prompts, G, budgets, N)),
-                  (f"  static fixed-shape, all {N} rows", lambda: chunked(static(True), prompts, G, budgets, N))]
+        sides += [(f"  static eager, all {N} rows at once",
+                   lambda: chunked(static(False), prompts, G, budgets, N)),
+                  (f"  static fixed-shape, all {N} rows",
+                   lambda: chunked(static(True), prompts, G, budgets, N))]
     # warm-up (kernels, CUDA graph memory pools) on a few requests
     engine.generate(ours, prompts[:2], 8, slots=2, cuda_graph=args.cuda_graph, seed=0, **kw)
     fast.generate(ours, prompts[:2], 8, cuda_graph=True, seed=0, **kw)
@@ -190,8 +194,9 @@ def run_shape(name, prompts, G, budgets, S, ref):
             w = sum(t.numel() * t.element_size() for t in ours.parameters())
             kv_tok = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
             roof = tokens / ((p * w + ctx * kv_tok) / (bw * 1e12))
-            print(f"engine decode: {e:,.0f} tokens/s = {e / roof:.1%} of the HBM roofline ({roof:,.0f} tokens/s "
-                  f"for its {p} passes at {bw:.2f} TB/s: the weights once a pass + each token's KV context)")
+            print(f"engine decode: {e:,.0f} tokens/s = {e / roof:.1%} of the HBM roofline ({roof:,.0f} "
+                  f"tokens/s for its {p} passes at {bw:.2f} TB/s: the weights once a pass + each token's KV "
+                  "context)")
 
 
 ref = None
@@ -199,6 +204,7 @@ if not args.no_hf:
     import transformers
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(dev).eval()
 print(f"model {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {args.device}, "
-      f"{args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, cuda graph {args.cuda_graph}")
+      f"{args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+      f"cuda graph {args.cuda_graph}")
 for shape in shapes():
     run_shape(*shape, ref)

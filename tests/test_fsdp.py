@@ -106,6 +106,12 @@ def test_dry_run_refuses_what_cannot_fit_and_accepts_the_recipe(tmp_path):
               "--val-size", "0"]
     out = run(recipe)
     assert "memory plan per rank" in out and "memory plan: fits" in out
+    # the rollout engine's KV cache: slots x context, as many slots as a step's 8 x 16 requests per rank
+    assert "rollout: KV cache, 128 slots x " in out and "(--gen-slots)" in out
+    p = subprocess.run([sys.executable] + recipe + ["--gen-slots", "4096"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    last = p.stdout.strip().splitlines()[-1]
+    assert p.returncode == 1 and "4096 slots" in last and "lower --gen-slots" in last
     bad = recipe[:recipe.index("--micro-batch")] + ["--micro-batch", "64", "--kl-beta", "0.04", "--val-size",
                                                     "0"]
     p = subprocess.run([sys.executable] + bad, cwd=ROOT, capture_output=True, text=True, timeout=300)
