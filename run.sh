@@ -7,6 +7,7 @@
 #   SEEDS="0 1 2" bash run.sh   # the three-seed table (mean +- std over seeds)
 #   QUICK=1 bash run.sh         # tiny sizes: a smoke test of every stage (CI runs this)
 #   GRPO_STEPS=60 bash run.sh   # a shorter GRPO stage 2: ~2.5 min less a seed, less gain (README)
+#   FP32=1 bash run.sh          # fp32 even where the CPU has native bf16 (the README's table is fp32)
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/demo}
@@ -25,7 +26,8 @@ CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS whe
 # ranks: one per GPU where there are GPUs (every script defaults to cuda then), else 2 CPU ranks
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
 # bf16 on CUDA and on CPUs that have it in hardware (AVX512-BF16/AMX); elsewhere it is emulated, far slower
-BF16=$(python -c "import torch; from common import cpu_has_native_bf16 as f
+# (FP32=1: fp32 everywhere, as on a CPU without native bf16)
+BF16=$([ "${FP32:-0}" = 1 ] || python -c "import torch; from common import cpu_has_native_bf16 as f
 print('--bf16' if torch.cuda.is_available() or f() else '')")
 # on CUDA: each decode step of the rollouts and evaluations as one CUDA graph replay (same tokens; generation
 # 3.5-8.7x transformers' on an H100, bench/generate.py). train_grpo.py uses it only as one process (no FSDP)
@@ -57,17 +59,18 @@ else
 fi
 NEW=128   # completion budget: the short KG rationales plus the answer text are ~60 tokens, at most ~100
 
-# progress: which stage, how long the run has taken and about how long it has left. Each stage's seconds on a
-# 2-core AMD EPYC with AVX2 (fp32), scaled by how fast this machine has been on the stages so far
-if [ "$QUICK" = 1 ]; then declare -A EST=([data]=15 [sft]=25 [grpo]=50 [eval]=15 [report]=10)
-else declare -A EST=([data]=60 [sft]=330 [grpo]=780 [eval]=150 [report]=30); fi
+# progress: which stage, how long the run has taken and about how long it has left. Each stage's seconds as
+# measured on a 2-core AMD EPYC with AVX2 (fp32), scaled by how fast this machine has been on the stages so far
+# (+60 s on both sides of the ratio, so that the first short stages do not swing it)
+if [ "$QUICK" = 1 ]; then declare -A EST=([data]=2 [sft]=20 [grpo]=16 [eval]=9 [report]=3)
+else declare -A EST=([data]=10 [sft]=255 [grpo]=700 [eval]=50 [report]=5); fi
 PLAN=(data); for s in $SEEDS; do PLAN+=(sft grpo eval); done; PLAN+=(report)
 K=0; PAST=0
 mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }
 stage() {   # stage TEXT: the next stage of PLAN begins
   local i left=0 el=$(( $(date +%s) - t0 ))
   for (( i = K; i < ${#PLAN[@]}; i++ )); do left=$(( left + ${EST[${PLAN[i]}]} )); done
-  [ "$PAST" -gt 0 ] && left=$(( left * el / PAST ))
+  left=$(( left * (el + 60) / (PAST + 60) ))
   PAST=$(( PAST + ${EST[${PLAN[K]}]} )); K=$(( K + 1 ))
   echo "== [$K/${#PLAN[@]}] $1 | $(mmss $el) so far, about $(mmss $left) left"
 }
