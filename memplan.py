@@ -127,13 +127,16 @@ def slot_bytes(cfg, ctx, bf16):
     return kv_bytes(cfg, ctx, bf16) + 48 * cfg.vocab_size
 
 
+MAX_AUTO_SLOTS = 512   # past a few hundred rows a decode step is compute-bound, on a GPU too (vLLM: 256-1,024)
+
+
 def fit_slots(rows, cap, per_slot, most):
     """--gen-slots 0: the decode slots the rollout phase has room for within 90 % of cap beside everything
     else it holds (rows: a plan with 0 slots), at least 1 (a plan where even one does not fit then refuses,
-    naming its largest part) and at most `most` (the requests of the largest call)."""
+    naming its largest part) and at most the requests of the largest call (`most`) or MAX_AUTO_SLOTS."""
     always = sum(b for _, b, ph in rows if ph == "always")
     rollout = sum(b for _, b, ph in rows if ph == "rollout")
-    return int(max(1, min(most, (0.9 * cap - always - rollout) // per_slot)))
+    return int(max(1, min(most, MAX_AUTO_SLOTS, (0.9 * cap - always - rollout) // per_slot)))
 
 
 def total(rows):

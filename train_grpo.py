@@ -253,7 +253,7 @@ def get_args(argv=None):
                     "answers to long prompts)")
     ap.add_argument("--gen-slots", type=at_least(0), default=0, help="rollout engine decode slots per rank "
                     "(rows decoding at once; their KV cache is slots x (prompt + --max-new-tokens)); 0: as "
-                    "many as the memory plan has room for, up to the most requests a call has")
+                    "many as the memory plan has room for, up to the most requests a call has (at most 512)")
     ap.add_argument("--rollout", default="engine", choices=["engine", "static"], help="engine: one queue "
                     "through --gen-slots slots (engine.py); static: fast.generate's one batch a call, "
                     "--gen-slots rows at a time (the same tokens; bench/grpo.py times the two)")
