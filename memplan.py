@@ -127,7 +127,8 @@ def slot_bytes(cfg, ctx, bf16):
     return kv_bytes(cfg, ctx, bf16) + 48 * cfg.vocab_size
 
 
-MAX_AUTO_SLOTS = 512   # past a few hundred rows a decode step is compute-bound, on a GPU too (vLLM: 256-1,024)
+# past a few hundred rows a decode step is compute-bound, on a GPU too (vLLM schedules 256-1,024)
+MAX_AUTO_SLOTS = 512
 
 
 def fit_slots(rows, cap, per_slot, most):
