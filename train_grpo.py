@@ -293,18 +293,20 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G, pad_id=tok.pad_token_id or 0,
               cuda_graph=args.use_graph, return_logprobs=logprobs)
+    stats = {}   # decode passes and the rows they computed (slot use)
     with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
         if args.rollout == "engine":   # model.generate's tokens, less work (--plain: that one)
-            res = engine.generate(model, prompts, seed=seeds, slots=args.gen_slots, **kw)
+            res = engine.generate(model, prompts, seed=seeds, slots=args.gen_slots, stats=stats, **kw)
         else:   # the static batches the engine replaced, --gen-slots rows a call: the same tokens
             k, res = max(1, args.gen_slots // G), [[], [], []]
             for i in range(0, len(prompts), k):
-                part = fast.generate(model, prompts[i:i + k], seed=seeds[i:i + k], **kw)
+                part = fast.generate(model, prompts[i:i + k], seed=seeds[i:i + k], stats=stats, **kw)
                 for whole, rows in zip(res, part):
                     whole += rows
     outs, reasons = res[0], res[1]
     return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
-                texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0)
+                texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0,
+                row_steps=stats.get("row_steps", 0))
 
 
 def score_groups(g, items, G, args):
@@ -616,6 +618,9 @@ def step_metrics(step, cur, G, lr, g, items, parts, rewards, zero_var, stats, t_
     lens = [len(o) for o in g["outs"]]
     n_all = all_reduce_sum(len(lens))
     tokens = all_reduce_sum(sum(lens))
+    # slot use: decoded tokens (a row's first comes from its prefill) / rows the decode passes computed
+    row_steps = all_reduce_sum(g["row_steps"])
+    slot_use = (tokens - n_all) / row_steps if row_steps else None
     row = dict(step=step, stage=cur.stage, group_size=G, pool=len(cur.pool), lr=lr,
                reward=all_reduce_sum(float(rewards.sum())) / n_all,
                accuracy=all_reduce_sum(sum(p[0] for p in parts)) / n_all,
@@ -626,7 +631,7 @@ def step_metrics(step, cur, G, lr, g, items, parts, rewards, zero_var, stats, t_
                entropy=all_reduce_sum(stats["entropy"]), loss=all_reduce_sum(stats["loss"]),
                grad_norm=stats["grad_norm"], skipped_update=stats["skipped"],
                logp_mismatch=all_reduce_sum(stats["mismatch"]),
-               slot_use=tokens / all_reduce_sum(len(lens) * max(lens)),   # generated / (rows x decode steps)
+               slot_use=slot_use,
                rollout_s=t_roll, ref_s=stats.get("ref_s", 0.0), train_s=t_train,
                rollout_tok_s=tokens / max(all_reduce_max(t_roll), 1e-9), mem_mb=meter.overall() / 2**20)
     if args.kl_beta > 0:
