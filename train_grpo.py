@@ -619,7 +619,7 @@ def step_metrics(step, cur, G, lr, g, items, parts, rewards, zero_var, stats, t_
     n_all = all_reduce_sum(len(lens))
     tokens = all_reduce_sum(sum(lens))
     # slot use: decoded tokens (a row's first comes from its prefill) / rows the decode passes computed
-    row_steps = all_reduce_sum(g["row_steps"])
+    row_steps = all_reduce_sum(g.get("row_steps", 0))
     slot_use = (tokens - n_all) / row_steps if row_steps else None
     row = dict(step=step, stage=cur.stage, group_size=G, pool=len(cur.pool), lr=lr,
                reward=all_reduce_sum(float(rewards.sum())) / n_all,
