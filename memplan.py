@@ -158,6 +158,12 @@ def device_memory(gpu_mem, cuda, local_world):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local_world)
 
 
+def capacity(args, cuda):
+    """The bytes a rank may use for this launch's flags (--gpu-mem, --plan-world, or this launch's ranks)."""
+    local = args.plan_world or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return device_memory(args.gpu_mem, cuda, local)
+
+
 def size(cfg):
     """'7.62B' / '494M': the parameter count, for headers."""
     n = param_counts(cfg)[0]
@@ -205,8 +211,7 @@ def verdict(rows, cap):
 def announce(rows, header, args, cuda):
     """Print the plan (rank 0). --dry-run: exit 0 if it fits, else 1 with the line naming the flag to change.
     A real run warns above 90 %. Returns the planned total."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if not args.plan_world else args.plan_world
-    cap = device_memory(args.gpu_mem, cuda, local)
+    cap = capacity(args, cuda)
     text, frac = report(rows, cap, header)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:

@@ -28,7 +28,7 @@ from common import (MetricsLog, add_run_flags, all_reduce_max, all_reduce_sum, a
 from mcq import build_messages, extract_answer, format_ok, prompt_ids, read_records
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
                   save_checkpoint, unsharded)
-from memplan import Meter, announce, device_memory, fit_slots, plan, size, slot_bytes
+from memplan import Meter, announce, capacity, fit_slots, plan, size, slot_bytes
 import engine
 import fast
 from hf_io import has_tokenizer, load_tokenizer, read_config
@@ -458,9 +458,8 @@ def memory_plan(args, cfg, tok, items, world, device):
     def grpo_plan(slots):
         return plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk,
                     slots=slots, ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx)
-    cap = device_memory(args.gpu_mem, cuda, args.plan_world or int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if not args.gen_slots:   # what the KV budget fits beside the rest
-        args.gen_slots = fit_slots(grpo_plan(0), cap, slot_bytes(cfg, ctx, args.bf16), most)
+        args.gen_slots = fit_slots(grpo_plan(0), capacity(args, cuda), slot_bytes(cfg, ctx, args.bf16), most)
     p = grpo_plan(args.gen_slots)
     return announce(p, f"GRPO, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
                     f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}, prompts up to {prompt} "
