@@ -13,9 +13,10 @@ A call is a queue of requests, (prompt i, sample j) in order, and S slots over o
 Each step samples one token in every live slot and decodes all S slots in one forward; a slot whose
 request stops (its stop token or its budget) takes the next waiting request at once: the prompts that
 arrive in a step are prefilled together (fast.prefill: buckets of similar length) and copied into their
-slots, and the G samples of a prompt share that one prefill (its KV stays pending until its last sample
-has a slot). So a call costs about (completion tokens / S) decode passes instead of (rows / S) x its
-longest completion, and the cache is S x (longest prompt + budget), not rows x that.
+slots, their first tokens sampled from the prefill's logits so that they decode in that same step (no
+slot idles through a step), and the G samples of a prompt share that one prefill (its KV stays pending
+until its last sample has a slot). So a call costs about (completion tokens / S) decode passes instead of
+(rows / S) x its longest completion, and the cache is S x (longest prompt + budget), not rows x that.
 
 Why a contiguous cache per slot and not blocks (vLLM's PagedAttention, Nano-vLLM's block manager): every
 request of a call fits the same context (longest prompt + max_new_tokens), so a slot never overflows and
@@ -130,36 +131,47 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
             p[3] -= 1
             if p[3] == 0:
                 del pending[r // G]
+        return free[:len(new)]
+
+    def take(slots_, tok, lg):
+        """Each of these slots' sampled token (tok, from logits lg) onto its row; returns the slots whose rows
+        just finished (stop token or budget), now idle."""
+        lp = (lg.gather(1, tok[:, None])[:, 0] - torch.logsumexp(lg, -1)).tolist() \
+            if return_logprobs else None
+        done = []
+        for i, (s, t) in enumerate(zip(slots_, tok.tolist())):
+            r = req[s]
+            if r < 0:
+                continue
+            outs[r].append(t)
+            if return_logprobs:
+                logps[r].append(lp[i])
+            if t in stop or len(outs[r]) >= budget[r]:
+                reasons[r] = "stop" if t in stop else "length"
+                req[s] = -1
+                done.append(s)
+                if on_done:
+                    on_done(r)
+        return done
 
     with packed_linears(model, S, dtype):
+        admit(list(range(S)))
         while True:
-            free = [s for s in range(len(req)) if req[s] < 0]
-            if free and queue:
-                admit(free)
             tok = sample_next(logits, temperature, top_k, top_p, row_seeds, steps)
-            lp = (logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)).tolist() \
-                if return_logprobs else None
-            done = []
-            for s, t in enumerate(tok.tolist()):
-                r = req[s]
-                if r < 0:
-                    continue
-                outs[r].append(t)
-                if return_logprobs:
-                    logps[r].append(lp[s])
-                if t in stop or len(outs[r]) >= budget[r]:
-                    reasons[r] = "stop" if t in stop else "length"
-                    req[s] = -1
-                    done.append(s)
-                    if on_done:
-                        on_done(r)
-            if done:
-                cache.lens[torch.tensor(done, device=dev)] = 0
+            free = take(range(len(req)), tok, logits)
+            # a finished slot takes the next request at once: its first token comes from its prefill's logits,
+            # so the slot decodes that token in this very step instead of idling through it
+            while free and queue:
+                new = admit(free)
+                idx = torch.tensor(new, device=dev)
+                first = sample_next(logits[idx], temperature, top_k, top_p, row_seeds[idx], steps[idx])
+                tok[idx] = first
+                free = free[len(new):] + take(new, first, logits[idx])
+            if free:   # idle slots decode a throwaway token at position 0
+                cache.lens[torch.tensor(free, device=dev)] = 0
             live = [s for s in range(len(req)) if req[s] >= 0]
-            if not live:   # every slot just finished: the next requests' first tokens come from their prefill
-                if not queue:
-                    break
-                continue
+            if not live:   # and the queue is empty
+                break
             # the queue is empty: finished slots leave the batch once they are compact_frac of it (eager only;
             # a CUDA graph keeps its shape)
             if not queue and not cuda_graph and 1 - len(live) / len(req) >= compact_frac:

@@ -102,10 +102,12 @@ def load_benchmark(name, path=None, data_dir=None, limit=None):
 
 
 def run_items(model, tok, items, max_new_tokens=512, slots=16, temperature=0.0, n_samples=1, seed=0,
-              rank=0, world=1, progress=True, cuda_graph=False):
+              rank=0, world=1, progress=True, cuda_graph=False, group=None):
     """Generate for this rank's share: one queue through the rollout engine's slots (engine.py), so a long
-    answer holds one slot, not a whole batch. Returns {item id: [responses]} for the items of this rank."""
-    from engine import generate
+    answer holds one slot, not a whole batch. group: a tensor-parallel group (tp.py; model is then this
+    rank's shard), whose ranks' shares go through one queue. Returns {item id: [responses]} for the items
+    of this rank."""
+    from tp import generate
     from tqdm import tqdm
     mine = items[rank::world]
     prompts = [prompt_ids(tok, it) for it in mine]
@@ -116,7 +118,7 @@ def run_items(model, tok, items, max_new_tokens=512, slots=16, temperature=0.0, 
                        num_samples=n_samples, stop_ids=[s for s in stop if s is not None],
                        seed=[seed * 1_000_033 + rank + world * i for i in range(len(mine))],
                        pad_id=tok.pad_token_id or 0, slots=slots, cuda_graph=cuda_graph,
-                       on_done=lambda _: bar.update())
+                       on_done=lambda _: bar.update(), group=group)
     bar.close()
     n = n_samples
     return {it["id"]: [tok.decode(o, skip_special_tokens=True) for o in outs[j * n:(j + 1) * n]]
@@ -451,6 +453,9 @@ def main():
     ap.add_argument("--gen-slots", "--batch-size", dest="gen_slots", type=at_least(1), default=64,
                     help="rows decoding at once (the rollout engine's slots: their KV cache is slots x "
                     "(prompt + --max-new-tokens)); the whole benchmark is one queue through them")
+    ap.add_argument("--tp", type=at_least(1), default=1, help="tensor parallel: groups of N ranks each hold "
+                    "1/N of the model (loaded as FSDP shards, then split: tp.py) and answer their ranks' items "
+                    "together; 1: every rank holds the whole model")
     ap.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0 = greedy")
     ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports "
                     "pass@n and majority vote")
@@ -531,19 +536,29 @@ def main():
     import torch
     from common import close_distributed, init_distributed
     import fast
-    from hf_io import load_model, load_tokenizer
+    from hf_io import load_model, load_tokenizer, read_config
+    import tp
     fast.ON = not args.plain
     rank, world, device = init_distributed(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else dtype
+    for path in args.model:
+        problem = args.tp > 1 and tp.degree_problem(read_config(path), args.tp, world)
+        if problem:
+            sys.exit(f"{path}: {problem.replace('--rollout-tp', '--tp')}")
+    group = tp.Group(args.tp, world, rank) if args.tp > 1 else None
     # several models in one launch: the process start-up (torch, tokenizers, the process group) is paid once
     for path, out, label in zip(args.model, args.out, labels):
-        model = load_model(path, device=device, dtype=dtype).eval()
         tok = load_tokenizer(path)
+        if group is None:
+            model = load_model(path, device=device, dtype=dtype).eval()
+        else:   # each rank reads its FSDP rows, then the group redistributes them into its TP shards
+            from fsdp import load_sharded
+            model = tp.build(load_sharded(path, device, world, dtype=dtype, frozen=True), group)
         recs, summaries = evaluate_model(model, tok, asked, rank, world, args.lenient,
                                          max_new_tokens=args.max_new_tokens, slots=args.gen_slots,
                                          temperature=args.temperature, n_samples=args.n_samples,
-                                         seed=args.seed,
+                                         seed=args.seed, group=group,
                                          cuda_graph=args.cuda_graph and device.type == "cuda")
         if rank == 0:
             report(out, recs, finish(recs, summaries), label)

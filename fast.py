@@ -30,6 +30,21 @@ ON = True   # False: --plain, the textbook paths of model.py / train_grpo.py onl
 # CPU matmuls: weights packed once per generate call for oneDNN
 
 
+def packs(device, dtype):
+    """Whether a CPU packs weights for oneDNN in this compute dtype: fp32, and bf16 where it is native."""
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())))
+
+
+def pack_linear(m, rows, dtype):
+    """m (an nn.Linear) multiplies through a copy of its weight in oneDNN's blocked layout for rows-row
+    inputs; `del m.forward` undoes it. tp.py packs its shards this way once and drops the plain weight."""
+    w = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
+    b = None if m.bias is None else m.bias.detach().to(dtype)
+    m.forward = types.MethodType(lambda self, x, w=w, b=b: torch.ops.mkldnn._linear_pointwise(
+        x.reshape(-1, x.shape[-1]).to(dtype), w, b, "none", [], "").view(*x.shape[:-1], -1), m)
+
+
 @contextmanager
 def packed_linears(model, rows, dtype):
     """While the block runs, every nn.Linear multiplies through a copy of its weight in oneDNN's blocked
@@ -38,16 +53,12 @@ def packed_linears(model, rows, dtype):
     call, and fp32 F.linear goes to MKL, slow on some CPUs (bench/generate.py). Packs fp32, and bf16 on
     CPUs with native bf16; a no-op on GPU and without oneDNN. Same math, another summation order (fp32:
     ~1e-4 on the outputs)."""
-    on = (next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available()
-          and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())))
-    # under FSDP2 outside a rollout the weights are DTensor shards: left alone by the type check
+    # under FSDP2 outside a rollout the weights are DTensor shards, and tp.py's packed shards have none:
+    # both left alone by the type check
     mods = [m for m in model.modules() if isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter]
-    mods = mods if on else []
+    mods = mods if packs(next(model.parameters()).device, dtype) else []
     for m in mods:
-        w = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
-        b = None if m.bias is None else m.bias.detach().to(dtype)
-        m.forward = types.MethodType(lambda self, x, w=w, b=b: torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, x.shape[-1]).to(dtype), w, b, "none", [], "").view(*x.shape[:-1], -1), m)
+        pack_linear(m, rows, dtype)
     try:
         yield
     finally:

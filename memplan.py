@@ -17,9 +17,11 @@ Per rank, for P parameters sharded over W ranks by FSDP2 (fp32 master weights, A
                recomputed); attention scores where a CPU attends per sequence with plain matmuls; the
                log-probs' chunk of vocabulary logits (model.token_logprobs)
   a rollout    the whole policy gathered (plus, on a CPU, its weights packed for oneDNN; on one GPU under
-               autocast, their bf16 copies), the rollout engine's KV cache (--gen-slots slots x context;
-               by default as many slots as fit beside the rest, fit_slots), sampling's (slots x vocab)
-               temporaries
+               autocast, their bf16 copies), or with --rollout-tp N its tensor-parallel shard (tp.py: 1/N
+               of the heads, MLP columns and vocabulary, the norms whole) and the buffers that build it
+               from the FSDP shards; the rollout engine's KV cache (--gen-slots slots x context, the
+               rank's KV heads; by default as many slots as fit beside the rest, fit_slots), sampling's
+               (slots x vocab) temporaries
 Phases do not overlap: total = always + the largest phase.
 """
 import os
@@ -56,11 +58,24 @@ def layer_act_bytes(cfg, c, resid=4):
     return 2 * H * resid + c * (2 * H + 3 * q + 2 * kv + 4 * I) + 4 * cfg.num_attention_heads
 
 
+def tp_params(cfg, n):
+    """(parameters one rank of a tensor-parallel group of n holds, the part of them in linears (packed for
+    oneDNN on a CPU), the largest whole weight's), as tp.build lays them out."""
+    from model import Transformer
+    from tp import local_config
+    with torch.device("meta"):
+        m, whole = Transformer(local_config(cfg, n)), Transformer(cfg)
+    linear = sum(p.numel() for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
+                 and not (name == "lm_head" and cfg.tie_word_embeddings) for p in mod.parameters())
+    return sum(p.numel() for p in m.parameters()), linear, max(p.numel() for p in whole.parameters())
+
+
 def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0, ctx=0, ref=False,
-         sdpa_len=0):
+         sdpa_len=0, tp=1):
     """[(what, bytes, phase)] per rank. kind: "sft" or "grpo". tokens: tokens in one micro-batch's forward,
     seq_len: the longest sequence that attends as one (per-sequence attention scores on CPU: sdpa_len > 0),
-    slots / ctx: the rollout engine's decode slots per rank and their prompt + new tokens (grpo)."""
+    slots / ctx: the rollout engine's decode slots and their prompt + new tokens (grpo), tp: the rollout's
+    tensor-parallel degree (--rollout-tp)."""
     P, block, root = param_counts(cfg)
     W, L, V = world, cfg.num_hidden_layers, cfg.vocab_size
     mp = cuda and bf16 and W > 1                # FSDP mixed precision: gathered weights in bf16
@@ -100,15 +115,25 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
     rows_out.append((f"vocabulary logits, {chunk:,} tokens at a time (--logits-chunk)", (c + 12) * chunk * V,
                      "step"))
     if kind == "grpo":
-        # --- a rollout: the whole policy gathered for generation
-        if W > 1:
+        # --- a rollout: the whole policy gathered for generation, or its tensor-parallel shard
+        if tp > 1:
+            held, linear, largest = tp_params(cfg, tp)
+            # a CPU keeps the linears packed for oneDNN only (in the compute dtype), the rest in fp32
+            b = p_gather * held if cuda else c * linear + 4 * (held - linear)
+            what = f"rollout: the policy's tensor-parallel shard, 1/{tp} (--rollout-tp)"
+            rows_out.append((what, b, "rollout"))
+            # one weight at a time: its all_to_all's send and receive buffers (~1/tp of it each; on a CPU the
+            # packed copy takes the send buffer's place)
+            rows_out.append(("rollout: building the shard, one weight's transfer buffers",
+                             2 * p_gather * largest / tp, "rollout"))
+        elif W > 1:
             rows_out.append(("rollout: the policy gathered", p_gather * P, "rollout"))
-        if not cuda:
+        if tp == 1 and not cuda:
             rows_out.append(("rollout: weights packed for oneDNN (CPU)", c * P, "rollout"))
-        elif bf16 and not mp:
+        elif tp == 1 and bf16 and not mp:
             rows_out.append(("rollout: autocast's bf16 weight copies", 2 * P, "rollout"))
         rows_out.append((f"rollout: KV cache, {slots} slots x {ctx:,} tokens (--gen-slots)",
-                         slots * kv_bytes(cfg, ctx, bf16), "rollout"))
+                         slots * kv_bytes(cfg, ctx, bf16, tp), "rollout"))
         rows_out.append((f"rollout: sampling over the vocabulary, {slots} slots", 48 * slots * V, "rollout"))
         if ref:   # its forward, no gradients: a gathered block, one block's activations, a logits chunk
             rows_out.append(("reference forward", (ref_c * (root + 2 * block) if W > 1 else 0)
@@ -116,15 +141,18 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
     return rows_out
 
 
-def kv_bytes(cfg, ctx, bf16):
-    """One decode slot's KV cache: keys and values of ctx tokens in every layer, in the compute dtype."""
-    return ctx * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * (2 if bf16 else 4)
+def kv_bytes(cfg, ctx, bf16, tp=1):
+    """One decode slot's KV cache on a rank: keys and values of ctx tokens in every layer for the rank's KV
+    heads (all of them, or 1/tp, at least one), in the compute dtype."""
+    heads = max(1, cfg.num_key_value_heads // tp)
+    return ctx * cfg.num_hidden_layers * 2 * heads * cfg.head_dim * (2 if bf16 else 4)
 
 
-def slot_bytes(cfg, ctx, bf16):
+def slot_bytes(cfg, ctx, bf16, tp=1):
     """A decode slot's whole rollout memory: its KV cache and its share of sampling's (slots x vocab) fp32 and
-    int64 temporaries (logits, the Gumbel uniforms' hash, their doubles: ~48 bytes a vocabulary entry)."""
-    return kv_bytes(cfg, ctx, bf16) + 48 * cfg.vocab_size
+    int64 temporaries (logits, the Gumbel uniforms' hash, their doubles: ~48 bytes a vocabulary entry; every
+    rank of a tensor-parallel group samples the whole vocabulary)."""
+    return kv_bytes(cfg, ctx, bf16, tp) + 48 * cfg.vocab_size
 
 
 # past a few hundred rows a decode step is compute-bound, on a GPU too (vLLM schedules 256-1,024)
@@ -192,7 +220,9 @@ ADVICE = [("activations", "lower --micro-batch / --micro-rows or add --act-ckpt"
           ("AdamW", "add ranks (torchrun --nproc_per_node / --nnodes)"),
           ("gradients", "add ranks (torchrun --nproc_per_node / --nnodes)"),
           ("policy gathered", "generation gathers the whole policy on every GPU (2 bytes a parameter under "
-           "--bf16, 4 without): a GPU with more memory, and ranks to shrink the sharded state beside it"),
+           "--bf16, 4 without): --rollout-tp N holds 1/N of it (or --rollout-tp 0: the smallest N that "
+           "fits)"),
+          ("tensor-parallel shard", "a larger --rollout-tp"), ("building the shard", "a larger --rollout-tp"),
           ("gathered", "add --bf16 (gathered in bf16) or ranks"), ("rollout", "add --bf16 or ranks"),
           ("autocast", "add --act-ckpt"), ("the process", "a device with more memory (--gpu-mem)")]
 

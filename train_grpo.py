@@ -27,10 +27,10 @@ from common import (MetricsLog, add_run_flags, all_reduce_max, all_reduce_sum, a
                     prepare_out, print0, set_seed, wants_autocast)
 from mcq import build_messages, extract_answer, format_ok, prompt_ids, read_records
 from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
-                  save_checkpoint, unsharded)
-from memplan import Meter, announce, capacity, fit_slots, plan, size, slot_bytes
-import engine
+                  save_checkpoint)
+from memplan import Meter, announce, capacity, fit_slots, plan, size, slot_bytes, verdict
 import fast
+import tp
 from hf_io import has_tokenizer, load_tokenizer, read_config
 from report import finish_run
 from watch import Canaries, RolloutLog, Wandb, answer_signals, merge_signals
@@ -257,8 +257,13 @@ def get_args(argv=None):
     ap.add_argument("--rollout", default="engine", choices=["engine", "static"], help="engine: one queue "
                     "through --gen-slots slots (engine.py); static: fast.generate's one batch a call, "
                     "--gen-slots rows at a time (the same tokens; bench/grpo.py times the two)")
-    ap.add_argument("--cuda-graph", action="store_true", help="one GPU: each decode step of the rollouts "
-                    "and evals one CUDA graph replay (bench/generate.py); ignored on CPU and under FSDP")
+    ap.add_argument("--rollout-tp", type=at_least(0), default=1, help="tensor-parallel rollouts: groups of N "
+                    "ranks each hold 1/N of the policy, built from the FSDP shards, and decode their ranks' "
+                    "requests together (tp.py); 1: every rank gathers the whole policy; 0: the smallest N the "
+                    "memory plan fits")
+    ap.add_argument("--cuda-graph", action="store_true", help="one GPU, or --rollout-tp > 1: each decode step "
+                    "of the rollouts and evals one CUDA graph replay (bench/generate.py); ignored on CPU and "
+                    "where FSDP gathers the whole policy")
     # --- what the policy writes, and warnings (watch.py)
     ap.add_argument("--log-groups", type=at_least(0), default=8, help="groups per step kept in "
                     "rollouts.jsonl")
@@ -294,9 +299,11 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
               stop_ids=[tok.convert_tokens_to_ids("<|im_end|>")], num_samples=G, pad_id=tok.pad_token_id or 0,
               cuda_graph=args.use_graph, return_logprobs=logprobs)
     stats = {}   # decode passes and the rows they computed (slot use)
-    with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
+    # the whole policy gathered, or this rank's tensor-parallel shard of it (--rollout-tp)
+    with torch.no_grad(), autocast(device, args.autocast), tp.policy(model, args.tp_group, args.tp_dtype) as m:
         if args.rollout == "engine":   # model.generate's tokens, less work (--plain: that one)
-            res = engine.generate(model, prompts, seed=seeds, slots=args.gen_slots, stats=stats, **kw)
+            res = tp.generate(m, prompts, group=args.tp_group, seed=seeds, slots=args.gen_slots, stats=stats,
+                              **kw)
         else:   # the static batches the engine replaced, --gen-slots rows a call: the same tokens
             k, res = max(1, args.gen_slots // G), [[], [], []]
             for i in range(0, len(prompts), k):
@@ -409,9 +416,10 @@ def pass_rates(model, tok, items, idx, k, args, rank, world, device, seed):
 def evaluate_policy(model, tok, val, args, rank, world, device):
     """Greedy accuracy and format rate on the held-out items (evaluate.py's runner and scoring)."""
     from evaluate import run_items, score_items
-    with unsharded(model), torch.no_grad(), autocast(device, args.autocast):
-        resp = run_items(model, tok, val, max_new_tokens=args.max_new_tokens, slots=args.gen_slots,
-                         temperature=0.0, rank=rank, world=world, progress=False, cuda_graph=args.use_graph)
+    with torch.no_grad(), autocast(device, args.autocast), tp.policy(model, args.tp_group, args.tp_dtype) as m:
+        resp = run_items(m, tok, val, max_new_tokens=args.max_new_tokens, slots=args.gen_slots,
+                         temperature=0.0, rank=rank, world=world, progress=False, cuda_graph=args.use_graph,
+                         group=args.tp_group)
     resp = {k: v for p in gather_objects(resp) for k, v in p.items()}
     _, s = score_items(val, resp, "val")
     s["format"] = 100 * sum(format_ok(resp[it["id"]][0]) for it in val) / max(1, len(val))
@@ -455,16 +463,28 @@ def memory_plan(args, cfg, tok, items, world, device):
                -(-n_mine // world) * args.mine_samples, -(-args.val_size // world), 1)
     tokens = args.micro_batch * args.max_new_tokens + -(-args.micro_batch // args.share_prompt) * prompt
 
-    def grpo_plan(slots):
+    def grpo_plan(slots, n):
         return plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk,
-                    slots=slots, ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx)
-    if not args.gen_slots:   # what the KV budget fits beside the rest
-        args.gen_slots = fit_slots(grpo_plan(0), capacity(args, cuda), slot_bytes(cfg, ctx, args.bf16), most)
-    p = grpo_plan(args.gen_slots)
+                    slots=slots, ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx, tp=n)
+
+    def fitted(n):   # slots: what the KV budget fits beside the rest (a group decodes its n ranks' requests)
+        slots = args.gen_slots or fit_slots(grpo_plan(0, n), capacity(args, cuda),
+                                            slot_bytes(cfg, ctx, args.bf16, n), most * n)
+        return slots, grpo_plan(slots, n)
+    degrees = [args.rollout_tp] if args.rollout_tp else \
+        [n for n in range(1, world + 1) if not tp.degree_problem(cfg, n, world)]
+    for n in degrees:   # --rollout-tp 0: the smallest degree whose plan fits (else the largest)
+        slots, p = fitted(n)
+        if verdict(p, capacity(args, cuda)) is None:
+            break
+    if not args.rollout_tp:
+        fits = verdict(p, capacity(args, cuda)) is None
+        print0(f"--rollout-tp 0: {n}, {'the smallest degree that fits' if fits else 'the largest; none fits'}")
+    args.rollout_tp, args.gen_slots = n, slots
+    over = f", rollouts tensor-parallel over {n}" if n > 1 else ""
     return announce(p, f"GRPO, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
                     f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}, prompts up to {prompt} "
-                    f"tokens",
-                    args, cuda)
+                    f"tokens{over}", args, cuda)
 
 
 def setup(args):
@@ -473,15 +493,23 @@ def setup(args):
     rank, world, device = init_distributed(args.device)
     if not args.dry_run:
         check_bf16(args.bf16, device)
-    args.use_graph = args.cuda_graph and device.type == "cuda" and world == 1
+    # not under FSDP's gathered policy (its hooks run on the host); a tensor-parallel shard is plain modules
+    args.use_graph = args.cuda_graph and device.type == "cuda" and (world == 1 or args.rollout_tp > 1)
     args.autocast = wants_autocast(args.bf16, device, world)   # one GPU with --bf16 used to run in fp32
     if args.cuda_graph and not args.use_graph:
-        print0(f"--cuda-graph ignored: it needs one CUDA process, not {world} rank(s) on {device.type}")
+        print0(f"--cuda-graph ignored: it needs CUDA and one process or --rollout-tp > 1, not {world} rank(s) "
+               f"on {device.type}")
     if args.questions_per_step % world:
         raise SystemExit(f"--questions-per-step must be a multiple of the world size ({world})")
     need(os.path.join(args.init, "config.json"), "no model yet",
          f"make one with `python train_sft.py --out {args.init}`, or pass --init")
     need(args.data, "no RL data", "make it with `python make_data.py --out data/kg`, or pass --data")
+    if args.rollout_tp != 1 and args.rollout == "static":
+        raise SystemExit("--rollout static generates on every rank alone: --rollout-tp needs the engine")
+    problem = args.rollout_tp and tp.degree_problem(read_config(args.init), args.rollout_tp,
+                                                    args.plan_world or world)
+    if problem:
+        raise SystemExit(problem)
     return rank, world, device
 
 
@@ -540,6 +568,10 @@ def main(argv=None):
     if not args.dry_run:
         prepare_out(args.out, args.resume, args.overwrite, rank)
     ckpt, tok, val, items, planned = load_items(args, world, device)
+    # the tensor-parallel groups (every rank makes every group), and the dtype FSDP would gather in
+    args.tp_group = tp.Group(args.rollout_tp, world, rank) if args.rollout_tp > 1 else None
+    args.use_graph = args.use_graph and (world == 1 or args.rollout_tp > 1)   # --rollout-tp 0 may pick 1
+    args.tp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" and world > 1 else None
     cur = Curriculum(items, set(args.stage1_tiers.split(",")), args.sparsity_threshold, args.sparsity_window,
                      args.stage2_at, args.mix_right, args.hard_below, args.seed)
     meter = Meter(device)

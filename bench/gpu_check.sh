@@ -41,6 +41,13 @@ step 200 "roofline: SFT 1.5b, decode 0.5b"      python bench/scale.py roofline -
 step 240 "rehearsal 1.5b, one GPU, bf16"        python bench/scale.py rehearsal --shape qwen2.5-1.5b \
   --nproc 1 --device cuda --bf16 --work "$OUT/scale"
 step 100 "generate 20m fp32+bf16, cuda graph"  python bench/generate.py --device cuda --cuda-graph --repeats 2
+# tensor-parallel rollouts need a group of GPUs: one GPU cannot run them (2 CPU ranks check them elsewhere)
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  step 400 "rollout-tp 1 vs 2, 0.5b, 2 GPUs"     python bench/scale.py rehearsal --shape qwen2.5-0.5b --nproc 2 \
+    --device cuda --bf16 --only grpo --rollout-tp 1 2 --work "$OUT/scale_tp"
+else
+  echo "rollout-tp: skipped, one GPU cannot run a tensor-parallel group" | tee -a "$OUT/summary.txt"
+fi
 if [ "${FULL:-0}" = 1 ]; then
   step 240 "QUICK pipeline (run.sh, 1 GPU)"     env QUICK=1 OUT=runs/gpu_quick \
     VIRTUAL_ENV=${VIRTUAL_ENV:-system} bash run.sh
@@ -50,6 +57,6 @@ if [ "${FULL:-0}" = 1 ]; then
     --dtype bfloat16 --batch 64 --new 128 --repeats 2 --cuda-graph
 fi
 cp runs/gpu_quick/stage_table.md runs/gpu_quick/curves.png "$OUT/" 2>/dev/null
-KEEP="max \||greedy|packed|ratio|^\[|tok/s|tokens/s|MFU|roofline|^\| (SFT|GRPO)|rollout|kg |\| |^engine|^static"
+KEEP="max \||greedy|tp_check|packed|ratio|^\[|tok/s|tokens/s|MFU|roofline|^\| (SFT|GRPO)|rollout|kg |\| |^engine|^static"
 echo; grep -E "$KEEP" "$LOG" | grep -v "^   " | head -80
 echo; cat "$OUT/summary.txt"

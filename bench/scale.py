@@ -4,6 +4,7 @@ Real shapes on a CPU: what the memory plan says against what a process measures.
     python bench/scale.py logits      # scoring / SFT loss at Qwen's 151,936-token vocabulary: plain, chunked
     python bench/scale.py rehearsal   # a Qwen2.5-0.5B-shaped model, 2 gloo ranks, FSDP2: SFT + GRPO step
     python bench/scale.py rehearsal --shape qwen2.5-1.5b --nproc 1 --device cuda --bf16   # on one GPU
+    python bench/scale.py rehearsal --only grpo --rollout-tp 1 2   # tensor-parallel rollouts against gathered
     python bench/scale.py roofline --shape qwen2.5-1.5b   # one GPU: SFT MFU, decode vs the HBM roofline
 
 logits: a narrow model (hidden 64, 2 layers) with the full vocabulary, so that nearly all memory is the
@@ -13,7 +14,11 @@ chunk size at "plain" (one chunk: full fp32 logits) and at the default.
 rehearsal: a random-init checkpoint of the given shape is written in the Hugging Face layout (several
 safetensors shards, the demo's small tokenizer beside it), then train_sft.py (one step on packed rows,
 activation checkpointing) and train_grpo.py (one step, KL on) run under torchrun. Each rank prints the
-memory plan at start and its measured peak at the end; this script prints them side by side.
+memory plan at start and its measured peak at the end; this script prints them side by side. With
+--rollout-tp 1 2 the GRPO step runs once per degree, and the rollout phase's measured rise (each rank's
+peak while it generates, over its memory before) is printed beside the plan's rollout terms and as a
+multiple of the policy's bytes; then, on the same checkpoint, tensor-parallel logits and greedy completions
+against the gathered policy's (tp_check).
 """
 import argparse
 import json
@@ -118,6 +123,51 @@ def torchrun(args, nproc, device, log):
     return p.stdout + p.stderr, time.time() - t0
 
 
+TP_CHECK = r'''
+import sys, torch, torch.distributed as dist
+from common import init_distributed
+from fsdp import load_sharded
+import engine, tp
+from memplan import Meter
+rank, world, device = init_distributed(sys.argv[sys.argv.index("--device") + 1])
+model = load_sharded(sys.argv[1], device, world)
+group = tp.Group(world, world, rank)
+# the policy to generate with alone: built (or gathered), packed for oneDNN on a CPU, one token decoded
+meter, whole = Meter(device), sum(p.numel() * p.element_size() for p in model.parameters())
+with torch.no_grad():
+    for name, grp in (("tp", group), ("gathered", None)):
+        with meter.phase(name), tp.policy(model, grp) as m:
+            engine.generate(m, [[11, 12, 13]], max_new_tokens=1, temperature=0.0, slots=1)
+rises = [None] * world
+dist.all_gather_object(rises, {k: meter.peaks[k][0] for k in ("tp", "gathered")})
+if rank == 0:
+    print("tp_check: the policy to generate with (built or gathered, packed on a CPU, one token decoded), peak "
+          "rise per rank: " + "; ".join(f"{k} " + " / ".join(f"{r[k] / 2**30:.2f} GB ({r[k] / whole:.2f}x)"
+                                                                for r in rises) for k in ("tp", "gathered"))
+          + f" of the policy's {whole / 2**30:.2f} GB", flush=True)
+g = torch.Generator().manual_seed(0)   # the same prompts on every rank: a group shares its queue anyway
+prompts = [torch.randint(10, 4000, (int(n),), generator=g).tolist()
+           for n in torch.randint(8, 40, (6,), generator=g)]
+ids = torch.tensor([prompts[0]], device=device)
+with torch.no_grad():
+    with tp.policy(model, group) as m:
+        lt = m(ids)[0].double()
+        a = engine.generate(m, prompts, max_new_tokens=24, temperature=0.0, slots=4)[0]
+        s = engine.generate(m, prompts[:2], max_new_tokens=24, num_samples=2, seed=7, slots=3)[0]
+    with tp.policy(model, None) as m:
+        lf = m(ids)[0].double()
+        b = engine.generate(m, prompts, max_new_tokens=24, temperature=0.0, slots=4)[0]
+        u = engine.generate(m, prompts[:2], max_new_tokens=24, num_samples=2, seed=7, slots=3)[0]
+rel = float((lt - lf).abs().max() / lf.abs().max())
+if rank == 0:
+    print(f"tp_check: logits of a {ids.shape[1]}-token prompt, max |tp - gathered| / max |gathered| = "
+          f"{rel:.2e}; "
+          f"greedy completions equal: {sum(x == y for x, y in zip(a, b))}/{len(a)}; sampled (seed 7) equal: "
+          f"{sum(x == y for x, y in zip(s, u))}/{len(s)}", flush=True)
+dist.destroy_process_group()
+'''
+
+
 def rehearsal(args):
     tmp = args.work or tempfile.mkdtemp(prefix="scale_")
     ck = os.path.join(tmp, args.shape)
@@ -143,12 +193,20 @@ def rehearsal(args):
                  "--max-new-tokens", "256", "--temperature", "1.0", "--kl-beta", "0.04", "--micro-batch", "4",
                  "--act-ckpt", "--val-size", "2", "--eval-every", "1000", "--save-every", "1"] + bf16,
     }
-    table = []
+    if args.rollout_tp:
+        grpo = runs.pop("GRPO")
+        # slots: the step's requests (4 x 4 over the ranks), so the plan's KV cache is the one the step fills
+        per_rank = 16 // args.nproc
+        runs.update({f"GRPO tp {n}": grpo + ["--rollout-tp", str(n), "--gen-slots", str(per_rank * n)]
+                     for n in args.rollout_tp})
+    table, rollout = [], []
     for name, cmd in runs.items():
-        if args.only and name.lower() != args.only:
+        if args.only and not name.lower().startswith(args.only):
             continue
-        shutil.rmtree(f"{tmp}/{name.lower()}", ignore_errors=True)
-        out, secs = torchrun(cmd, args.nproc, args.device, f"{tmp}/{name.lower()}.log")
+        key = name.lower().replace(" ", "_")
+        cmd[cmd.index("--out") + 1] = f"{tmp}/{key}"
+        shutil.rmtree(f"{tmp}/{key}", ignore_errors=True)
+        out, secs = torchrun(cmd, args.nproc, args.device, f"{tmp}/{key}.log")
         m = re.search(r"memory per rank: peak ([\d. /]+) GB \(plan ([\d.]+) GB\)(.*)", out)
         plan_lines = out[out.index("memory plan per rank"):].split("\n")
         end = next(i for i, l in enumerate(plan_lines) if l.strip().startswith("total"))
@@ -157,6 +215,9 @@ def rehearsal(args):
         phases = dict((k, [float(v) for v in re.findall(r"\+([\d.]+)", vals)])
                       for k, vals in re.findall(r"; (\w+) ([+\d. /]+) GB", m.group(3)))
         table.append((name, float(m.group(2)), peaks, phases, secs))
+        if name.startswith("GRPO"):   # the plan's rollout terms beside the rollout phase's measured rise
+            planned = sum(float(g) for g in re.findall(r"rollout\s+([\d.]+) GB", "\n".join(plan_lines[:end])))
+            rollout.append((name, planned, phases.get("rollout", [])))
     print("\n| run | rank | plan GB | measured peak GB | measured / plan | load: rise GB (x model bytes) | "
           "save: rise GB | seconds |")
     print("|---|---|---|---|---|---|---|---|")
@@ -166,6 +227,21 @@ def rehearsal(args):
             save = phases.get("save", [0] * len(peaks))[r]
             print(f"| {name} | {r} | {planned:.2f} | {pk:.2f} | {pk / planned:.2f} | {load:.2f} "
                   f"({load * 2**30 / model_bytes:.2f}) | {save:.2f} | {secs:.0f} |")
+    if rollout:
+        print(f"\nthe rollout phase, per rank (the policy: {model_bytes / 2**30:.2f} GB in the checkpoint's "
+              "dtype)")
+        print("| run | rank | plan: rollout terms GB | measured rise GB | measured / plan | "
+              "rise / policy bytes |")
+        print("|---|---|---|---|---|---|")
+        for name, planned, rises in rollout:
+            for r, rise in enumerate(rises):
+                print(f"| {name} | {r} | {planned:.2f} | {rise:.2f} | {rise / planned:.2f} | "
+                      f"{rise * 2**30 / model_bytes:.2f} |")
+    if any(n > 1 for n in args.rollout_tp or ()):
+        with open(f"{tmp}/tp_check.py", "w") as f:
+            f.write(TP_CHECK)
+        out, _ = torchrun([f"{tmp}/tp_check.py", ck], args.nproc, args.device, f"{tmp}/tp_check.log")
+        print("\n" + "\n".join(l for l in out.splitlines() if l.startswith("tp_check:")))
 
 
 # bf16 dense tensor-core peak (FLOP/s) and HBM bandwidth (bytes/s), from the vendors' data sheets
@@ -265,6 +341,8 @@ if __name__ == "__main__":
     ap.add_argument("--bf16", action="store_true", help="rehearsal: --bf16 (on a "
                     "CPU only where it is native)")
     ap.add_argument("--only", choices=["sft", "grpo"], default=None, help="rehearsal: one of the two runs")
+    ap.add_argument("--rollout-tp", type=int, nargs="+", default=None, help="rehearsal: the GRPO step once per "
+                    "tensor-parallel degree (e.g. 1 2), the rollout's memory side by side, then tp_check")
     ap.add_argument("--work", default=None, help="rehearsal: folder for the "
                     "checkpoint and runs (kept; reused)")
     ap.add_argument("--rows", type=int, default=4, help="roofline: SFT rows per step")

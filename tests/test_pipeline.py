@@ -71,6 +71,23 @@ def test_grpo_two_ranks_match_one_and_stages(tiny):
         assert os.path.exists(tiny / "g1" / f), f
 
 
+def test_grpo_tensor_parallel_rollouts_match_the_gathered_policy(tiny):
+    """--rollout-tp 2 on 2 ranks: each rank holds half of the policy to generate (built from the FSDP shards,
+    tp.py) and the two ranks decode their requests in one queue; the rollouts, mining, evaluations, losses and
+    KL are those of the 2-rank run that gathers the whole policy (fp32: the tokens do not move)."""
+    g2 = two_rank_run(tiny)
+    extra = ["--share-prompt", "4", "--gen-slots", "3", "--rollout-tp", "2"]
+    out = run([odd_reward_runner(tiny)] + grpo_args(tiny, tiny / "tp2") + KL + extra, nproc=2)
+    assert "rollouts tensor-parallel over 2" in out and "tensor-parallel shard, 1/2 (--rollout-tp)" in out
+    a, b = metrics(g2 / "metrics.jsonl"), metrics(tiny / "tp2" / "metrics.jsonl")
+    assert len(a) == len(b) == 5 and b[4]["kl"] > 0
+    for x, y in zip(a, b):
+        for k in ("reward", "accuracy", "zero_var_frac", "response_len", "val_accuracy", "stage", "pool"):
+            assert x.get(k) == y.get(k), (k, x, y)
+        for k in ("loss", "kl"):
+            assert abs(x.get(k, 0) - y.get(k, 0)) <= 1e-6 * abs(x.get(k, 0)) + 1e-9, (k, x, y)
+
+
 def test_grpo_exclude_leaves_out_the_sft_questions(tiny):
     """--exclude sft.jsonl (run.sh): RL only on the training questions that got no cold-start trace."""
     rows = [json.loads(line) for line in open(tiny / "data" / "rl_train.jsonl")]
@@ -109,8 +126,13 @@ def test_evaluate_shared_samples_one_and_two_ranks(tiny):
     # and 3 decode slots a rank instead of 8: one queue longer than the slots
     run(args[:3] + [str(tiny / "sft")] + args[3:] + ["--out", str(tiny / "e2"), str(tiny / "e3"), "--label",
                                                      "ours", "again", "--gen-slots", "3"], nproc=2)
+    # tensor parallel: each rank holds half of the model, the two answer their items in one queue
+    run(args + ["--out", str(tiny / "etp"), "--tp", "2", "--gen-slots", "3"], nproc=2)
     assert "| ours |" in out and "Fleming-R1-7B (paper)" in out
     r1 = json.load(open(tiny / "e1" / "results.json"))
+    assert json.load(open(tiny / "etp" / "results.json")) == r1
+    assert sorted(open(tiny / "etp" / "responses.jsonl").read().splitlines()) == \
+        sorted(open(tiny / "e1" / "responses.jsonl").read().splitlines())
     r2 = json.load(open(tiny / "e2" / "results.json"))
     assert r1 == r2 and set(r1) == {"medqa", "medbullets", "medxpertqa",
                                     "macro_average"} and r1["medqa"]["n"] == 20

@@ -1,0 +1,263 @@
+"""
+tp.py: tensor-parallel rollouts built from the FSDP shards (--rollout-tp N). Without it every rank gathers
+the whole policy to generate (fsdp.unsharded): 61 GB a GPU at 32B in bf16, whatever the number of ranks.
+With it the ranks form groups of N (consecutive ranks: one node's GPUs), and each rank of a group holds
+1/N of the policy, rebuilt for every rollout straight from the FSDP shards; the group decodes its ranks'
+requests together in one rollout engine (engine.py) and each rank takes its own completions back.
+
+    group = Group(2, world, rank)                  # every rank calls it, once (it makes the process groups)
+    with torch.no_grad(), policy(model, group) as m:
+        outs, reasons = generate(m, prompts, group=group, seed=seeds, max_new_tokens=256, slots=64)
+
+The layout is Megatron-LM's (torch.distributed.tensor.parallel's ColwiseParallel / RowwiseParallel, as
+torchtitan applies them to Llama):
+  qkv_proj, gate_up_proj   column-parallel: rank t holds the q rows of its H/N heads, the k and v rows of
+                           their KV heads (Hkv/N; one, repeated on N/Hkv ranks, where N exceeds Hkv), and
+                           the gate and up rows of its I/N MLP columns; so the KV cache splits by KV head
+  o_proj, down_proj        row-parallel: the matching columns; their outputs are summed over the group
+                           (all_reduce), which changes the summation order: logits agree to ~1e-6, not bit
+                           for bit (tests/test_tp.py)
+  embed_tokens, lm_head    split by vocabulary rows (V/N each, a tied head shares them): a token's
+                           embedding comes from the rank that holds its row (all_reduce of one row and
+                           zeros: exact), the logits are all-gathered (every rank samples the same token)
+  norms                    whole on every rank
+Why split the vocabulary: at 0.5B it is 28 % of the parameters, at 32B 1.56B of them (two matrices).
+
+Built from the shards: FSDP2 holds rows lo..hi of every weight (Shard(0) over the world) and rank t needs
+some of its rows (column-parallel, vocabulary) or a slice of the columns of every row (row-parallel). Each
+weight is one all_to_all over the world (what DTensor's redistribute would issue for this layout) in which
+each rank sends every other rank exactly the part of its FSDP shard that rank keeps. What a weight costs a
+rank, in the rollout's dtype (N the degree, W the world):
+  qkv_proj, gate_up_proj    receives its 1/N of the rows, from the one or two FSDP ranks that hold them
+  o_proj, down_proj         receives its 1/N of the columns of every row, from every FSDP rank
+  embed_tokens, lm_head     receives its 1/N of the rows (a tied head: nothing more)
+  norms                     receives them whole (a few thousand numbers)
+  sent                      each row of its FSDP shard to the W/N ranks (one a group) that keep it: 1/N
+                            of the weight
+So one rollout's build receives P/N parameters a rank, where gathering the policy receives P, and its
+transient is one weight's buffers (<= 2/N of the largest: send and receive), never the whole policy. On a
+CPU each linear is packed for oneDNN as it arrives and its plain copy dropped (fast.pack_linear), so it
+is held once. On CUDA the shard's forward is plain modules and NCCL collectives,
+so the engine's CUDA-graph step can capture it (not measured yet: one GPU cannot run a group).
+"""
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import engine
+import fast
+from fsdp import owned_rows, unsharded
+from model import Transformer
+
+
+def _splits(cfg, n):
+    """Whether n ranks split the heads, the KV heads (or repeat them) and the MLP columns evenly."""
+    H, Hkv, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    return not (H % n or (Hkv % n and n % Hkv) or I % n)
+
+
+def degree_problem(cfg, n, world):
+    """None if the policy splits over n ranks of `world`, else one line saying why not."""
+    H, Hkv, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    if n < 1 or world % n:
+        return f"--rollout-tp {n} must divide the number of ranks ({world})"
+    if not _splits(cfg, n):
+        ok = [d for d in range(1, world + 1) if world % d == 0 and _splits(cfg, d)]
+        return (f"--rollout-tp {n} does not split {H} attention heads, {Hkv} KV heads and {I} MLP columns "
+                f"evenly; degrees that do with {world} ranks: {', '.join(map(str, ok))}")
+    return None
+
+
+def local_config(cfg, n):
+    """The shapes one rank of n computes: its heads, its KV heads, its MLP columns, 1/n of the vocabulary
+    (head_dim stays: it is set, not derived)."""
+    return replace(cfg, num_attention_heads=cfg.num_attention_heads // n,
+                   num_key_value_heads=max(1, cfg.num_key_value_heads // n),
+                   intermediate_size=cfg.intermediate_size // n, vocab_size=-(-cfg.vocab_size // n))
+
+
+def piece(cfg, n, t, name):
+    """What rank t of n holds of the weight `name`: (row ranges [(lo, hi)] ascending or None for all rows,
+    column range (lo, hi) or None for all columns)."""
+    H, Hkv, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    h0, nh = t * H // n, H // n
+    k0, nk = (t * Hkv // n, Hkv // n) if Hkv >= n else (t // (n // Hkv), 1)   # the KV heads of its q heads
+    i0, ni = t * I // n, I // n
+    vc = -(-cfg.vocab_size // n)
+    if "qkv_proj" in name:
+        return [(h0 * D, (h0 + nh) * D), ((H + k0) * D, (H + k0 + nk) * D),
+                ((H + Hkv + k0) * D, (H + Hkv + k0 + nk) * D)], None
+    if "gate_up_proj" in name:
+        return [(i0, i0 + ni), (I + i0, I + i0 + ni)], None
+    if "o_proj" in name:
+        return None, (h0 * D, (h0 + nh) * D)
+    if "down_proj" in name:
+        return None, (i0, i0 + ni)
+    if "embed_tokens" in name or "lm_head" in name:
+        return [(min(t * vc, cfg.vocab_size), min((t + 1) * vc, cfg.vocab_size))], None
+    return None, None
+
+
+def _parts(rows, cols, lo, hi, width):
+    """Of the rows lo .. hi - 1 of a weight, the blocks (a, b) that (rows, cols) asks for, and their size."""
+    blocks = [(max(a, lo), min(b, hi)) for a, b in (rows if rows is not None else [(lo, hi)])]
+    blocks = [(a, b) for a, b in blocks if a < b]
+    return blocks, sum(b - a for a, b in blocks) * (width if cols is None else cols[1] - cols[0])
+
+
+def fetch(p, name, cfg, n, dtype, rows_out=0):
+    """This rank's piece of weight p (an FSDP2 DTensor sharded on dim 0 over the world, or a whole tensor) in
+    dtype, as (rows, columns) or (rows,), zero-padded to rows_out rows: one all_to_all in which each rank
+    sends every other rank the part of its shard that rank keeps. Buffers: the send and the receive one."""
+    shape, width = p.shape, (p.shape[1] if p.dim() == 2 else 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sharded = hasattr(p, "to_local")
+    local = p.to_local().detach() if sharded else p.detach()
+    lo, hi = owned_rows(shape[0], rank, world) if sharded else (0, shape[0])
+    asks = [piece(cfg, n, j % n, name) for j in (range(world) if sharded else [rank])]
+    send = torch.empty(sum(_parts(*a, lo, hi, width)[1] for a in asks), dtype=dtype, device=local.device)
+    at = 0
+    for r, c in asks:   # each rank's part, its blocks one after another, cast on the way
+        for a, b in _parts(r, c, lo, hi, width)[0]:
+            x = local[a - lo:b - lo]
+            x = x if c is None or x.dim() == 1 else x[:, c[0]:c[1]]
+            send[at:at + x.numel()].view(x.shape).copy_(x)
+            at += x.numel()
+    rows, cols = piece(cfg, n, rank % n, name)
+    keep_w = width if cols is None else cols[1] - cols[0]
+    if not sharded:
+        got = send
+    else:   # what each sender holds of the rows kept here (the senders' rows ascend: they arrive in order)
+        recv = [_parts(rows, cols, *owned_rows(shape[0], i, world), width)[1] for i in range(world)]
+        got = torch.zeros(max(sum(recv), rows_out * keep_w), dtype=dtype, device=local.device)
+        dist.all_to_all_single(got[:sum(recv)], send, output_split_sizes=recv,
+                               input_split_sizes=[_parts(*a, lo, hi, width)[1] for a in asks])
+        del send
+    if rows_out and got.numel() < rows_out * keep_w:
+        got = torch.cat([got, got.new_zeros(rows_out * keep_w - got.numel())])
+    return got if p.dim() == 1 else got.view(-1, keep_w)
+
+
+class VocabEmbedding(nn.Module):
+    """Rows lo .. lo + Vc - 1 of the embedding; the others' rows come from the rank that holds them."""
+
+    def __init__(self, weight, lo, group):
+        super().__init__()
+        self.weight, self.lo, self.group = weight, lo, group
+
+    def forward(self, ids):
+        local = ids - self.lo
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine[..., None]
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+class VocabHead(nn.Module):
+    """The lm_head's rows of this rank's vocabulary share; the logits of the whole vocabulary all-gathered.
+    linear: an nn.Linear (packed for oneDNN on a CPU) or, tied, the embedding's Parameter (kept once)."""
+
+    def __init__(self, linear, vocab, n, group):
+        super().__init__()
+        self.linear, self.vocab, self.n, self.group = linear, vocab, n, group
+
+    def forward(self, h):
+        y = self.linear(h) if isinstance(self.linear, nn.Module) else F.linear(h, self.linear)
+        y = y.contiguous()
+        out = y.new_empty((self.n * y.shape[0],) + y.shape[1:])   # the ranks' shares one after another
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, y, group=self.group)
+        return torch.movedim(out.view((self.n,) + y.shape), 0, -2).flatten(-2)[..., :self.vocab]
+
+
+def _sum_over_group(group):
+    def hook(module, inputs, out):
+        dist.all_reduce(out, group=group)
+        return out
+    return hook
+
+
+class Group:
+    """This rank's tensor-parallel group: ranks [g * n, g * n + n) of the world; index = the rank's place in
+    it. Every rank must build it at the same point (torch makes every group on every rank)."""
+
+    def __init__(self, n, world, rank):
+        self.n, self.index, self.pg = n, rank % n, None
+        if n < world:
+            for g in range(world // n):
+                pg = dist.new_group(list(range(g * n, (g + 1) * n)))
+                if rank // n == g:
+                    self.pg = pg
+
+
+def build(model, group, dtype=None, pack_rows=64):
+    """This rank's shard of the policy as a Transformer of the local shapes (its config: its heads and MLP
+    columns, the whole vocabulary's logits), weights in dtype (default: the shards'). Every rank calls it.
+    On a CPU under fast.ON each linear is packed for oneDNN (in autocast's dtype where it is on) once its
+    weight and bias are in, and its plain weight dropped."""
+    cfg, n, t = model.config, group.n, group.index
+    local = local_config(cfg, n)
+    dev = next(model.parameters()).device
+    with torch.device("meta"):
+        m = Transformer(replace(local, tie_word_embeddings=False))
+    autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    for name, p in model.named_parameters():
+        # the vocabulary padded to V/N rows on every rank (those logits are cut off)
+        vocab = "embed_tokens" in name or "lm_head" in name
+        w = fetch(p, name, cfg, n, dtype or p.dtype, local.vocab_size if vocab else 0).to(dev)
+        owner, leaf = name.rsplit(".", 1)
+        mod = m.get_submodule(owner)
+        setattr(mod, leaf, nn.Parameter(w, requires_grad=False))
+        ready = isinstance(mod, nn.Linear) and all(q is None or not q.is_meta for q in (mod.weight, mod.bias))
+        pack_dtype = autocast_dtype or w.dtype
+        if ready and fast.ON and fast.packs(dev, pack_dtype):
+            fast.pack_linear(mod, pack_rows, pack_dtype)
+            mod.weight = None
+    embed = m.model.embed_tokens.weight
+    m.model.embed_tokens = VocabEmbedding(embed, t * local.vocab_size, group.pg)
+    m.lm_head = VocabHead(embed if cfg.tie_word_embeddings else m.lm_head, cfg.vocab_size, n, group.pg)
+    for blk in m.model.layers:
+        blk.self_attn.o_proj.register_forward_hook(_sum_over_group(group.pg))
+        blk.mlp.down_proj.register_forward_hook(_sum_over_group(group.pg))
+    m.config = replace(local, vocab_size=cfg.vocab_size)
+    return m.eval()
+
+
+@contextmanager
+def policy(model, group=None, dtype=None, pack_rows=64):
+    """with policy(model, group) as m: the model to generate with. group None: the policy itself, every
+    weight gathered once for the whole rollout (fsdp.unsharded); else this rank's tensor-parallel shard,
+    built from the FSDP shards (build) and dropped at the end."""
+    if group is None:
+        with unsharded(model):
+            yield model
+        return
+    m = build(model, group, dtype, pack_rows)
+    try:
+        yield m
+    finally:
+        del m
+
+
+def generate(model, prompts, group=None, seed=None, num_samples=1, on_done=None, **kw):
+    """engine.generate for a tensor-parallel group: the requests of every rank of the group in one queue
+    (seeds travel with their prompts, so a completion is the one its rank alone would get), and each rank
+    gets its own rows back, in its order. group None: engine.generate."""
+    if group is None:
+        return engine.generate(model, prompts, seed=seed, num_samples=num_samples, on_done=on_done, **kw)
+    seeds = None if seed is None else [seed + i for i in range(len(prompts))] if isinstance(seed, int) \
+        else list(seed)   # model.sample_seeds' per-prompt seeds
+    every = [None] * group.n
+    dist.all_gather_object(every, (prompts, seeds), group=group.pg)
+    if any(s is None for _, s in every):
+        raise ValueError("tp.generate: a seed for every prompt, so that the group's samples are each rank's")
+    start = sum(len(p) for p, _ in every[:group.index]) * num_samples
+    n_rows = len(prompts) * num_samples
+    done = None if on_done is None else \
+        (lambda r: on_done(r - start) if start <= r < start + n_rows else None)
+    res = engine.generate(model, [q for p, _ in every for q in p], seed=[s for _, s in every for s in s],
+                          num_samples=num_samples, on_done=done, **kw)
+    return tuple(x[start:start + n_rows] for x in res)
