@@ -313,7 +313,8 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
     outs, reasons = res[0], res[1]
     return dict(prompts=prompts, outs=outs, reasons=reasons, logps=res[2] if logprobs else None,
                 texts=[tok.decode(o, skip_special_tokens=True) for o in outs], pad=tok.pad_token_id or 0,
-                row_steps=stats.get("row_steps", 0))
+                # every rank of a tensor-parallel group counted the group's passes: its share of them
+                row_steps=stats.get("row_steps", 0) / (args.tp_group.n if args.tp_group else 1))
 
 
 def score_groups(g, items, G, args):
