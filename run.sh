@@ -50,8 +50,7 @@ else
   # by step 60). --mine-max 256: each re-mining (every 10 steps) scores 256 random training questions x 4
   # samples, ~165 of them mined into a pool that 10 steps of 16 questions use once (EXPERIMENTS.md)
   GRPO_STEPS=${GRPO_STEPS:-80}
-  # 20 % held out (1,350 test questions): with 600 the one-seed stage-2 gain's interval was +-2.6 points
-  DATA="--kg-questions 6750 --test-frac 0.2 --sft-frac 0.3"
+  DATA="--kg-questions 6000 --sft-frac 0.3"
   SFT="--steps 300 --eval-every 100"
   GRPO="--steps $GRPO_STEPS --stage2-at 30 --questions-per-step 16 --group-size 8 --stage2-group-size 12 \
         --lr 1e-4 --temperature 0.7 --skip-zero-var --micro-batch 64 --kl-beta 0.04 --mine-max 256 \
@@ -64,7 +63,7 @@ NEW=128   # completion budget: the short KG rationales plus the answer text are 
 # measured on a 2-core AMD EPYC with AVX2 (fp32), scaled by how fast this machine has been on the stages so far
 # (+60 s on both sides of the ratio, so that the first short stages do not swing it)
 if [ "$QUICK" = 1 ]; then declare -A EST=([data]=2 [sft]=20 [grpo]=16 [eval]=9 [report]=3)
-else declare -A EST=([data]=11 [sft]=255 [grpo]=700 [eval]=110 [report]=5); fi
+else declare -A EST=([data]=10 [sft]=255 [grpo]=700 [eval]=50 [report]=5); fi
 PLAN=(data); for s in $SEEDS; do PLAN+=(sft grpo eval); done; PLAN+=(report)
 K=0; PAST=0
 mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }

@@ -38,6 +38,20 @@ def run(args, nproc=1, timeout=300):
     return p.stdout + p.stderr
 
 
+def config_only(tmp_path, cfg, name):
+    """A model folder with config.json and a small tokenizer, no weights (what --dry-run reads), and a one-item
+    RL file beside it with a 300-word question. Returns (folder, data file)."""
+    from hf_io import config_to_hf, train_tokenizer
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config_to_hf(cfg, "bfloat16")))
+    train_tokenizer(["a b c"] * 10, 300, str(d))
+    data = tmp_path / "rl.jsonl"
+    data.write_text(json.dumps(dict(id="1", question="q " * 300, options={"A": "x", "B": "y"}, answer="A"))
+                    + "\n")
+    return d, data
+
+
 def metrics(path):
     return [json.loads(l) for l in open(path)]
 

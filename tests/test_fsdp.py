@@ -1,6 +1,5 @@
 """fsdp.py: shards read straight from the files, sharded checkpoints that resume on any world size, crash-safe
 checkpoint folders; memplan.py: the plan and its verdict."""
-import json
 import os
 import subprocess
 import sys
@@ -9,8 +8,8 @@ import pytest
 import torch
 
 from fsdp import latest_checkpoint
-from helpers import ROOT, run
-from hf_io import config_to_hf, save_model
+from helpers import ROOT, config_only, run
+from hf_io import save_model
 from model import ModelConfig, Transformer
 
 SHARD_CHECK = r'''
@@ -91,14 +90,7 @@ def test_dry_run_refuses_what_cannot_fit_and_accepts_the_recipe(tmp_path):
     cfg = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6,
                       tie_word_embeddings=False)
-    d = tmp_path / "qwen7b"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(config_to_hf(cfg, "bfloat16")))
-    from hf_io import train_tokenizer
-    train_tokenizer(["a b c"] * 10, 300, str(d))
-    data = tmp_path / "rl.jsonl"
-    data.write_text(json.dumps(dict(id="1", question="q " * 300, options={"A": "x", "B": "y"}, answer="A"))
-                    + "\n")
+    d, data = config_only(tmp_path, cfg, "qwen7b")
     recipe = ["train_grpo.py", "--init", str(d), "--data", str(data), "--dry-run", "--plan-world", "8",
               "--gpu-mem", "80",
               "--bf16", "--questions-per-step", "64", "--group-size", "8", "--stage2-group-size", "16",

@@ -1,14 +1,13 @@
 """tp.py: tensor-parallel rollouts built from the FSDP shards, against the gathered policy on 2 gloo ranks; the
 memory plan with --rollout-tp."""
-import json
 import re
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, run
-from hf_io import config_to_hf, save_model, train_tokenizer
+from helpers import ROOT, config_only, run
+from hf_io import save_model
 from memplan import GB, plan, total, tp_params, verdict
 from model import ModelConfig, Transformer
 from tp import degree_problem, local_config
@@ -103,13 +102,7 @@ def test_dry_run_picks_the_smallest_degree_that_fits(tmp_path):
     gathered, naming --rollout-tp; accepted with --rollout-tp 8; --rollout-tp 0 finds the smallest degree."""
     q32 = ModelConfig(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                       num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False)
-    d = tmp_path / "q32"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(config_to_hf(q32, "bfloat16")))
-    train_tokenizer(["a b c"] * 10, 300, str(d))
-    data = tmp_path / "rl.jsonl"
-    data.write_text(json.dumps(dict(id="1", question="q " * 300, options={"A": "x", "B": "y"}, answer="A"))
-                    + "\n")
+    d, data = config_only(tmp_path, q32, "q32")
     args = [sys.executable, "train_grpo.py", "--init", str(d), "--data", str(data), "--dry-run",
             "--plan-world", "8", "--gpu-mem", "80", "--bf16", "--questions-per-step", "64", "--group-size", "8",
             "--stage2-group-size", "16", "--max-new-tokens", "2048", "--micro-batch", "2", "--act-ckpt",
