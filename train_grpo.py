@@ -474,13 +474,14 @@ def memory_plan(args, cfg, tok, items, world, device):
         return slots, grpo_plan(slots, n)
     degrees = [args.rollout_tp] if args.rollout_tp else \
         [n for n in range(1, world + 1) if not tp.degree_problem(cfg, n, world)]
-    for n in degrees:   # --rollout-tp 0: the smallest degree whose plan fits (else the largest)
-        slots, p = fitted(n)
-        if verdict(p, capacity(args, cuda)) is None:
+    for n in degrees:   # --rollout-tp 0: the smallest degree whose plan fits (else the largest) with slots
+        slots, p = fitted(n)   # enough to keep a GPU busy: a plan that fits with one slot would take days
+        if verdict(p, capacity(args, cuda)) is None and (args.gen_slots or slots >= min(64, most * n)):
             break
     if not args.rollout_tp:
         fits = verdict(p, capacity(args, cuda)) is None
-        print0(f"--rollout-tp 0: {n}, {'the smallest degree that fits' if fits else 'the largest; none fits'}")
+        print0(f"--rollout-tp 0: {n}, {'the smallest degree that fits' if fits else 'the largest; none fits'} "
+               f"(with {slots} decode slots)")
     args.rollout_tp, args.gen_slots = n, slots
     over = f", rollouts tensor-parallel over {n}" if n > 1 else ""
     return announce(p, f"GRPO, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
