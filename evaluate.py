@@ -543,9 +543,9 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else dtype
     for path in args.model:
-        problem = args.tp > 1 and tp.degree_problem(read_config(path), args.tp, world)
+        problem = args.tp > 1 and tp.degree_problem(read_config(path), args.tp, world, "--tp")
         if problem:
-            sys.exit(f"{path}: {problem.replace('--rollout-tp', '--tp')}")
+            sys.exit(f"{path}: {problem}")
     group = tp.Group(args.tp, world, rank) if args.tp > 1 else None
     # several models in one launch: the process start-up (torch, tokenizers, the process group) is paid once
     for path, out, label in zip(args.model, args.out, labels):

@@ -386,14 +386,17 @@ def _signed(c):
 _MASK = [(1 << (64 - k)) - 1 for k in range(64)]
 
 
-def sample_seeds(seed, n_prompts, n_samples):
-    """The seed of each row, prompt-major: sample j of prompt i gets seed_i * 1_000_003 + j, where seed_i is
-    seed + i for an int seed, the i-th of a list, or fresh entropy for None (without re-seeding torch's
-    global generator: callers' state is theirs)."""
+def prompt_seeds(seed, n_prompts):
+    """seed_i of each prompt: seed + i for an int seed, the i-th of a list, or fresh entropy for None (without
+    re-seeding torch's global generator: callers' state is theirs)."""
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    seeds = [seed + i for i in range(n_prompts)] if isinstance(seed, int) else list(seed)
-    return [s * 1_000_003 + j for s in seeds for j in range(n_samples)]
+    return [seed + i for i in range(n_prompts)] if isinstance(seed, int) else list(seed)
+
+
+def sample_seeds(seed, n_prompts, n_samples):
+    """The seed of each row, prompt-major: sample j of prompt i gets seed_i * 1_000_003 + j (prompt_seeds)."""
+    return [s * 1_000_003 + j for s in prompt_seeds(seed, n_prompts) for j in range(n_samples)]
 
 
 def row_uniforms(row_seeds, step, V):

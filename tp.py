@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import engine
 import fast
 from fsdp import owned_rows, unsharded
-from model import Transformer
+from model import Transformer, prompt_seeds
 
 
 def _splits(cfg, n):
@@ -60,14 +60,14 @@ def _splits(cfg, n):
     return not (H % n or (Hkv % n and n % Hkv) or I % n)
 
 
-def degree_problem(cfg, n, world):
-    """None if the policy splits over n ranks of `world`, else one line saying why not."""
+def degree_problem(cfg, n, world, flag="--rollout-tp"):
+    """None if the policy splits over n ranks of `world`, else one line (naming `flag`) saying why not."""
     H, Hkv, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     if n < 1 or world % n:
-        return f"--rollout-tp {n} must divide the number of ranks ({world})"
+        return f"{flag} {n} must divide the number of ranks ({world})"
     if not _splits(cfg, n):
         ok = [d for d in range(1, world + 1) if world % d == 0 and _splits(cfg, d)]
-        return (f"--rollout-tp {n} does not split {H} attention heads, {Hkv} KV heads and {I} MLP columns "
+        return (f"{flag} {n} does not split {H} attention heads, {Hkv} KV heads and {I} MLP columns "
                 f"evenly; degrees that do with {world} ranks: {', '.join(map(str, ok))}")
     return None
 
@@ -110,35 +110,30 @@ def _parts(rows, cols, lo, hi, width):
 
 
 def fetch(p, name, cfg, n, dtype, rows_out=0):
-    """This rank's piece of weight p (an FSDP2 DTensor sharded on dim 0 over the world, or a whole tensor) in
-    dtype, as (rows, columns) or (rows,), zero-padded to rows_out rows: one all_to_all in which each rank
-    sends every other rank the part of its shard that rank keeps. Buffers: the send and the receive one."""
+    """This rank's piece of weight p (an FSDP2 DTensor sharded on dim 0 over the world) in dtype, as (rows,
+    columns) or (rows,), zero-padded to rows_out rows: one all_to_all in which each rank sends every other
+    rank the part of its shard that rank keeps. Buffers: the send and the receive one."""
     shape, width = p.shape, (p.shape[1] if p.dim() == 2 else 1)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sharded = hasattr(p, "to_local")
-    local = p.to_local().detach() if sharded else p.detach()
-    lo, hi = owned_rows(shape[0], rank, world) if sharded else (0, shape[0])
-    asks = [piece(cfg, n, j % n, name) for j in (range(world) if sharded else [rank])]
-    send = torch.empty(sum(_parts(*a, lo, hi, width)[1] for a in asks), dtype=dtype, device=local.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = p.to_local().detach()
+    lo, hi = owned_rows(shape[0], rank, world)
+    asks = [piece(cfg, n, j % n, name) for j in range(world)]
+    parts = [_parts(r, c, lo, hi, width) for r, c in asks]
+    send = torch.empty(sum(k for _, k in parts), dtype=dtype, device=local.device)
     at = 0
-    for r, c in asks:   # each rank's part, its blocks one after another, cast on the way
-        for a, b in _parts(r, c, lo, hi, width)[0]:
+    for (_, c), (blocks, _) in zip(asks, parts):   # each rank's part, block after block, cast on the way
+        for a, b in blocks:
             x = local[a - lo:b - lo]
             x = x if c is None or x.dim() == 1 else x[:, c[0]:c[1]]
             send[at:at + x.numel()].view(x.shape).copy_(x)
             at += x.numel()
     rows, cols = piece(cfg, n, rank % n, name)
     keep_w = width if cols is None else cols[1] - cols[0]
-    if not sharded:
-        got = send
-    else:   # what each sender holds of the rows kept here (the senders' rows ascend: they arrive in order)
-        recv = [_parts(rows, cols, *owned_rows(shape[0], i, world), width)[1] for i in range(world)]
-        got = torch.zeros(max(sum(recv), rows_out * keep_w), dtype=dtype, device=local.device)
-        dist.all_to_all_single(got[:sum(recv)], send, output_split_sizes=recv,
-                               input_split_sizes=[_parts(*a, lo, hi, width)[1] for a in asks])
-        del send
-    if rows_out and got.numel() < rows_out * keep_w:
-        got = torch.cat([got, got.new_zeros(rows_out * keep_w - got.numel())])
+    # what each sender holds of the rows kept here (the senders' rows ascend: they arrive in order)
+    recv = [_parts(rows, cols, *owned_rows(shape[0], i, world), width)[1] for i in range(world)]
+    got = torch.zeros(max(sum(recv), rows_out * keep_w), dtype=dtype, device=local.device)
+    dist.all_to_all_single(got[:sum(recv)], send, output_split_sizes=recv,
+                           input_split_sizes=[k for _, k in parts])
     return got if p.dim() == 1 else got.view(-1, keep_w)
 
 
@@ -230,16 +225,12 @@ def build(model, group, dtype=None, pack_rows=64):
 def policy(model, group=None, dtype=None, pack_rows=64):
     """with policy(model, group) as m: the model to generate with. group None: the policy itself, every
     weight gathered once for the whole rollout (fsdp.unsharded); else this rank's tensor-parallel shard,
-    built from the FSDP shards (build) and dropped at the end."""
+    built from the FSDP shards (build), freed with the caller's last reference to it."""
     if group is None:
         with unsharded(model):
             yield model
         return
-    m = build(model, group, dtype, pack_rows)
-    try:
-        yield m
-    finally:
-        del m
+    yield build(model, group, dtype, pack_rows)
 
 
 def generate(model, prompts, group=None, seed=None, num_samples=1, on_done=None, **kw):
@@ -248,12 +239,10 @@ def generate(model, prompts, group=None, seed=None, num_samples=1, on_done=None,
     gets its own rows back, in its order. group None: engine.generate."""
     if group is None:
         return engine.generate(model, prompts, seed=seed, num_samples=num_samples, on_done=on_done, **kw)
-    seeds = None if seed is None else [seed + i for i in range(len(prompts))] if isinstance(seed, int) \
-        else list(seed)   # model.sample_seeds' per-prompt seeds
-    every = [None] * group.n
-    dist.all_gather_object(every, (prompts, seeds), group=group.pg)
-    if any(s is None for _, s in every):
+    if seed is None:
         raise ValueError("tp.generate: a seed for every prompt, so that the group's samples are each rank's")
+    every = [None] * group.n
+    dist.all_gather_object(every, (prompts, prompt_seeds(seed, len(prompts))), group=group.pg)
     start = sum(len(p) for p, _ in every[:group.index]) * num_samples
     n_rows = len(prompts) * num_samples
     done = None if on_done is None else \

@@ -307,7 +307,7 @@ def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):
         else:   # the static batches the engine replaced, --gen-slots rows a call: the same tokens
             k, res = max(1, args.gen_slots // G), [[], [], []]
             for i in range(0, len(prompts), k):
-                part = fast.generate(model, prompts[i:i + k], seed=seeds[i:i + k], stats=stats, **kw)
+                part = fast.generate(m, prompts[i:i + k], seed=seeds[i:i + k], stats=stats, **kw)
                 for whole, rows in zip(res, part):
                     whole += rows
     outs, reasons = res[0], res[1]
@@ -468,18 +468,19 @@ def memory_plan(args, cfg, tok, items, world, device):
         return plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk,
                     slots=slots, ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx, tp=n)
 
+    cap = capacity(args, cuda)
+
     def fitted(n):   # slots: what the KV budget fits beside the rest (a group decodes its n ranks' requests)
-        slots = args.gen_slots or fit_slots(grpo_plan(0, n), capacity(args, cuda),
-                                            slot_bytes(cfg, ctx, args.bf16, n), most * n)
-        return slots, grpo_plan(slots, n)
+        slots = args.gen_slots or fit_slots(grpo_plan(0, n), cap, slot_bytes(cfg, ctx, args.bf16, n), most * n)
+        p = grpo_plan(slots, n)
+        return slots, p, verdict(p, cap) is None
     degrees = [args.rollout_tp] if args.rollout_tp else \
         [n for n in range(1, world + 1) if not tp.degree_problem(cfg, n, world)]
     for n in degrees:   # --rollout-tp 0: the smallest degree whose plan fits (else the largest) with slots
-        slots, p = fitted(n)   # enough to keep a GPU busy: a plan that fits with one slot would take days
-        if verdict(p, capacity(args, cuda)) is None and (args.gen_slots or slots >= min(64, most * n)):
+        slots, p, fits = fitted(n)   # enough slots to keep a GPU busy: one slot would take days
+        if fits and (args.gen_slots or slots >= min(64, most * n)):
             break
     if not args.rollout_tp:
-        fits = verdict(p, capacity(args, cuda)) is None
         print0(f"--rollout-tp 0: {n}, {'the smallest degree that fits' if fits else 'the largest; none fits'} "
                f"(with {slots} decode slots)")
     args.rollout_tp, args.gen_slots = n, slots

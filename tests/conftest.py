@@ -5,7 +5,7 @@ import make_data
 from helpers import run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")   # the tests folder: once per worker process
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipe")
     make_data.main(["--out", str(d / "data"), "--kg-questions", "300", "--kg-max-diseases", "30", "--seed",
