@@ -13,7 +13,6 @@ numbers up to float rounding (tests/test_fast.py checks each against the plain p
                            (--share-prompt), laid end to end in one unpadded row on a CPU
 Why each is faster, measured: bench/RESULTS.md.
 """
-import types
 from contextlib import contextmanager
 
 import torch
@@ -41,8 +40,10 @@ def pack_linear(m, rows, dtype):
     inputs; `del m.forward` undoes it. tp.py packs its shards this way once and drops the plain weight."""
     w = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
     b = None if m.bias is None else m.bias.detach().to(dtype)
-    m.forward = types.MethodType(lambda self, x, w=w, b=b: torch.ops.mkldnn._linear_pointwise(
-        x.reshape(-1, x.shape[-1]).to(dtype), w, b, "none", [], "").view(*x.shape[:-1], -1), m)
+    # a plain function, not a method bound to m: no reference cycle, so a packed module (a TP shard) is
+    # freed as soon as its last reference goes, not at the next garbage collection
+    m.forward = lambda x, w=w, b=b: torch.ops.mkldnn._linear_pointwise(
+        x.reshape(-1, x.shape[-1]).to(dtype), w, b, "none", [], "").view(*x.shape[:-1], -1)
 
 
 @contextmanager

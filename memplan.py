@@ -58,16 +58,17 @@ def layer_act_bytes(cfg, c, resid=4):
     return 2 * H * resid + c * (2 * H + 3 * q + 2 * kv + 4 * I) + 4 * cfg.num_attention_heads
 
 
-def tp_params(cfg, n):
+def tp_params(cfg, n, fetch_bytes=4, packed_bytes=0):
     """(parameters one rank of a tensor-parallel group of n holds, the part of them in linears (packed for
-    oneDNN on a CPU), the largest whole weight's), as tp.build lays them out."""
+    oneDNN on a CPU), (bytes held once built, the peak while building: tp.build_peak for these bytes a
+    parameter arrives in and is packed in, 0: not packed)), as tp.build lays them out."""
     from model import Transformer
-    from tp import local_config
+    from tp import build_peak, local_config
     with torch.device("meta"):
-        m, whole = Transformer(local_config(cfg, n)), Transformer(cfg)
+        m = Transformer(local_config(cfg, n))
     linear = sum(p.numel() for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
                  and not (name == "lm_head" and cfg.tie_word_embeddings) for p in mod.parameters())
-    return sum(p.numel() for p in m.parameters()), linear, max(p.numel() for p in whole.parameters())
+    return sum(p.numel() for p in m.parameters()), linear, build_peak(m, fetch_bytes, packed_bytes)
 
 
 def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0, ctx=0, ref=False,
@@ -117,15 +118,14 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
     if kind == "grpo":
         # --- a rollout: the whole policy gathered for generation, or its tensor-parallel shard
         if tp > 1:
-            held, linear, largest = tp_params(cfg, tp)
             # a CPU keeps the linears packed for oneDNN only (in the compute dtype), the rest in fp32
-            b = p_gather * held if cuda else c * linear + 4 * (held - linear)
+            _, _, (held, peak) = tp_params(cfg, tp, p_gather, 0 if cuda else c)
             what = f"rollout: the policy's tensor-parallel shard, 1/{tp} (--rollout-tp)"
-            rows_out.append((what, b, "rollout"))
-            # one weight at a time: its all_to_all's send and receive buffers (~1/tp of it each; on a CPU the
-            # packed copy takes the send buffer's place)
-            rows_out.append(("rollout: building the shard, one weight's transfer buffers",
-                             2 * p_gather * largest / tp, "rollout"))
+            rows_out.append((what, held, "rollout"))
+            # one weight at a time: its all_to_all's send buffer beside its received piece (the vocabulary
+            # first, while little else is held); what that adds to the built shard at its peak
+            rows_out.append(("rollout: building the shard, what its transfer buffers add", peak - held,
+                             "rollout"))
         elif W > 1:
             rows_out.append(("rollout: the policy gathered", p_gather * P, "rollout"))
         if tp == 1 and not cuda:

@@ -35,11 +35,17 @@ rank, in the rollout's dtype (N the degree, W the world):
   sent                      each row of its FSDP shard to the W/N ranks (one a group) that keep it: 1/N
                             of the weight
 So one rollout's build receives P/N parameters a rank, where gathering the policy receives P, and its
-transient is one weight's buffers (<= 2/N of the largest: send and receive), never the whole policy. On a
-CPU each linear is packed for oneDNN as it arrives and its plain copy dropped (fast.pack_linear), so it
-is held once. On CUDA the shard's forward is plain modules and NCCL collectives,
-so the engine's CUDA-graph step can capture it (not measured yet: one GPU cannot run a group).
+transient is one weight's buffers (its send buffer beside its received piece, ~1/N of the weight each),
+never the whole policy. The vocabulary matrices, the largest weights, come first, while little else is
+held (build_peak: what memplan plans). On a CPU each linear is packed for oneDNN as it arrives and its
+plain copy dropped (fast.pack_linear), so it is held once; and glibc is told to hand tensors of 1 MB and
+more back to the system when they are freed (return_freed_memory), or the transfer buffers stay resident
+in its heap (a 0.5B rollout's rise: 0.78x of the policy's bytes, where 0.58x is live). On CUDA the
+shard's forward is plain modules and NCCL collectives, so the engine's CUDA-graph step can capture it (not
+measured yet: one GPU cannot run a group).
 """
+import ctypes
+import ctypes.util
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -137,6 +143,31 @@ def fetch(p, name, cfg, n, dtype, rows_out=0):
     return got if p.dim() == 1 else got.view(-1, keep_w)
 
 
+def _is_vocab(name):
+    return "embed_tokens" in name or "lm_head" in name
+
+
+def build_order(named):
+    """(name, weight) pairs in the order build fetches them: the vocabulary matrices first (the largest
+    weights, while nothing else is held), then the model's order."""
+    named = list(named)
+    return [x for x in named if _is_vocab(x[0])] + [x for x in named if not _is_vocab(x[0])]
+
+
+def build_peak(model_local, fetch_bytes, packed_bytes):
+    """(bytes held once built, the peak while building) on one rank, for the local-shape model (meta
+    tensors will do): each weight's piece arrives (fetch_bytes a number) beside its send buffer (as large:
+    every rank sends what others keep of its FSDP rows, ~1/N of the weight, as it receives ~1/N); then a
+    linear is packed (packed_bytes a number, 0: not packed) and its received copy dropped."""
+    held = peak = 0
+    for name, p in build_order(model_local.named_parameters()):
+        got = fetch_bytes * p.numel()
+        lin = packed_bytes and p.dim() == 2 and "embed_tokens" not in name   # an nn.Linear's weight
+        peak = max(peak, held + got + max(got, packed_bytes * p.numel() if lin else 0))
+        held += packed_bytes * p.numel() if lin else got
+    return held, max(peak, held)
+
+
 class VocabEmbedding(nn.Module):
     """Rows lo .. lo + Vc - 1 of the embedding; the others' rows come from the rank that holds them."""
 
@@ -175,12 +206,27 @@ def _sum_over_group(group):
     return hook
 
 
+def return_freed_memory(threshold=1 << 20):
+    """On Linux with glibc: tensors of `threshold` bytes and more get their own mmap, returned to the system
+    when freed. By default glibc raises that threshold to 32 MB after the first free of a large chunk and
+    keeps smaller freed chunks in its heap, so a process's resident memory holds every transfer buffer the
+    build freed. Elsewhere nothing changes."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)   # M_MMAP_THRESHOLD (malloc.h); fixing it also ends the raising
+    except (OSError, AttributeError):
+        pass
+
+
 class Group:
     """This rank's tensor-parallel group: ranks [g * n, g * n + n) of the world; index = the rank's place in
-    it. Every rank must build it at the same point (torch makes every group on every rank)."""
+    it. Every rank must build it at the same point (torch makes every group on every rank). On CPU ranks
+    (gloo) it also calls return_freed_memory: a shard is there to save memory."""
 
     def __init__(self, n, world, rank):
         self.n, self.index, self.pg = n, rank % n, None
+        if n > 1 and dist.get_backend() == "gloo":
+            return_freed_memory()
         if n < world:
             for g in range(world // n):
                 pg = dist.new_group(list(range(g * n, (g + 1) * n)))
@@ -199,9 +245,9 @@ def build(model, group, dtype=None, pack_rows=64):
     with torch.device("meta"):
         m = Transformer(replace(local, tie_word_embeddings=False))
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    for name, p in model.named_parameters():
+    for name, p in build_order(model.named_parameters()):
         # the vocabulary padded to V/N rows on every rank (those logits are cut off)
-        vocab = "embed_tokens" in name or "lm_head" in name
+        vocab = _is_vocab(name)
         w = fetch(p, name, cfg, n, dtype or p.dtype, local.vocab_size if vocab else 0).to(dev)
         owner, leaf = name.rsplit(".", 1)
         mod = m.get_submodule(owner)

@@ -1,6 +1,8 @@
 """fast.py against the textbook paths it replaces: each speed path gives their numbers (tokens, logits,
 log-probs, gradients) up to float rounding."""
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
@@ -90,6 +92,22 @@ def test_packed_fp32_linears(kind, tmp_path):
         packed = lin(x)
     assert "forward" not in vars(lin) and torch.allclose(packed, lin(x), atol=1e-5, rtol=1e-5)
     packing_off(kind, tmp_path, torch.float32, False, 19)
+
+
+def test_a_packed_linear_is_freed_with_its_last_reference():
+    """No reference cycle through the packed forward: a tensor-parallel shard (tp.build packs its linears
+    and keeps them) goes with its last reference, not at some later garbage collection."""
+    lin = torch.nn.Linear(24, 40)
+    fast.pack_linear(lin, 5, torch.float32)
+    x = torch.randn(5, 24)
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+    ref = weakref.ref(lin)
+    gc.disable()
+    try:
+        del lin
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is packed only on CPUs with native bf16")
