@@ -61,10 +61,11 @@ fi
 NEW=128   # completion budget: the short KG rationales plus the answer text are ~60 tokens, at most ~100
 
 # progress: which stage, how long the run has taken and about how long it has left. Each stage's seconds as
-# measured on a 2-core AMD EPYC with AVX2 (fp32), scaled by how fast this machine has been on the stages so far
+# measured with AVX2 kernels only, in fp32, on a 2-core Xeon (README), scaled by how fast this machine has been
+# on the stages so far
 # (+60 s on both sides of the ratio, so that the first short stages do not swing it)
 if [ "$QUICK" = 1 ]; then declare -A EST=([data]=2 [sft]=20 [grpo]=16 [eval]=9 [report]=3)
-else declare -A EST=([data]=10 [sft]=255 [grpo]=1050 [eval]=50 [report]=5); fi
+else declare -A EST=([data]=5 [sft]=210 [grpo]=700 [eval]=45 [report]=5); fi
 PLAN=(data); for s in $SEEDS; do PLAN+=(sft grpo eval); done; PLAN+=(report)
 K=0; PAST=0
 mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }
