@@ -58,17 +58,16 @@ def layer_act_bytes(cfg, c, resid=4):
     return 2 * H * resid + c * (2 * H + 3 * q + 2 * kv + 4 * I) + 4 * cfg.num_attention_heads
 
 
-def tp_params(cfg, n, fetch_bytes=4, packed_bytes=0):
+def tp_params(cfg, n):
     """(parameters one rank of a tensor-parallel group of n holds, the part of them in linears (packed for
-    oneDNN on a CPU), (bytes held once built, the peak while building: tp.build_peak for these bytes a
-    parameter arrives in and is packed in, 0: not packed)), as tp.build lays them out."""
+    oneDNN on a CPU)), as tp.build lays them out."""
     from model import Transformer
-    from tp import build_peak, local_config
+    from tp import local_config
     with torch.device("meta"):
         m = Transformer(local_config(cfg, n))
     linear = sum(p.numel() for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
                  and not (name == "lm_head" and cfg.tie_word_embeddings) for p in mod.parameters())
-    return sum(p.numel() for p in m.parameters()), linear, build_peak(m, fetch_bytes, packed_bytes)
+    return sum(p.numel() for p in m.parameters()), linear
 
 
 def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0, ctx=0, ref=False,
@@ -119,7 +118,8 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
         # --- a rollout: the whole policy gathered for generation, or its tensor-parallel shard
         if tp > 1:
             # a CPU keeps the linears packed for oneDNN only (in the compute dtype), the rest in fp32
-            _, _, (held, peak) = tp_params(cfg, tp, p_gather, 0 if cuda else c)
+            from tp import build_peak
+            held, peak = build_peak(cfg, tp, p_gather, 0 if cuda else c)
             what = f"rollout: the policy's tensor-parallel shard, 1/{tp} (--rollout-tp)"
             rows_out.append((what, held, "rollout"))
             # one weight at a time: its all_to_all's send buffer beside its received piece (the vocabulary

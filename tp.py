@@ -154,13 +154,15 @@ def build_order(named):
     return [x for x in named if _is_vocab(x[0])] + [x for x in named if not _is_vocab(x[0])]
 
 
-def build_peak(model_local, fetch_bytes, packed_bytes):
-    """(bytes held once built, the peak while building) on one rank, for the local-shape model (meta
-    tensors will do): each weight's piece arrives (fetch_bytes a number) beside its send buffer (as large:
-    every rank sends what others keep of its FSDP rows, ~1/N of the weight, as it receives ~1/N); then a
-    linear is packed (packed_bytes a number, 0: not packed) and its received copy dropped."""
+def build_peak(cfg, n, fetch_bytes, packed_bytes):
+    """(bytes held once built, the peak while building) on one rank of n (what memplan plans): each weight's
+    piece arrives (fetch_bytes a parameter) beside its send buffer (as large: every rank sends what others
+    keep of its FSDP rows, ~1/N of the weight, as it receives ~1/N); then a linear is packed (packed_bytes a
+    parameter, 0: not packed) and its received copy dropped."""
+    with torch.device("meta"):
+        m = Transformer(local_config(cfg, n))
     held = peak = 0
-    for name, p in build_order(model_local.named_parameters()):
+    for name, p in build_order(m.named_parameters()):
         got = fetch_bytes * p.numel()
         lin = packed_bytes and p.dim() == 2 and "embed_tokens" not in name   # an nn.Linear's weight
         peak = max(peak, held + got + max(got, packed_bytes * p.numel() if lin else 0))

@@ -65,7 +65,7 @@ def test_tensor_parallel_generation_equals_the_gathered_policy(kind, tmp_path):
     assert out.count("tp ok") == 2
     held = [int(x) for x in re.findall(r"(\d+) parameters held", out)]
     # packed linears (a CPU) hold their weights outside .parameters(): the rest, biases included, counts here
-    whole, linear, _ = tp_params(cfg, 2)
+    whole, linear = tp_params(cfg, 2)
     assert len(held) == 2 and all(whole - linear <= h <= whole for h in held)
     assert whole < 0.6 * sum(p.numel() for p in Transformer(cfg).parameters())
 
