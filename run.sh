@@ -49,11 +49,9 @@ else
   # --kl-beta 0.04: a KL pull toward the cold start; without it one run in twelve blew up (entropy 0.5 -> 5
   # by step 60). --mine-max 256: each re-mining (every 10 steps) scores 256 random training questions x 4
   # samples, ~165 of them mined into a pool that 10 steps of 16 questions use once. 120 steps: the held-out
-  # gain builds over stage 2, and at 80 one seed's interval still crossed zero (EXPERIMENTS.md). 1,800
-  # held-out questions (a quarter of 7,200; the training split stays 5,400): at 600 the paired interval of a
-  # stage's gain was +-2.3 points, as wide as the gain of some seeds
+  # gain builds over stage 2, and at 80 one seed's interval still crossed zero (EXPERIMENTS.md)
   GRPO_STEPS=${GRPO_STEPS:-120}
-  DATA="--kg-questions 7200 --sft-frac 0.3 --test-frac 0.25"
+  DATA="--kg-questions 6000 --sft-frac 0.3"
   SFT="--steps 300 --eval-every 100"
   GRPO="--steps $GRPO_STEPS --stage2-at 30 --questions-per-step 16 --group-size 8 --stage2-group-size 12 \
         --lr 1e-4 --temperature 0.7 --skip-zero-var --micro-batch 64 --kl-beta 0.04 --mine-max 256 \
@@ -67,7 +65,7 @@ NEW=128   # completion budget: the short KG rationales plus the answer text are 
 # on the stages so far
 # (+60 s on both sides of the ratio, so that the first short stages do not swing it)
 if [ "$QUICK" = 1 ]; then declare -A EST=([data]=2 [sft]=20 [grpo]=16 [eval]=9 [report]=3)
-else declare -A EST=([data]=6 [sft]=210 [grpo]=700 [eval]=130 [report]=5); fi
+else declare -A EST=([data]=5 [sft]=210 [grpo]=700 [eval]=45 [report]=5); fi
 PLAN=(data); for s in $SEEDS; do PLAN+=(sft grpo eval); done; PLAN+=(report)
 K=0; PAST=0
 mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }
