@@ -490,14 +490,21 @@ def memory_plan(args, cfg, tok, items, world, device):
                     f"tokens{over}", args, cuda)
 
 
+def graph_ok(cuda_graph, device_type, world, rollout_tp):
+    """Whether the rollouts decode as CUDA graph replays: on CUDA, as one process or over a tensor-parallel
+    shard (rollout_tp > 1); rollout_tp 0 (not picked yet) keeps the graph until the plan picks 1."""
+    return cuda_graph and device_type == "cuda" and (world == 1 or rollout_tp != 1)
+
+
 def setup(args):
     """Ranks and device, and the flags and files that depend on them, checked before anything loads."""
     fast.ON = not args.plain
     rank, world, device = init_distributed(args.device)
     if not args.dry_run:
         check_bf16(args.bf16, device)
-    # not under FSDP's gathered policy (its hooks run on the host); a tensor-parallel shard is plain modules
-    args.use_graph = args.cuda_graph and device.type == "cuda" and (world == 1 or args.rollout_tp > 1)
+    # not under FSDP's gathered policy (its hooks run on the host); a tensor-parallel shard is plain modules.
+    # --rollout-tp 0: the memory plan picks the degree (load_items), and main decides again then
+    args.use_graph = graph_ok(args.cuda_graph, device.type, world, args.rollout_tp)
     args.autocast = wants_autocast(args.bf16, device, world)   # one GPU with --bf16 used to run in fp32
     if args.cuda_graph and not args.use_graph:
         print0(f"--cuda-graph ignored: it needs CUDA and one process or --rollout-tp > 1, not {world} rank(s) "
@@ -573,7 +580,9 @@ def main(argv=None):
     ckpt, tok, val, items, planned = load_items(args, world, device)
     # the tensor-parallel groups (every rank makes every group), and the dtype FSDP would gather in
     args.tp_group = tp.Group(args.rollout_tp, world, rank) if args.rollout_tp > 1 else None
-    args.use_graph = args.use_graph and (world == 1 or args.rollout_tp > 1)   # --rollout-tp 0 may pick 1
+    if args.use_graph and not graph_ok(True, "cuda", world, args.rollout_tp):   # --rollout-tp 0 picked 1
+        print0(f"--cuda-graph ignored: --rollout-tp 0 picked 1 on {world} ranks (FSDP's gathered policy)")
+        args.use_graph = False
     args.tp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" and world > 1 else None
     cur = Curriculum(items, set(args.stage1_tiers.split(",")), args.sparsity_threshold, args.sparsity_window,
                      args.stage2_at, args.mix_right, args.hard_below, args.seed)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from train_grpo import (Curriculum, aggregate, group_advantages, grpo_denominator, kl_k3, reward_parts,
-                        token_objective)
+from train_grpo import (Curriculum, aggregate, graph_ok, group_advantages, grpo_denominator, kl_k3,
+                        reward_parts, token_objective)
 
 OPTS = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Clopidogrel"}
 ITEM = dict(options=OPTS, answer="C")
@@ -142,3 +142,12 @@ def test_curriculum_switch_and_mining():
     assert [forced.observe(0.0, s) for s in (1, 2)] == [False, True]
     forced.mine(rates, 2)
     assert forced.pool == [1, 2, 5]
+
+
+def test_the_cuda_graph_waits_for_the_tensor_parallel_degree():
+    """--cuda-graph on several GPUs needs a tensor-parallel shard (FSDP's gathered policy runs hooks on the
+    host): kept while --rollout-tp 0 has not picked its degree yet, dropped once it picks 1, kept for N > 1;
+    never on a CPU."""
+    assert graph_ok(True, "cuda", 1, 1) and graph_ok(True, "cuda", 8, 8) and graph_ok(True, "cuda", 8, 0)
+    assert not graph_ok(True, "cuda", 8, 1) and not graph_ok(True, "cpu", 1, 1)
+    assert not graph_ok(False, "cuda", 1, 1)
