@@ -399,15 +399,14 @@ def sample_seeds(seed, n_prompts, n_samples):
     return [s * 1_000_003 + j for s in prompt_seeds(seed, n_prompts) for j in range(n_samples)]
 
 
-def row_uniforms(row_seeds, step, V):
-    """(B, V) uniforms in (0, 1) from a counter-based hash (splitmix64) of (row seed, step, token id).
-    Why not torch.multinomial with one generator: there a row's sample depends on which other rows share the
-    batch. Here it depends only on its own seed, so rollouts are the same whatever the batch, the number of
-    ranks or the order of prompts, which GRPO's 1-rank == N-rank equivalence needs."""
+def row_uniform(row_seeds, step):
+    """(B,) uniforms in (0, 1) from a counter-based hash (splitmix64) of (row seed, step): one per row and step.
+    Why not torch.rand with one generator: there a row's draw depends on which other rows share the batch.
+    Here it depends only on its own seed and step, so rollouts are the same whatever the batch, the number
+    of ranks or the order of prompts, which GRPO's 1-rank == N-rank equivalence needs."""
     # step: one for every row, or a (B,) tensor (engine.py: each slot is at its own step)
-    steps = step[:, None] if torch.is_tensor(step) else torch.full_like(row_seeds[:, None], step)
-    x = row_seeds[:, None] * _signed(0x9E3779B97F4A7C15) + steps * _signed(0xD1B54A32D192ED03) \
-        + torch.arange(V, device=row_seeds.device) * _signed(0x8CB92BA72F3D8DD7)
+    steps = step if torch.is_tensor(step) else torch.full_like(row_seeds, step)
+    x = row_seeds * _signed(0x9E3779B97F4A7C15) + steps * _signed(0xD1B54A32D192ED03)
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = x ^ ((x >> shift) & _MASK[shift])
         x = x * _signed(mult)
@@ -416,8 +415,10 @@ def row_uniforms(row_seeds, step, V):
 
 
 def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
-    """logits (B, V) fp32 -> next ids (B,). temperature 0 = greedy. Sampling is Gumbel-max with per-row
-    uniforms (row_uniforms): exactly a draw from softmax(logits / temperature) after top-k / top-p."""
+    """logits (B, V) fp32 -> next ids (B,). temperature 0 = greedy. Sampling is by the inverse of the CDF: the
+    first token whose cumulative probability reaches the row's uniform u (row_uniform), exactly a draw from
+    softmax(logits / temperature) after top-k / top-p. One uniform a row, not one a vocabulary entry
+    (Gumbel-max): at a vocabulary of 8,192 the per-entry hash cost as much as a sixth of a decode step."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -430,8 +431,11 @@ def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
         drop = probs.cumsum(-1) - probs > top_p      # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    gumbel = -torch.log(-torch.log(row_uniforms(row_seeds, step, logits.shape[-1])))
-    return (logits.double() + gumbel).argmax(-1)
+    # summed in fp64, so the CDF's rounding cannot move a draw that float32 logits would not; tokens of
+    # probability 0 (filtered) are never picked: u > 0, and the search finds the first entry >= u
+    cdf = torch.softmax(logits, -1).cumsum(-1, dtype=torch.float64)
+    u = row_uniform(row_seeds, step) * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -443,7 +447,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     left-padded into one batch; one forward over them fills the KV cache; then each step samples one token
     per row and feeds it back, until every row has stopped. fast.generate makes the same tokens with less
     work. seed: an int (prompt i gets seed + i) or one per prompt; sample j of a prompt depends only on
-    its prompt's seed and j (row_uniforms), never on the rest of the batch. return_logprobs: also each
+    its prompt's seed and j (row_uniform), never on the rest of the batch. return_logprobs: also each
     sampled token's log-probability (temperature 1, before top-k / top-p)."""
     dev = next(model.parameters()).device
     # under autocast the cache is kept in autocast's dtype (attention reads it so)

@@ -14,7 +14,7 @@ from model import ModelConfig, Transformer, generate
 from test_model import hf_model, ragged_batch
 from train_grpo import completion_logprobs
 
-SAMPLED = dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 20))
+SAMPLED = dict(temperature=1.0, num_samples=3, seed=5, stop_ids=range(3, 12))   # ~1 row in 3 runs to 12
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
