@@ -29,7 +29,7 @@ The step keeps one shape (S rows): with cuda_graph=True it is one CUDA graph rep
 and attends over the whole slot length under a mask; eagerly (a CPU) it attends only up to the longest
 live slot, and once the queue is empty it drops finished slots from the batch (compact_frac), as
 fast.generate does. Each completion is a function of its prompt, its sample index and its seed only
-(model.row_uniform, one step counter per slot): the tokens of fast.generate and model.generate, whatever
+(model.row_keys, one step counter per slot): the tokens of fast.generate and model.generate, whatever
 S, the order of arrival or the number of ranks (tests/test_engine.py).
 """
 import argparse

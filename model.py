@@ -383,6 +383,10 @@ def _signed(c):
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
+def _signed32(c):
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
 _MASK = [(1 << (64 - k)) - 1 for k in range(64)]
 
 
@@ -399,11 +403,11 @@ def sample_seeds(seed, n_prompts, n_samples):
     return [s * 1_000_003 + j for s in prompt_seeds(seed, n_prompts) for j in range(n_samples)]
 
 
-def row_uniform(row_seeds, step):
-    """(B,) uniforms in (0, 1) from a counter-based hash (splitmix64) of (row seed, step): one per row and step.
-    Why not torch.rand with one generator: there a row's draw depends on which other rows share the batch.
-    Here it depends only on its own seed and step, so rollouts are the same whatever the batch, the number
-    of ranks or the order of prompts, which GRPO's 1-rank == N-rank equivalence needs."""
+def row_keys(row_seeds, step):
+    """(B,) int32 keys, one per row and step: splitmix64 of (row seed, step), its top 32 bits. Why not torch.rand
+    with one generator: there a row's draw depends on which other rows share the batch. Here it depends only
+    on its own seed and step, so rollouts are the same whatever the batch, the number of ranks or the order of
+    prompts, which GRPO's 1-rank == N-rank equivalence needs."""
     # step: one for every row, or a (B,) tensor (engine.py: each slot is at its own step)
     steps = step if torch.is_tensor(step) else torch.full_like(row_seeds, step)
     x = row_seeds * _signed(0x9E3779B97F4A7C15) + steps * _signed(0xD1B54A32D192ED03)
@@ -411,14 +415,28 @@ def row_uniform(row_seeds, step):
         x = x ^ ((x >> shift) & _MASK[shift])
         x = x * _signed(mult)
     x = x ^ ((x >> 31) & _MASK[31])
-    return (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / 2.0 ** 53
+    return (x >> 32).to(torch.int32)
+
+
+def gumbel_noise(keys, V):
+    """(B, V) fp32 Gumbel noise, entry (b, i) a function of keys[b] and token i only: murmur3's 32-bit finaliser
+    of (key xor i * golden ratio), as a uniform in (0, 1) with 31 bits, then -log(-log(u)). int32 arithmetic
+    wraps, as the hash wants (tests/test_model.py checks it against Python's integers)."""
+    x = torch.arange(V, dtype=torch.int32, device=keys.device).mul_(_signed32(0x9E3779B9)) ^ keys[:, None]
+    x ^= (x >> 16) & 0xFFFF
+    x *= _signed32(0x85EBCA6B)
+    x ^= (x >> 13) & 0x7FFFF
+    x *= _signed32(0xC2B2AE35)
+    x ^= (x >> 16) & 0xFFFF
+    v = ((x >> 1) & 0x7FFFFFFF).float().add_(0.5).mul_(2.0 ** -31)   # 1 - u: exact near 0, where the top
+    return v.neg_().log1p_().neg_().log_().neg_()                    # tail of the noise comes from
 
 
 def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
-    """logits (B, V) fp32 -> next ids (B,). temperature 0 = greedy. Sampling is by the inverse of the CDF: the
-    first token whose cumulative probability reaches the row's uniform u (row_uniform), exactly a draw from
-    softmax(logits / temperature) after top-k / top-p. One uniform a row, not one a vocabulary entry
-    (Gumbel-max): at a vocabulary of 8,192 the per-entry hash cost as much as a sixth of a decode step."""
+    """logits (B, V) fp32 -> next ids (B,). temperature 0 = greedy. Sampling is Gumbel-max with noise hashed
+    from each row's key (row_keys, gumbel_noise): exactly a draw from softmax(logits / temperature) after
+    top-k / top-p. A token changes only where the two best noisy logits are within float rounding of each
+    other, so paths whose logits differ by rounding (batching, packing, ranks) sample the same tokens."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -431,11 +449,7 @@ def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
         drop = probs.cumsum(-1) - probs > top_p      # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    # summed in fp64, so the CDF's rounding cannot move a draw that float32 logits would not; tokens of
-    # probability 0 (filtered) are never picked: u > 0, and the search finds the first entry >= u
-    cdf = torch.softmax(logits, -1).cumsum(-1, dtype=torch.float64)
-    u = row_uniform(row_seeds, step) * cdf[:, -1]
-    return torch.searchsorted(cdf, u[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
+    return logits.add_(gumbel_noise(row_keys(row_seeds, step), logits.shape[-1])).argmax(-1)
 
 
 @torch.no_grad()
@@ -447,7 +461,7 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
     left-padded into one batch; one forward over them fills the KV cache; then each step samples one token
     per row and feeds it back, until every row has stopped. fast.generate makes the same tokens with less
     work. seed: an int (prompt i gets seed + i) or one per prompt; sample j of a prompt depends only on
-    its prompt's seed and j (row_uniform), never on the rest of the batch. return_logprobs: also each
+    its prompt's seed and j (row_keys), never on the rest of the batch. return_logprobs: also each
     sampled token's log-probability (temperature 1, before top-k / top-p)."""
     dev = next(model.parameters()).device
     # under autocast the cache is kept in autocast's dtype (attention reads it so)

@@ -261,3 +261,36 @@ def test_sampler_draws_the_filtered_softmax(temperature, top_k, top_p, keep):
     freq = torch.bincount(tok, minlength=6).double() / n
     assert (freq[keep:] == 0).all()
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
+
+
+def test_sampling_noise_is_the_hash_written_in_python():
+    """row_keys and gumbel_noise against the same hashes in Python's unbounded integers (splitmix64 of (seed,
+    step), murmur3's finaliser of (key xor token * golden ratio)): tensor arithmetic must wrap as the hash
+    wants, on every platform, or the same seeds would sample other tokens elsewhere."""
+    import math
+    from model import gumbel_noise, row_keys
+    M64, M32 = (1 << 64) - 1, (1 << 32) - 1
+
+    def key(seed, step):
+        x = (seed * 0x9E3779B97F4A7C15 + step * 0xD1B54A32D192ED03) & M64
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            x = ((x ^ (x >> shift)) * mult) & M64
+        return (x ^ (x >> 31)) >> 32
+
+    def noise(k, i):
+        x = k ^ ((i * 0x9E3779B9) & M32)
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & M32
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & M32
+        x ^= x >> 16
+        v = ((x >> 1) + 0.5) * 2.0 ** -31
+        return -math.log(-math.log1p(-v))
+
+    seeds, steps = torch.tensor([0, 1, 2 ** 40 + 5, -3]), torch.tensor([0, 7, 123, 5])
+    keys = row_keys(seeds, steps)
+    assert [k & M32 for k in keys.tolist()] == [key(s, t) for s, t in zip(seeds.tolist(), steps.tolist())]
+    g = gumbel_noise(keys, 151_936)
+    for b, k in enumerate(keys.tolist()):
+        for i in (0, 1, 8191, 151_935):
+            assert abs(g[b, i].item() - noise(k & M32, i)) < 1e-5 * (1 + abs(noise(k & M32, i)))
