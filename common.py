@@ -22,8 +22,8 @@ from cli import at_least
 
 def cpu_has_native_bf16():
     """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere (AVX2-only CPUs) bf16
-    autocast is emulated and far slower than fp32 (bench/RESULTS.md); run.sh passes --bf16 only where this
-    is True."""
+    autocast is emulated and far slower than fp32 (bench/RESULTS.md); run.sh's BF16=1 passes --bf16 only
+    where this is True."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

@@ -319,15 +319,16 @@ STAGES = [("base", "Base (random init)"), ("sft", "+CoT cold start"), ("grpo_sta
 
 
 def stage_table(run_dir, bench="kg"):
-    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh; each later
-    stage's gain over the cold start of the same seed (mean +- std of the paired differences: the seeds
-    share the test items, so the paired gain is the comparison the seed-to-seed spread does not swamp);
-    and each stage's gain over the previous stage with a 95 % paired-bootstrap interval, per seed and
-    pooled (the seeds' mean gain, the test items resampled: an interval over items, not over seeds)."""
+    """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh; each RL stage's
+    gain over the cold start of the same seed, and each stage's gain over the previous stage, with 95 % paired-
+    bootstrap intervals, pooled (the seeds' mean gain, the test items resampled: an interval over items, not
+    over seeds) and per seed. The seeds share the test items, so a paired gain is the comparison that the
+    seed-to-seed spread does not swamp. Without per-item answers (responses.jsonl) the gain over the cold
+    start is the mean +- std of the seeds' differences."""
     import glob
     import statistics
-    rows = ["| stage | accuracy (%) mean +- std | per seed | gain over cold start, same seed (points) | "
-            "gain over the previous stage, pooled [95 % CI] (per seed) | unanswered (%) |",
+    rows = ["| stage | accuracy (%) mean +- std | per seed | gain over cold start, same seed [95 % CI] "
+            "(per seed) | gain over the previous stage [95 % CI] (per seed) | unanswered (%) |",
             "|---|---|---|---|---|---|"]
     seeds = sorted(glob.glob(os.path.join(run_dir, "seed*")))
     acc, correct, means, prev = {}, {}, {}, None   # (stage, seed dir) -> accuracy / {item id: 0 or 1}
@@ -335,8 +336,27 @@ def stage_table(run_dir, bench="kg"):
     def mean_sd(xs):
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
+    def paired(ref, key):
+        """key's answers minus ref's on the items both have: pooled [CI] (per seed [CI]), or None."""
+        both = [sd for sd in seeds if (ref, sd) in correct and (key, sd) in correct]
+        diffs = {sd: {i: c - correct[ref, sd][i] for i, c in correct[key, sd].items() if i in correct[ref, sd]}
+                 for sd in both}
+        if not diffs:
+            return None
+        per_seed = []
+        for sd, d in diffs.items():
+            # resampling seeded by the run's seed number: a seed's interval whatever seeds sit beside it
+            j = int("".join(c for c in os.path.basename(sd) if c.isdigit()) or 0)
+            lo, hi = percentile_ci(bootstrap_means(list(d.values()), seed=j))
+            per_seed.append(f"{100 * sum(d.values()) / len(d):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        first, *rest = diffs.values()
+        pooled = [sum(d[i] for d in diffs.values()) / len(diffs) for i in first if all(i in d for d in rest)]
+        lo, hi = percentile_ci(bootstrap_means(pooled))
+        return (f"{100 * sum(pooled) / len(pooled):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                f"({'; '.join(per_seed)})")
+
     for key, label in STAGES:
-        accs, unans, gains, steps = [], [], [], {}   # steps: seed dir -> {item id: change}
+        accs, unans, gains = [], [], []
         for sd in seeds:
             p = os.path.join(sd, f"eval_{key}", "results.json")
             if os.path.exists(p):
@@ -350,29 +370,13 @@ def stage_table(run_dir, bench="kg"):
                 if os.path.exists(resp):
                     correct[key, sd] = {r["id"]: int(r["correct"]) for _, r in jsonl_rows(resp)
                                         if r["benchmark"] == bench}
-                if prev and (prev, sd) in correct and (key, sd) in correct:
-                    steps[sd] = {i: c - correct[prev, sd][i] for i, c in correct[key, sd].items()
-                                 if i in correct[prev, sd]}
         if not accs:
             continue
         means[key] = mean_sd(accs)
-        gain = "-"
-        if gains:
+        gain = (paired("sft", key) if key not in ("base", "sft") else None) or "-"
+        if gain == "-" and gains:
             gain = "{:+.1f} +- {:.1f} ({})".format(*mean_sd(gains), ", ".join(f"{g:+.1f}" for g in gains))
-        step = "-"
-        if steps:
-            per_seed = []
-            for sd, d in steps.items():
-                # resampling seeded by the run's seed number: a seed's interval whatever seeds sit beside it
-                j = int("".join(c for c in os.path.basename(sd) if c.isdigit()) or 0)
-                lo, hi = percentile_ci(bootstrap_means(list(d.values()), seed=j))
-                per_seed.append(f"{100 * sum(d.values()) / len(d):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-            first, *rest = steps.values()
-            pooled = [sum(d[i] for d in steps.values()) / len(steps) for i in first
-                      if all(i in d for d in rest)]
-            lo, hi = percentile_ci(bootstrap_means(pooled))
-            step = (f"{100 * sum(pooled) / len(pooled):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
-                    f"({'; '.join(per_seed)})")
+        step = (paired(prev, key) if prev else None) or "-"
         per = ", ".join(f"{a:.1f}" for a in accs)
         rows.append(f"| {label} | {means[key][0]:.1f} +- {means[key][1]:.1f} | {per} | {gain} | {step} | "
                     f"{statistics.mean(unans):.1f} |")

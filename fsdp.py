@@ -19,6 +19,8 @@ import math
 import os
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -150,6 +152,15 @@ def _write_synced(path, text):
     os.replace(path + ".tmp", path)
 
 
+@contextmanager
+def one_process_quiet():
+    """torch.distributed.checkpoint warns at every save and load in a single process (train_sft.py on a CPU)
+    that it assumes one process, which is what we mean: that warning only, silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield
+
+
 def save_checkpoint(run_dir, model, optimizer, tok, step, extra, rank):
     """Model and optimizer state, sharded as they are (each rank writes its own shards with
     torch.distributed.checkpoint, so no rank gathers either), the RNG, `extra` (JSON), config.json and the
@@ -166,7 +177,8 @@ def save_checkpoint(run_dir, model, optimizer, tok, step, extra, rank):
     if dist.is_initialized():
         dist.barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+    with one_process_quiet():
+        save(state, storage_writer=FileSystemWriter(path, sync_files=True))
     if rank == 0:
         _write_synced(os.path.join(path, "trainer_state.json"), json.dumps(dict(
             step=step, extra=extra, rng_torch=torch.get_rng_state().tolist(), rng_python=random.getstate())))
@@ -196,7 +208,8 @@ def load_checkpoint(path, model, optimizer):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    load(state, storage_reader=FileSystemReader(path))
+    with one_process_quiet():
+        load(state, storage_reader=FileSystemReader(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:

@@ -325,7 +325,8 @@ def token_logprobs(lm_head, h, targets, chunk=0, want_entropy=False):
         if want_entropy:
             with torch.no_grad():
                 ent = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, t[:, None])[:, 0], ent
+        # nll_loss picks -logp[i, t_i] into a tensor of its own: FSDP2 warns when a module returns a view
+        return -F.nll_loss(logp, t, reduction="none"), ent
 
     if h.shape[0] <= chunk:
         return part(h, targets)
@@ -404,10 +405,10 @@ def sample_seeds(seed, n_prompts, n_samples):
 
 
 def row_keys(row_seeds, step):
-    """(B,) int32 keys, one per row and step: splitmix64 of (row seed, step), its top 32 bits. Why not torch.rand
-    with one generator: there a row's draw depends on which other rows share the batch. Here it depends only
-    on its own seed and step, so rollouts are the same whatever the batch, the number of ranks or the order of
-    prompts, which GRPO's 1-rank == N-rank equivalence needs."""
+    """(B,) int32 keys, one per row and step: splitmix64 of (row seed, step), its top 32 bits. Why not
+    torch.rand with one generator: there a row's draw depends on which other rows share the batch. Here it
+    depends only on its own seed and step, so rollouts are the same whatever the batch, the number of ranks
+    or the order of prompts, which GRPO's 1-rank == N-rank equivalence needs."""
     # step: one for every row, or a (B,) tensor (engine.py: each slot is at its own step)
     steps = step if torch.is_tensor(step) else torch.full_like(row_seeds, step)
     x = row_seeds * _signed(0x9E3779B97F4A7C15) + steps * _signed(0xD1B54A32D192ED03)

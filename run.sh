@@ -6,8 +6,8 @@
 #   bash run.sh                 # creates .venv if needed, then the demo on seed 0 (see README for times)
 #   SEEDS="0 1 2" bash run.sh   # the three-seed table (mean +- std over seeds)
 #   QUICK=1 bash run.sh         # tiny sizes: a smoke test of every stage (CI runs this)
-#   GRPO_STEPS=80 bash run.sh   # a shorter GRPO stage 2: ~5 min less a seed, less gain (README)
-#   FP32=1 bash run.sh          # fp32 even where the CPU has native bf16 (as a CPU without it runs)
+#   GRPO_STEPS=80 bash run.sh   # a shorter GRPO stage 2: ~3 min less a seed, less gain (README)
+#   BF16=1 bash run.sh          # bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX); default fp32
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/demo}
@@ -25,10 +25,13 @@ fi
 CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS when that is set
 # ranks: one per GPU where there are GPUs (every script defaults to cuda then), else 2 CPU ranks
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
-# bf16 on CUDA and on CPUs that have it in hardware (AVX512-BF16/AMX); elsewhere it is emulated, far slower
-# (FP32=1: fp32 everywhere, as on a CPU without native bf16)
-BF16=$([ "${FP32:-0}" = 1 ] || python -c "import torch; from common import cpu_has_native_bf16 as f
-print('--bf16' if torch.cuda.is_available() or f() else '')")
+# bf16 on CUDA. On a CPU fp32: the same recipe and table on every CPU (most have no native bf16, where it is
+# emulated and far slower), and at 4M parameters not slower than native bf16 either (README).
+# BF16=1: bf16 autocast on a CPU that has it in hardware
+BF16_FLAG=$(python -c "import sys, torch; from common import cpu_has_native_bf16 as native
+want = '${BF16:-0}' == '1'
+if torch.cuda.is_available() or (want and native()): print('--bf16')
+elif want: print('BF16=1 ignored: this CPU has no native bf16 (AVX512-BF16 / AMX); fp32', file=sys.stderr)")
 # on CUDA: each decode step of the rollouts and evaluations as one CUDA graph replay (same tokens; generation
 # 3.5-8.7x transformers' on an H100, bench/generate.py). train_grpo.py uses it only as one process (no FSDP)
 GRAPH_EVAL=$(python -c "import torch; print('--cuda-graph' if torch.cuda.is_available() else '')")
@@ -65,7 +68,7 @@ NEW=128   # completion budget: the short KG rationales plus the answer text are 
 # on the stages so far
 # (+60 s on both sides of the ratio, so that the first short stages do not swing it)
 if [ "$QUICK" = 1 ]; then declare -A EST=([data]=2 [sft]=20 [grpo]=16 [eval]=9 [report]=3)
-else declare -A EST=([data]=5 [sft]=210 [grpo]=700 [eval]=45 [report]=5); fi
+else declare -A EST=([data]=6 [sft]=185 [grpo]=490 [eval]=35 [report]=4); fi
 PLAN=(data); for s in $SEEDS; do PLAN+=(sft grpo eval); done; PLAN+=(report)
 K=0; PAST=0
 mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }
@@ -85,11 +88,11 @@ for s in $SEEDS; do
   stage "seed $s: base (random init) and CoT cold-start SFT"
   # one process with every core: on 2 CPU cores this beats 2 gloo ranks (no gradient all-reduce)
   OMP_NUM_THREADS=$CORES python train_sft.py --data "$OUT/data/sft.jsonl" --out "$R/sft" \
-    --save-init "$R/base" --overwrite --seed "$s" $BF16 $SFT
+    --save-init "$R/base" --overwrite --seed "$s" $BF16_FLAG $SFT
   stage "seed $s: GRPO stage 1 -> stage 2 on $NPROC ranks"
   torchrun --standalone --nproc_per_node="$NPROC" train_grpo.py --init "$R/sft" \
     --data "$OUT/data/rl_train.jsonl" --exclude "$OUT/data/sft.jsonl" --out "$R/grpo" --overwrite \
-    --seed "$s" $BF16 $GRAPH_GRPO --max-new-tokens $NEW $GRPO
+    --seed "$s" $BF16_FLAG $GRAPH_GRPO --max-new-tokens $NEW $GRPO
   stage "seed $s: evaluate base, sft, grpo_stage1, grpo_stage2 (one launch)"
   torchrun --standalone --nproc_per_node="$NPROC" evaluate.py \
     --model "$R/base" "$R/sft" "$R/grpo/stage1" "$R/grpo" \

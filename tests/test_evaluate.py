@@ -345,3 +345,24 @@ def test_earlier_results_are_not_replaced_silently(tmp_path):
     assert (tmp_path / "ev" / "results.json").read_text() == before
     assert rescore(tmp_path, rows[:5], extra=["--overwrite"])[0] == 0
     assert json.load(open(tmp_path / "ev" / "results.json"))["medqa"]["n"] == 5
+
+
+def test_stage_table_gain_over_the_cold_start_with_intervals(tmp_path):
+    """With per-item outputs, stage 2's gain over the cold start pairs it with the cold start's answers (+40
+    points here), not with stage 1's (+20), with a 95 % interval that excludes 0; stage 1's two gain columns
+    are the same comparison."""
+    correct = dict(sft=[1, 0, 0, 1, 0, 1, 0, 0, 1, 0], grpo_stage1=[1, 1, 1, 1, 0, 1, 0, 0, 1, 0],
+                   grpo_stage2=[1, 1, 1, 1, 1, 1, 1, 0, 1, 0])
+    for stage, c in correct.items():
+        d = tmp_path / "seed0" / f"eval_{stage}"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"kg": {"n": 10, "accuracy": 10.0 * sum(c),
+                                                           "unanswered": 0}}))
+        (d / "responses.jsonl").write_text("".join(json.dumps(dict(benchmark="kg", id=str(i), correct=bool(x)))
+                                                   + "\n" for i, x in enumerate(c)))
+    lines = stage_table(str(tmp_path))[0].splitlines()[2:]
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in lines}
+    assert rows["+RL stage 1"][3] == rows["+RL stage 1"][4] and rows["+RL stage 1"][3].startswith("+20.0 [")
+    assert rows["+RL stage 2"][3].startswith("+40.0 [") and rows["+RL stage 2"][4].startswith("+20.0 [")
+    lo = float(rows["+RL stage 2"][3].split("[")[1].split(",")[0])
+    assert lo > 0 and rows["+CoT cold start"][3] == "-"
