@@ -36,6 +36,9 @@ GB = 2 ** 30
 # python, torch, tokenizer, data, gloo buffers (measured: ~0.4-0.5 GB before any model)
 CPU_PROCESS = 0.5 * GB
 CUDA_PROCESS = 1.5 * GB   # CUDA context, cuBLAS workspaces, allocator slack
+# sampling, per slot and vocabulary entry: the slots' fp32 logits, logits / temperature, the int32 hash of the
+# Gumbel noise with two temporaries, the noise in fp32 (model.sample_next: 20 bytes measured, 4 of margin)
+SAMPLING_BYTES = 24
 
 
 def param_counts(cfg):
@@ -134,7 +137,8 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
             rows_out.append(("rollout: autocast's bf16 weight copies", 2 * P, "rollout"))
         rows_out.append((f"rollout: KV cache, {slots} slots x {ctx:,} tokens (--gen-slots)",
                          slots * kv_bytes(cfg, ctx, bf16, tp), "rollout"))
-        rows_out.append((f"rollout: sampling over the vocabulary, {slots} slots", 48 * slots * V, "rollout"))
+        rows_out.append((f"rollout: sampling over the vocabulary, {slots} slots", SAMPLING_BYTES * slots * V,
+                         "rollout"))
         if ref:   # its forward, no gradients: a gathered block, one block's activations, a logits chunk
             rows_out.append(("reference forward", (ref_c * (root + 2 * block) if W > 1 else 0)
                              + tokens * per_tok + (c + 8) * chunk * V, "ref"))
@@ -149,10 +153,10 @@ def kv_bytes(cfg, ctx, bf16, tp=1):
 
 
 def slot_bytes(cfg, ctx, bf16, tp=1):
-    """A decode slot's whole rollout memory: its KV cache and its share of sampling's (slots x vocab) fp32 and
-    int64 temporaries (logits, the Gumbel uniforms' hash, their doubles: ~48 bytes a vocabulary entry; every
-    rank of a tensor-parallel group samples the whole vocabulary)."""
-    return kv_bytes(cfg, ctx, bf16, tp) + 48 * cfg.vocab_size
+    """A decode slot's whole rollout memory: its KV cache and its share of sampling's (slots x vocab)
+    temporaries (SAMPLING_BYTES a vocabulary entry; every rank of a tensor-parallel group samples the whole
+    vocabulary)."""
+    return kv_bytes(cfg, ctx, bf16, tp) + SAMPLING_BYTES * cfg.vocab_size
 
 
 # past a few hundred rows a decode step is compute-bound, on a GPU too (vLLM schedules 256-1,024)
