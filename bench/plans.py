@@ -28,8 +28,8 @@ SHAPES = {   # Qwen2.5-7B / -32B's config.json: the sizes a plan reads
                        max_position_embeddings=32768),
 }
 SFT = "--bf16 --act-ckpt --seq-len 8192 --rows-per-step 64 --micro-rows 4"
-GRPO = "--bf16 --act-ckpt --questions-per-step 64 --group-size 8 --stage2-group-size 16 --max-new-tokens 2048 " \
-       "--val-size 0"
+GRPO = ("--bf16 --act-ckpt --questions-per-step 64 --group-size 8 --stage2-group-size 16 "
+        "--max-new-tokens 2048 --val-size 0")
 ROWS = [   # (label, shape, script, GPUs, GB a GPU, flags): the README's rows, in its order
     ("7B SFT, as above", "7b", "sft", 8, 80, SFT),
     ("7B GRPO, as above", "7b", "grpo", 8, 80, GRPO + " --micro-batch 8 --kl-beta 0.04"),
@@ -43,7 +43,8 @@ ROWS = [   # (label, shape, script, GPUs, GB a GPU, flags): the README's rows, i
     ("the same, --rollout-tp 8", "32b", "grpo", 8, 80, GRPO + " --micro-batch 2 --kl-beta 0 --rollout-tp 8"),
     ("the same, --rollout-tp 0", "32b", "grpo", 8, 80, GRPO + " --micro-batch 2 --kl-beta 0 --rollout-tp 0"),
     ("32B GRPO, --micro-batch 4, KL", "32b", "grpo", 16, 80, GRPO + " --micro-batch 4 --kl-beta 0.04"),
-    ("the same, --rollout-tp 8", "32b", "grpo", 16, 80, GRPO + " --micro-batch 4 --kl-beta 0.04 --rollout-tp 8"),
+    ("the same, --rollout-tp 8", "32b", "grpo", 16, 80,
+     GRPO + " --micro-batch 4 --kl-beta 0.04 --rollout-tp 8"),
     ("32B GRPO, --micro-batch 4, KL", "32b", "grpo", 16, 141, GRPO + " --micro-batch 4 --kl-beta 0.04"),
 ]
 
