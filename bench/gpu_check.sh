@@ -31,10 +31,10 @@ step 120 "cuda_check (parity, greedy, packed)"  python bench/cuda_check.py
 # engine's decode against the HBM roofline
 step 150 "rollout engine 0.5b, Nano-vLLM shape"  python bench/rollout.py --device cuda --dtype bfloat16 \
   --preset qwen2.5-0.5b --shape nano --requests 256 --min-len 100 --max-len 1024 --slots 256 --cuda-graph \
-  --no-hf --no-all-rows
+  --repeat 1 --no-hf --no-all-rows
 step 200 "rollout engine 0.5b, GRPO shape"       python bench/rollout.py --device cuda --dtype bfloat16 \
-  --preset qwen2.5-0.5b --shape grpo --prompts 32 --group 8 --max-new 1024 --slots 64 --cuda-graph --no-hf \
-  --no-all-rows
+  --preset qwen2.5-0.5b --shape grpo --prompts 32 --group 8 --max-new 1024 --slots 64 --cuda-graph \
+  --repeat 1 --no-hf --no-all-rows
 # SFT tokens/s and MFU at the Qwen2.5-1.5B shape (packed rows, flex_attention), decode vs the HBM roofline
 step 200 "roofline: SFT 1.5b, decode 0.5b"      python bench/scale.py roofline --shape qwen2.5-1.5b
 # the memory plan against the allocator's peak: one SFT step and one GRPO step at the 1.5B shape, bf16
