@@ -12,10 +12,11 @@ apart from gpt.py. The GRPO rollouts, stage-2 mining, periodic evaluation and ev
 A call is a queue of requests, (prompt i, sample j) in order, and S slots over one preallocated KV cache.
 Each step samples one token in every live slot and decodes all S slots in one forward; a slot whose
 request stops (its stop token or its budget) takes the next waiting request at once: the prompts that
-arrive in a step are prefilled together (fast.prefill: buckets of similar length) and copied into their
-slots, their first tokens sampled from the prefill's logits so that they decode in that same step (no
-slot idles through a step), and the G samples of a prompt share that one prefill (its KV stays pending
-until its last sample has a slot). So a call costs about (completion tokens / S) decode passes instead of
+arrive in a step are prefilled together (fast.prefill: buckets of similar length; at most PREFILL_TOKENS
+prompt tokens a forward, so that a call's first admission, every slot at once, is a bounded transient) and
+copied into their slots, their first tokens sampled from the prefill's logits so that they decode in that
+same step (no slot idles through a step), and the G samples of a prompt share that one prefill (its KV
+stays pending until its last sample has a slot). So a call costs about (completion tokens / S) decode passes instead of
 (rows / S) x its longest completion, and the cache is S x (longest prompt + budget), not rows x that.
 
 Why a contiguous cache per slot and not blocks (vLLM's PagedAttention, Nano-vLLM's block manager): every
@@ -82,14 +83,32 @@ class SlotCache:
         self.k, self.v, self.lens = self.k[:, idx], self.v[:, idx], self.lens[idx]
 
 
+# prompt tokens one prefill forward takes at most (vLLM's max_num_batched_tokens): a call's first admission
+# fills every slot at once: 512 slots of 300-token prompts would be 150k tokens of activations in one forward
+PREFILL_TOKENS = 32768
+
+
+def token_chunks(items, lengths, limit):
+    """items in order, cut into runs of at most `limit` tokens (a longer item alone)."""
+    chunks, n = [], limit + 1
+    for it, ln in zip(items, lengths):
+        if n + ln > limit:
+            chunks.append([])
+            n = 0
+        chunks[-1].append(it)
+        n += ln
+    return chunks
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
              num_samples=1, seed=None, pad_id=0, slots=None, cuda_graph=False, return_logprobs=False,
-             compact_frac=0.25, waste=0.15, on_done=None, stats=None):
+             compact_frac=0.25, waste=0.15, on_done=None, stats=None, prefill_tokens=PREFILL_TOKENS):
     """fast.generate's arguments and results (completions, finish reasons[, log-probs]), one per prompt and
     sample in the order prompt0-sample0, prompt0-sample1, ..., with the requests decoded through `slots`
     slots (default: all rows at once). max_new_tokens: one budget, or one per row. on_done(row): called
-    as each row finishes (a progress bar). stats: counts decode passes and the slots they computed. With
+    as each row finishes (a progress bar). stats: counts decode passes and the slots they computed.
+    prefill_tokens: the most prompt tokens one prefill forward takes (a step's arrivals go in runs). With
     fast.ON False (--plain): model.generate, the textbook loop, same tokens."""
     if not fast.ON:
         return model_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids,
@@ -119,11 +138,11 @@ def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=
         """The next requests into the free slots; prompts not seen yet prefilled together."""
         new = [queue.popleft() for _ in range(min(len(free), len(queue)))]
         fresh = sorted({r // G for r in new} - set(pending))
-        if fresh:
-            for rows, Pc, part, lg in prefill(model, [prompts[i] for i in fresh], dtype, waste, pad_id):
+        for some in token_chunks(fresh, [len(prompts[i]) for i in fresh], prefill_tokens):
+            for rows, Pc, part, lg in prefill(model, [prompts[i] for i in some], dtype, waste, pad_id):
                 for b, r in enumerate(rows):
-                    n = len(prompts[fresh[r]])
-                    pending[fresh[r]] = [part.k[:, b, :, Pc - n:], part.v[:, b, :, Pc - n:], lg[b], G]
+                    n = len(prompts[some[r]])
+                    pending[some[r]] = [part.k[:, b, :, Pc - n:], part.v[:, b, :, Pc - n:], lg[b], G]
         for s, r in zip(free, new):
             p = pending[r // G]
             cache.fill(s, p[0], p[1])

@@ -21,7 +21,7 @@ Per rank, for P parameters sharded over W ranks by FSDP2 (fp32 master weights, A
                of the heads, MLP columns and vocabulary, the norms whole) and the buffers that build it
                from the FSDP shards; the rollout engine's KV cache (--gen-slots slots x context, the
                rank's KV heads; by default as many slots as fit beside the rest, fit_slots), sampling's
-               (slots x vocab) temporaries
+               (slots x vocab) temporaries, and the prefill of the prompts that arrive at once
 Phases do not overlap: total = always + the largest phase.
 """
 import os
@@ -74,11 +74,12 @@ def tp_params(cfg, n):
 
 
 def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0, ctx=0, ref=False,
-         sdpa_len=0, tp=1):
+         sdpa_len=0, tp=1, prefill=(0, 0)):
     """[(what, bytes, phase)] per rank. kind: "sft" or "grpo". tokens: tokens in one micro-batch's forward,
     seq_len: the longest sequence that attends as one (per-sequence attention scores on CPU: sdpa_len > 0),
     slots / ctx: the rollout engine's decode slots and their prompt + new tokens (grpo), tp: the rollout's
-    tensor-parallel degree (--rollout-tp)."""
+    tensor-parallel degree (--rollout-tp), prefill: (prompt tokens in the largest prefill forward, the longest
+    prompt)."""
     P, block, root = param_counts(cfg)
     W, L, V = world, cfg.num_hidden_layers, cfg.vocab_size
     mp = cuda and bf16 and W > 1                # FSDP mixed precision: gathered weights in bf16
@@ -139,6 +140,9 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
                          slots * kv_bytes(cfg, ctx, bf16, tp), "rollout"))
         rows_out.append((f"rollout: sampling over the vocabulary, {slots} slots", SAMPLING_BYTES * slots * V,
                          "rollout"))
+        if prefill[0]:
+            rows_out.append((f"rollout: prefill of arrivals, {prefill[0]:,} prompt tokens in one forward",
+                             prefill_bytes(cfg, *prefill, c, cuda, tp), "rollout"))
         if ref:   # its forward, no gradients: a gathered block, one block's activations, a logits chunk
             rows_out.append(("reference forward", (ref_c * (root + 2 * block) if W > 1 else 0)
                              + tokens * per_tok + (c + 8) * chunk * V, "ref"))
@@ -150,6 +154,17 @@ def kv_bytes(cfg, ctx, bf16, tp=1):
     heads (all of them, or 1/tp, at least one), in the compute dtype."""
     heads = max(1, cfg.num_key_value_heads // tp)
     return ctx * cfg.num_hidden_layers * 2 * heads * cfg.head_dim * (2 if bf16 else 4)
+
+
+def prefill_bytes(cfg, tokens, prompt, c, cuda, tp=1):
+    """A no-grad forward over `tokens` prompt tokens (padded by up to 15 % in fast.prefill's buckets), one layer
+    live at a time: the fp32 residual stream, and at the MLP's peak its input, gate/up and their product in the
+    compute dtype (1/tp of the columns); on a CPU the masked attention's scores of each prompt (heads x its
+    length, fp32, and the mask); the prompts' keys and values, kept until their samples have slots."""
+    heads = max(1, cfg.num_attention_heads // tp)
+    per_tok = 4 * cfg.hidden_size + c * (cfg.hidden_size + 4 * cfg.intermediate_size // tp)
+    per_tok += 0 if cuda else (4 * heads + 1) * prompt
+    return 1.15 * tokens * per_tok + kv_bytes(cfg, tokens, c == 2, tp)
 
 
 def slot_bytes(cfg, ctx, bf16, tp=1):

@@ -31,6 +31,7 @@ from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, 
 from memplan import Meter, announce, capacity, fit_slots, plan, size, slot_bytes, verdict
 import fast
 import tp
+from engine import PREFILL_TOKENS
 from hf_io import has_tokenizer, load_tokenizer, read_config
 from report import finish_run
 from watch import Canaries, RolloutLog, Wandb, answer_signals, merge_signals
@@ -464,15 +465,27 @@ def memory_plan(args, cfg, tok, items, world, device):
                -(-n_mine // world) * args.mine_samples, -(-args.val_size // world), 1)
     tokens = args.micro_batch * args.max_new_tokens + -(-args.micro_batch // args.share_prompt) * prompt
 
+    # each call's requests a rank and samples a prompt: rollouts in either stage, mining, evaluation
+    calls = [(args.questions_per_step // world * g, g) for g in (args.group_size, args.stage2_group_size)]
+    calls += [(-(-n_mine // world) * args.mine_samples, args.mine_samples), (-(-args.val_size // world), 1)]
+
+    def prefill(slots, n):   # the largest first admission: every slot filled at once, in runs (engine.py)
+        prompts = max((-(-min(slots, rows * n) // g) for rows, g in calls if rows), default=0)
+        return min(prompts * prompt, max(PREFILL_TOKENS, prompt)), prompt
+
     def grpo_plan(slots, n):
         return plan(cfg, world, cuda, args.bf16, "grpo", tokens, ctx, args.act_ckpt, args.logits_chunk,
-                    slots=slots, ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx, tp=n)
+                    slots=slots, ctx=ctx, ref=args.kl_beta > 0, sdpa_len=0 if cuda else ctx, tp=n,
+                    prefill=prefill(slots, n))
 
     cap = capacity(args, cuda)
 
     def fitted(n):   # slots: what the KV budget fits beside the rest (a group decodes its n ranks' requests)
         slots = args.gen_slots or fit_slots(grpo_plan(0, n), cap, slot_bytes(cfg, ctx, args.bf16, n), most * n)
         p = grpo_plan(slots, n)
+        while not args.gen_slots and slots > 1 and verdict(p, cap) is not None:   # less, if the prefill
+            slots = max(1, slots * 9 // 10)                                        # did not fit beside
+            p = grpo_plan(slots, n)
         return slots, p, verdict(p, cap) is None
     degrees = [args.rollout_tp] if args.rollout_tp else \
         [n for n in range(1, world + 1) if not tp.degree_problem(cfg, n, world)]

@@ -67,3 +67,23 @@ def test_schedule_refills_finished_slots(tmp_path):
         assert (st["passes"], st["row_steps"]) == (passes, rows), slots
     with pytest.raises(ValueError, match="3 rows need 3 budgets"):
         engine.generate(m, prompts, max_new_tokens=[3, 1], slots=2)
+
+
+def test_prefill_in_runs_of_bounded_tokens(tmp_path):
+    """A step's arrivals are prefilled at most prefill_tokens prompt tokens a forward (a prompt longer than that
+    alone): runs cover every arrival once, in order; and runs of any size give the same completions."""
+    assert engine.token_chunks([7, 8, 9, 10], [5, 5, 12, 1], 10) == [[7, 8], [9], [10]]
+    assert engine.token_chunks([], [], 10) == []
+    _, path = hf_model("qwen2", True, tmp_path, seed=5)
+    m = load_model(path)
+    prompts = ragged_batch(97, [6, 14, 3, 9, 11], seed=6)
+    kw = dict(temperature=1.0, num_samples=2, max_new_tokens=8, seed=7, slots=10)
+    forwards = []
+    real = engine.prefill
+    engine.prefill = lambda model, ps, *a: (forwards.append(sum(map(len, ps))), real(model, ps, *a))[1]
+    try:
+        bounded = engine.generate(m, prompts, prefill_tokens=15, **kw)
+    finally:
+        engine.prefill = real
+    assert max(forwards) <= 15 and sum(forwards) == sum(map(len, prompts))
+    assert bounded == engine.generate(m, prompts, **kw)
