@@ -16,8 +16,9 @@ arrive in a step are prefilled together (fast.prefill: buckets of similar length
 prompt tokens a forward, so that a call's first admission, every slot at once, is a bounded transient) and
 copied into their slots, their first tokens sampled from the prefill's logits so that they decode in that
 same step (no slot idles through a step), and the G samples of a prompt share that one prefill (its KV
-stays pending until its last sample has a slot). So a call costs about (completion tokens / S) decode passes instead of
-(rows / S) x its longest completion, and the cache is S x (longest prompt + budget), not rows x that.
+stays pending until its last sample has a slot). So a call costs about (completion tokens / S) decode
+passes instead of (rows / S) x its longest completion, and the cache is S x (longest prompt + budget), not
+rows x that.
 
 Why a contiguous cache per slot and not blocks (vLLM's PagedAttention, Nano-vLLM's block manager): every
 request of a call fits the same context (longest prompt + max_new_tokens), so a slot never overflows and
