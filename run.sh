@@ -6,7 +6,7 @@
 #   bash run.sh                 # creates .venv if needed, then the demo on seed 0 (see README for times)
 #   SEEDS="0 1 2" bash run.sh   # the three-seed table (mean +- std over seeds)
 #   QUICK=1 bash run.sh         # tiny sizes: a smoke test of every stage (CI runs this)
-#   GRPO_STEPS=80 bash run.sh   # a shorter GRPO stage 2: ~3 min less a seed, less gain (README)
+#   GRPO_STEPS=80 bash run.sh   # a shorter GRPO stage 2: ~2 min less a seed, less gain (README)
 #   BF16=1 bash run.sh          # bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX); default fp32
 set -euo pipefail
 cd "$(dirname "$0")"
