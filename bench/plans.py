@@ -10,6 +10,7 @@ GPU and the lines of the plan that decide it.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,3 +84,4 @@ for label, shape, script, gpus, mem, flags in ROWS:
     picked = [line for line in out if line.startswith("--rollout-tp 0:")]
     if picked:
         print(f"    {picked[0]}")
+shutil.rmtree(tmp, ignore_errors=True)   # the config-only folders and the one-line datasets
