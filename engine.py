@@ -20,12 +20,14 @@ stays pending until its last sample has a slot). So a call costs about (completi
 passes instead of (rows / S) x its longest completion, and the cache is S x (longest prompt + budget), not
 rows x that.
 
-Why a contiguous cache per slot and not blocks (vLLM's PagedAttention, Nano-vLLM's block manager): every
-request of a call fits the same context (longest prompt + max_new_tokens), so a slot never overflows and
-needs no block table; blocks would let the G samples keep one copy of their prompt's KV, but attention
-over a block table needs a gather per layer per step (a paged-attention kernel) that PyTorch's SDPA does
-not have, while copying a prompt into G slots costs one prompt's worth of memory traffic per sample,
-little beside that sample's decode steps.
+Why a contiguous cache per slot and not blocks (vLLM's PagedAttention, Nano-vLLM's block manager): blocks
+let a request hold only the context it has, so the same bytes hold more slots; but attention over a block
+table has no kernel in PyTorch. Written in plain ops (each block scored against its slot's query, the
+softmax of a slot gathered over its blocks) and measured on a 2-core CPU at the same KV memory with twice
+the rows a pass (EXPERIMENTS.md, 2026-12-07), it took 0.62-0.66x the decode passes and ran 1.14-1.18x
+slower: its attention cost 1.8x the contiguous one's, more than the passes saved (on a GPU, where a pass
+costs about the same at any row count, the balance may differ: not measured). Here every request of a
+call fits one context (longest prompt + max_new_tokens), so a slot never overflows and needs no table.
 
 The step keeps one shape (S rows): with cuda_graph=True it is one CUDA graph replay (fast.fixed_shape_step)
 and attends over the whole slot length under a mask; eagerly (a CPU) it attends only up to the longest
