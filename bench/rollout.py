@@ -40,6 +40,8 @@ ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
 ap.add_argument("--shape", default="both", choices=["nano", "grpo", "both"], help="request shape")
 ap.add_argument("--slots", type=int, default=0, help="engine slots = the static sides' rows at a time "
                 "(default: nano 16, grpo 32)")
+ap.add_argument("--engine-slots", type=int, default=0, help="the engine's slots when they differ from the static "
+                "sides' rows (more memory for the engine: what more rows a pass buy)")
 ap.add_argument("--requests", type=int, default=64, help="nano: requests")
 ap.add_argument("--min-len", type=int, default=16, help="nano: shortest prompt and output")
 ap.add_argument("--max-len", type=int, default=256, help="nano: longest prompt and output")
@@ -150,10 +152,11 @@ def run_shape(name, prompts, G, budgets, S, ref):
     kw = dict(temperature=1.0, num_samples=G)
     tokens, N = sum(budgets), len(budgets)
     ctx = sum(len(prompts[r // G]) * b + b * (b - 1) / 2 for r, b in enumerate(budgets))   # KV tokens read
-    print(f"\n{name}; {N} rows, {tokens:,} output tokens; {S} slots")
+    E = args.engine_slots or S
+    print(f"\n{name}; {N} rows, {tokens:,} output tokens; {E} engine slots, {S} static rows a call")
 
     def eng(ps, bs, seeds, st):
-        return engine.generate(ours, ps, bs, slots=S, cuda_graph=args.cuda_graph, seed=seeds, stats=st,
+        return engine.generate(ours, ps, bs, slots=E, cuda_graph=args.cuda_graph, seed=seeds, stats=st,
                                **kw)[0]
 
     def static(graph):
