@@ -106,7 +106,7 @@ def token_chunks(items, lengths, limit):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
              num_samples=1, seed=None, pad_id=0, slots=None, cuda_graph=False, return_logprobs=False,
-             compact_frac=0.25, waste=0.15, on_done=None, stats=None, prefill_tokens=PREFILL_TOKENS):
+             compact_frac=0.25, waste=fast.WASTE, on_done=None, stats=None, prefill_tokens=PREFILL_TOKENS):
     """fast.generate's arguments and results (completions, finish reasons[, log-probs]), one per prompt and
     sample in the order prompt0-sample0, prompt0-sample1, ..., with the requests decoded through `slots`
     slots (default: all rows at once). max_new_tokens: one budget, or one per row. on_done(row): called

@@ -24,6 +24,7 @@ from model import KVCache, doc_starts, sample_next, sample_seeds
 from model import generate as model_generate
 
 ON = True   # False: --plain, the textbook paths of model.py / train_grpo.py only
+WASTE = 0.15   # the padding share a prefill bucket may hold (prefill_buckets; memplan plans it)
 
 # -----------------------------------------------------------------------------
 # CPU matmuls: weights packed once per generate call for oneDNN
@@ -274,7 +275,7 @@ def doc_attention(doc_ids):
 # generation
 
 
-def prefill_buckets(lens, waste=0.15):
+def prefill_buckets(lens, waste=WASTE):
     """Split rows into buckets of similar prompt length -> [(row indices, bucket's longest length)]. Sorted
     longest first, a bucket grows while its padded size stays within (1 + waste) x its real tokens; so a
     ragged batch pays little padding, and an even one stays a single (B, P) forward."""
@@ -326,7 +327,7 @@ def compute_dtype(model):
     return dev, dtype
 
 
-def prefill(model, prompts, dtype, waste=0.15, pad_id=0):
+def prefill(model, prompts, dtype, waste=WASTE, pad_id=0):
     """The prompts' forward, in buckets of similar length (prefill_buckets), each left-padded only to its own
     longest prompt. Yields (rows, Pc, cache part (len(rows) rows x Pc slots), logits of each row's last
     prompt token (len(rows), vocab) fp32) per bucket."""
@@ -362,7 +363,7 @@ def count_pass(stats, rows):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
-             num_samples=1, seed=None, pad_id=0, compact_frac=0.25, waste=0.15, cuda_graph=False,
+             num_samples=1, seed=None, pad_id=0, compact_frac=0.25, waste=WASTE, cuda_graph=False,
              return_logprobs=False, stats=None):
     """prompts: list of token-id lists (ragged). Returns (completions, finish_reasons), one per prompt and
     sample, in order prompt0-sample0, prompt0-sample1, ...; each completion ends with its stop token if it

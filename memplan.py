@@ -32,6 +32,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from fast import WASTE
+
 GB = 2 ** 30
 # python, torch, tokenizer, data, gloo buffers (measured: ~0.4-0.5 GB before any model)
 CPU_PROCESS = 0.5 * GB
@@ -157,14 +159,14 @@ def kv_bytes(cfg, ctx, bf16, tp=1):
 
 
 def prefill_bytes(cfg, tokens, prompt, c, cuda, tp=1):
-    """A no-grad forward over `tokens` prompt tokens (padded by up to 15 % in fast.prefill's buckets), one layer
-    live at a time: the fp32 residual stream, and at the MLP's peak its input, gate/up and their product in the
-    compute dtype (1/tp of the columns); on a CPU the masked attention's scores of each prompt (heads x its
-    length, fp32, and the mask); the prompts' keys and values, kept until their samples have slots."""
+    """A no-grad forward over `tokens` prompt tokens (padded by up to fast.WASTE in prefill's buckets), one
+    layer live at a time: the fp32 residual stream, and at the MLP's peak its input, gate/up and their product
+    in the compute dtype (1/tp of the columns); on a CPU the masked attention's scores of each prompt (heads x
+    its length, fp32, and the mask); the prompts' keys and values, kept until their samples have slots."""
     heads = max(1, cfg.num_attention_heads // tp)
     per_tok = 4 * cfg.hidden_size + c * (cfg.hidden_size + 4 * cfg.intermediate_size // tp)
     per_tok += 0 if cuda else (4 * heads + 1) * prompt
-    return 1.15 * tokens * per_tok + kv_bytes(cfg, tokens, c == 2, tp)
+    return (1 + WASTE) * tokens * per_tok + kv_bytes(cfg, tokens, c == 2, tp)
 
 
 def slot_bytes(cfg, ctx, bf16, tp=1):
