@@ -13,10 +13,11 @@ rows.
 import json
 import math
 import os
+import re
 
 import torch
 
-from model import ModelConfig, Transformer, fused_projections, ours_to_hf
+from model import ModelConfig, Transformer, fused_projections, hf_to_ours, ours_to_hf
 
 
 def _atomic_write_text(path, text):
@@ -258,13 +259,20 @@ def load_tokenizer(path):
     if not has_tokenizer(path):   # transformers would build a 3-token tokenizer that encodes every text to []
         raise ValueError(f"{path}: no tokenizer files (tokenizer.json or tokenizer_config.json); copy them "
                          "from the checkpoint these weights came from (the hub model's folder)")
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        tok = PreTrainedTokenizerFast.from_pretrained(path)
-    else:
-        tok = AutoTokenizer.from_pretrained(path)
+    try:
+        if os.path.exists(os.path.join(path, "tokenizer.json")):
+            tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:   # transformers' several-line messages, shortened
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: its tokenizer files do not load ({first[:160]})") from None
     if len(tok) < 16 or not tok.encode("A patient presents with fever."):
         raise ValueError(f"{path}: its tokenizer is degenerate ({len(tok)} tokens, encodes text to nothing); "
                          "copy the tokenizer files of the checkpoint these weights came from")
+    if not tok.chat_template:
+        raise ValueError(f"{path}: its tokenizer has no chat template (chat_template.jinja, or chat_template "
+                         "in tokenizer_config.json); prompts are chat conversations: add one")
     return tok
 
 
@@ -302,3 +310,127 @@ def train_tokenizer(texts, vocab_size, path):
     return fast
 
 
+
+
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp's single-file format) -> this layout: python hf_io.py from-gguf FILE OUT
+
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+              "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def gguf_field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader, path):
+    """config.json's fields from a GGUF file's metadata (llama, qwen2, qwen3)."""
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3)")
+    get = lambda k, default=None: gguf_field(reader, f"{arch}.{k}", default)   # noqa: E731
+    if get("rope.scaling.type", "none") != "none":
+        raise ValueError(f"{path}: rope scaling {get('rope.scaling.type')!r} is not implemented")
+    names = {t.name for t in reader.tensors}
+    heads = get("attention.head_count")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    return dict(model_type=arch, vocab_size=len(tokens) if tokens else get("vocab_size"),
+                hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
+                num_hidden_layers=get("block_count"), num_attention_heads=heads,
+                num_key_value_heads=get("attention.head_count_kv", heads),
+                head_dim=get("attention.key_length") or 0,
+                rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+                rope_theta=get("rope.freq_base", 10000.0), max_position_embeddings=get("context_length", 2048),
+                tie_word_embeddings="output.weight" not in names,
+                attention_bias="blk.0.attn_q.bias" in names,
+                bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+                eos_token_id=gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+                pad_token_id=gguf_field(reader, "tokenizer.ggml.padding_token_id"))
+
+
+def gguf_tensors(reader, d, path):
+    """{Hugging Face name: fp32 tensor}, every tensor dequantized. llama.cpp stores a llama model's q and k
+    rows permuted for its interleaved RoPE (its converter's `permute`); that is undone here."""
+    import gguf
+    out = {}
+    for t in reader.tensors:
+        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)", t.name)
+        if not m or m.group(2) not in GGUF_NAMES:
+            raise ValueError(f"{path}: tensor {t.name} has no Hugging Face name here")
+        layer, part, kind = m.groups()
+        w = torch.tensor(gguf.dequantize(t.data, t.tensor_type)).reshape(list(reversed(t.shape.tolist())))
+        if d["model_type"] == "llama" and part in ("attn_q", "attn_k"):
+            n = d["num_attention_heads"] if part == "attn_q" else d["num_key_value_heads"]
+            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+        name = f"{GGUF_NAMES[part]}.{kind}"
+        out[f"model.layers.{layer}.{name}" if layer else name] = w.float().contiguous()
+    return out
+
+
+def from_gguf(path, out):
+    """A GGUF file -> an HF-layout folder: fp32 safetensors (dequantized), config.json,
+    generation_config.json, the tokenizer (converted by transformers from the file's metadata) with the
+    chat template the file carries, and gguf_source.json (what the file was). Written beside `out` and
+    renamed into place: a folder that exists is never written over."""
+    import gguf
+    from transformers import AutoTokenizer
+    if os.path.exists(out):
+        raise FileExistsError(f"{out}: exists; from-gguf writes a new folder (remove it first)")
+    reader = gguf.GGUFReader(path)
+    d = gguf_config(reader, path)
+    cfg = ModelConfig(**d)
+    ours = hf_to_ours(gguf_tensors(reader, d, path), cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    check_weights({k: (None, None, list(v.shape)) for k, v in ours_to_hf(ours, cfg).items()}, model, path)
+    model.load_state_dict(ours, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    tmp = out.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        import shutil
+        shutil.rmtree(tmp)
+    save_model(model, tmp)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                        gguf_file=os.path.basename(path))
+    if not tok.chat_template:
+        print(f"warning: {path} carries no chat template (tokenizer.chat_template): {out} has none")
+    tok.save_pretrained(tmp)
+    kinds = sorted({t.tensor_type.name for t in reader.tensors})
+    info = dict(file=os.path.basename(path), bytes=os.path.getsize(path), sha256=_sha256(path),
+                name=gguf_field(reader, "general.name"), license=gguf_field(reader, "general.license"),
+                tensor_types=kinds, converted_by="hf_io.py from-gguf (dequantized to fp32)")
+    _atomic_write_text(os.path.join(tmp, "gguf_source.json"), json.dumps(info, indent=2))
+    os.replace(tmp, out)
+    return cfg, info
+
+
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+if __name__ == "__main__":
+    from cli import Parser, guard
+
+    def main():
+        ap = Parser(description="python hf_io.py from-gguf FILE OUT: a GGUF checkpoint (llama, qwen2, qwen3; "
+                    "any quantization gguf reads) as an HF-layout folder with fp32 weights and its tokenizer")
+        ap.add_argument("command", choices=["from-gguf"], help="what to do")
+        ap.add_argument("file", help="the .gguf file")
+        ap.add_argument("out", help="the folder to write (must not exist)")
+        a = ap.parse_args()
+        if not os.path.isfile(a.file):
+            raise SystemExit(f"{a.file}: no such file")
+        cfg, info = from_gguf(a.file, a.out)
+        print(f"wrote {a.out}: {info['name'] or cfg.model_type}, {cfg.num_hidden_layers} layers, hidden "
+              f"{cfg.hidden_size}, vocabulary {cfg.vocab_size} ({', '.join(info['tensor_types'])} -> fp32)")
+    guard(main)
