@@ -6,6 +6,8 @@ but cli.py. Elsewhere: FSDP2 sharding, loading and checkpoints in fsdp.py; the e
 report.html, memory against the plan) in report.py; intervals and tests in stats.py.
 """
 import atexit
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -45,6 +47,11 @@ def init_distributed(device=None):
     """Under torchrun: init the process group (gloo on CPU, NCCL on CUDA). Returns (rank, world, device)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise SystemExit(f"--device {device}: {why} (use --device cpu)")
+    if not device.startswith(("cuda", "cpu")):
+        raise SystemExit(f"--device {device}: expected cpu or cuda")
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_launcher()
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -116,6 +123,31 @@ def even_micro_batches(keep, size):
     n = math.ceil(len(keep) / size)
     n = max(int(all_reduce_max(n)), 1) if dist.is_initialized() else n
     return [(keep[i:i + size] or [0], 1.0 if keep[i:i + size] else 0.0) for i in range(0, n * size, size)]
+
+
+def trim_heap(device):
+    """On CPU with glibc: hand the heap's free pages back to the system (malloc_trim). Activations of
+    varying shapes leave holes that glibc keeps resident, so without it a fine-tune's resident set grew
+    from 6 to 14 GB over 40 steps (SmolLM2-135M, bf16, 2 x 1,024 tokens); trimmed before each micro-batch
+    it stayed at 8 GB. Elsewhere nothing happens."""
+    if device.type != "cpu":
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def clip_and_check(model, clip, step, loss):
+    """Clip the gradient norm to `clip` (0: measured, not clipped) and return it. A loss or norm that is nan
+    or inf stops the run in one line before the update: nothing after the last checkpoint is kept."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
+        raise SystemExit(f"step {step}: {what}: stopped before the update (nothing saved or exported after "
+                         f"the last checkpoint); lower --lr or keep --clip on")
+    return gnorm
 
 
 def wants_autocast(bf16, device, world):
@@ -247,6 +279,11 @@ atexit.register(release_lock)
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
+
+
+def run_done(step, args):
+    """The stop test both trainers share: the last step, or --stop-after's."""
+    return step == args.steps or (args.stop_after is not None and step >= args.stop_after)
 
 
 def need(path, what, hint):

@@ -16,17 +16,19 @@ train_grpo.py). Writes {out}/responses.jsonl (id, prompt, response, extracted, g
 {out}/results.md and {out}/results.json: each accuracy with its 95 % interval (Wilson; a bootstrap over
 items for the macro average).
 """
+import argparse
 import json
 import math
 import os
 import random
 import sys
 from collections import Counter
+from dataclasses import replace
 
 from cli import Parser, at_least, guard
 from mcq import (LETTERS, build_messages, canon, conv_careqa, conv_jmed, conv_medbullets, conv_medmcqa,
                  conv_medqa, conv_medxpertqa, conv_mmlu_pro, conv_ours, conv_pubmedqa, convert,
-                 extract_answer, jsonl_rows, prompt_ids, read_records)
+                 extract_answer, jsonl_rows, official_test_ids, prompt_ids, read_records)
 from stats import bootstrap_means, macro_ci, mcnemar, paired_diff_ci, percentile_ci, wilson
 
 # name: (column in the paper's Table 3, hub id, config, split, size, converter, row filter, options an item)
@@ -70,6 +72,28 @@ def comparability(name, items, limit=None):
     return why
 
 
+def hub_answers(timeout=5.0):
+    """Whether the Hugging Face hub answers within `timeout` seconds (HF_ENDPOINT, else huggingface.co). Asked
+    once, before any hub load: a hub that accepts connections but never answers would hold each load for
+    minutes. HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set: no."""
+    import urllib.error
+    import urllib.request
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/api/datasets?limit=1"
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:   # it answered, if not with a 200
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+_HUB = {}
+
+
 def load_benchmark(name, path=None, data_dir=None, limit=None):
     """Items of a benchmark, or None (with a printed reason) when neither a local file nor the hub has it."""
     if name in BENCHMARKS:
@@ -83,10 +107,19 @@ def load_benchmark(name, path=None, data_dir=None, limit=None):
                 break
     if path is not None:
         items = convert(read_records(path), conv, path, filt)
+        test = official_test_ids(path)
+        if test is not None:
+            items = [it for it in items if it["id"] in test]
+            print(f"{name}: the {len(items)} test ids of test_ground_truth.json beside {path}")
     elif hub is None:
         print(f"[skip] {name}: no local file (give --file {name}=PATH)")
         return None
     else:
+        if "up" not in _HUB:
+            _HUB["up"] = hub_answers()
+        if not _HUB["up"]:
+            print(f"[skip] {name}: no local file, and the hub does not answer (give --file {name}=PATH)")
+            return None
         try:
             import datasets
             ds = datasets.load_dataset(hub, config, split=split)
@@ -101,26 +134,25 @@ def load_benchmark(name, path=None, data_dir=None, limit=None):
 # running a model over items
 
 
-def run_items(model, tok, items, max_new_tokens=512, slots=16, temperature=0.0, n_samples=1, seed=0,
-              rank=0, world=1, progress=True, cuda_graph=False, group=None):
-    """Generate for this rank's share: one queue through the rollout engine's slots (engine.py), so a long
-    answer holds one slot, not a whole batch. group: a tensor-parallel group (tp.py; model is then this
-    rank's shard), whose ranks' shares go through one queue. Returns {item id: [responses]} for the items
-    of this rank."""
+def run_items(model, tok, items, sp, seed=0, ranks=(0, 1, None), progress=True, **engine_kw):
+    """Generate for this rank's share of items: one queue through the rollout engine's slots (engine.py;
+    engine_kw: slots, cuda_graph), so a long answer holds one slot, not a whole batch. ranks: (rank, world,
+    tensor-parallel group or None; with a group, model is this rank's shard and the group's shares go through
+    one queue). Returns {item id: [responses]} for this rank's items."""
+    from model import seed_of
     from tp import generate
     from tqdm import tqdm
+    rank, world, group = ranks
     mine = items[rank::world]
-    prompts = [prompt_ids(tok, it) for it in mine]
-    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    bar = tqdm(total=len(mine) * n_samples, desc="eval", disable=not progress or rank != 0, leave=False)
-    # per-item seeds (its index in the full list): the same samples on 1 rank or N, with any number of slots
-    outs, _ = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                       num_samples=n_samples, stop_ids=[s for s in stop if s is not None],
-                       seed=[seed * 1_000_033 + rank + world * i for i in range(len(mine))],
-                       pad_id=tok.pad_token_id or 0, slots=slots, cuda_graph=cuda_graph,
-                       on_done=lambda _: bar.update(), group=group)
+    stop = tuple(s for s in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if s is not None)
+    sp = replace(sp, stop_ids=stop)
+    bar = tqdm(total=len(mine) * sp.num_samples, desc="eval", disable=not progress or rank != 0, leave=False)
+    # an item's seed: its index in the whole list, so the same samples on 1 rank or N, with any slots
+    outs = generate(model, [prompt_ids(tok, it) for it in mine], sp, group=group,
+                    seed=[seed_of(seed, rank + world * i) for i in range(len(mine))],
+                    on_done=lambda _: bar.update(), **engine_kw)[0]
     bar.close()
-    n = n_samples
+    n = sp.num_samples
     return {it["id"]: [tok.decode(o, skip_special_tokens=True) for o in outs[j * n:(j + 1) * n]]
             for j, it in enumerate(mine)}
 
@@ -211,19 +243,31 @@ def results_table(summaries, label="ours", macro=None):
 
 
 def write_outputs(out_dir, recs, summaries, label):
+    """responses.jsonl, results.md and results.json, replaced together: each is written whole beside its
+    place first; then the old results.json (what marks a folder's results complete) goes, the new files are
+    renamed in, results.json last. A kill leaves the old set, or new files without results.json, which the
+    next run treats as unfinished. A failed write (a full disk) leaves no temporary file behind."""
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "responses.jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "responses.jsonl"))
     macro = macro_summary(recs, summaries)
     table = results_table(summaries, label, macro)
-    results = json.dumps(dict(summaries, macro_average=macro), indent=2)
-    for name, text in (("results.md", table), ("results.json", results)):
-        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    texts = [("responses.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)),
+             ("results.md", table),
+             ("results.json", json.dumps(dict(summaries, macro_average=macro), indent=2))]
+    tmps = [os.path.join(out_dir, name + ".tmp") for name, _ in texts]
+    try:
+        for tmp, (_, text) in zip(tmps, texts):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+    except OSError as e:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise OSError(f"{out_dir}: could not write the results ({e.strerror or e}); nothing was replaced") \
+            from None
+    if os.path.exists(os.path.join(out_dir, "results.json")):
+        os.remove(os.path.join(out_dir, "results.json"))
+    for tmp, (name, _) in zip(tmps, texts):
+        os.replace(tmp, os.path.join(out_dir, name))
     return table
 
 
@@ -233,17 +277,21 @@ def report(out, recs, summaries, label):
     print(f"wrote {out}/responses.jsonl and {out}/results.md")
 
 
-def evaluate_model(model, tok, benches, rank=0, world=1, lenient=False, **gen):
+def evaluate_model(model, tok, benches, args, ranks):
     """benches: {name: items}. Returns (records, summaries) on every rank (responses gathered)."""
     import torch.distributed as dist
+    from model import SamplingParams
     recs, summaries = [], {}
+    world = ranks[1]
+    sp = SamplingParams(args.max_new_tokens, args.temperature, num_samples=args.n_samples)
     for name, items in benches.items():
-        responses = run_items(model, tok, items, rank=rank, world=world, **gen)
+        responses = run_items(model, tok, items, sp, args.seed, ranks, slots=args.gen_slots,
+                              cuda_graph=args.cuda_graph and next(model.parameters()).is_cuda)
         if world > 1:
             parts = [None] * world
             dist.all_gather_object(parts, responses)
             responses = {k: v for p in parts for k, v in p.items()}
-        r, s = score_items(items, responses, name, lenient)
+        r, s = score_items(items, responses, name, args.lenient)
         recs += r
         summaries[name] = s
     return recs, summaries
@@ -314,11 +362,26 @@ def compare(dir_a, dir_b):
     return "\n".join(lines)
 
 
-STAGES = [("base", "Base (random init)"), ("sft", "+CoT cold start"), ("grpo_stage1", "+RL stage 1"),
+STAGES = [("base", "Base"), ("sft", "+CoT cold start"), ("grpo_stage1", "+RL stage 1"),
           ("grpo_stage2", "+RL stage 2")]
 
 
-def stage_table(run_dir, bench="kg"):
+def stage_tables(run_dir, base_label="random init"):
+    """The stage table of every benchmark the runs were evaluated on (kg first), one section each."""
+    import glob
+    names = []
+    for p in sorted(glob.glob(os.path.join(run_dir, "seed*", "eval_*", "results.json"))):
+        with open(p) as f:
+            names += [n for n in json.load(f) if n != "macro_average" and n not in names]
+    names.sort(key=lambda n: n != "kg")
+    parts, means = [], {}
+    for n in names:
+        text, means[n] = stage_table(run_dir, n, base_label)
+        parts.append(text if len(names) == 1 else f"### {n}\n\n{text}")
+    return "\n\n".join(parts), means
+
+
+def stage_table(run_dir, bench="kg", base_label="random init"):
     """Table 4 in miniature: accuracy per stage, mean +- std over the seed*/ runs of run.sh; each RL stage's
     gain over the cold start of the same seed, and each stage's gain over the previous stage, with 95 % paired-
     bootstrap intervals, pooled (the seeds' mean gain, the test items resampled: an interval over items, not
@@ -327,10 +390,12 @@ def stage_table(run_dir, bench="kg"):
     start is the mean +- std of the seeds' differences."""
     import glob
     import statistics
-    rows = ["| stage | accuracy (%) mean +- std | per seed | gain over cold start, same seed [95 % CI] "
-            "(per seed) | gain over the previous stage [95 % CI] (per seed) | unanswered (%) |",
-            "|---|---|---|---|---|---|"]
     seeds = sorted(glob.glob(os.path.join(run_dir, "seed*")))
+    lenient = any("lenient_accuracy" in json.load(open(p)).get(bench, {})
+                  for p in glob.glob(os.path.join(run_dir, "seed*", "eval_*", "results.json")))
+    rows = ["| stage | accuracy (%) mean +- std | per seed | gain over cold start, same seed [95 % CI] "
+            "(per seed) | gain over the previous stage [95 % CI] (per seed) | unanswered (%) |"
+            + (" lenient accuracy (%) |" if lenient else ""), "|---" * (7 if lenient else 6) + "|"]
     acc, correct, means, prev = {}, {}, {}, None   # (stage, seed dir) -> accuracy / {item id: 0 or 1}
 
     def mean_sd(xs):
@@ -356,11 +421,13 @@ def stage_table(run_dir, bench="kg"):
                 f"({'; '.join(per_seed)})")
 
     for key, label in STAGES:
-        accs, unans, gains = [], [], []
+        label = f"{label} ({base_label})" if key == "base" else label
+        accs, unans, gains, lens = [], [], [], []
         for sd in seeds:
             p = os.path.join(sd, f"eval_{key}", "results.json")
-            if os.path.exists(p):
+            if os.path.exists(p) and bench in json.load(open(p)):
                 r = json.load(open(p))[bench]
+                lens.append(r.get("lenient_accuracy", float("nan")))
                 acc[key, sd] = r["accuracy"]
                 accs.append(r["accuracy"])
                 unans.append(r["unanswered"])
@@ -379,7 +446,7 @@ def stage_table(run_dir, bench="kg"):
         step = (paired(prev, key) if prev else None) or "-"
         per = ", ".join(f"{a:.1f}" for a in accs)
         rows.append(f"| {label} | {means[key][0]:.1f} +- {means[key][1]:.1f} | {per} | {gain} | {step} | "
-                    f"{statistics.mean(unans):.1f} |")
+                    f"{statistics.mean(unans):.1f} |" + (f" {statistics.mean(lens):.1f} |" if lenient else ""))
         prev = key
     return "\n".join(rows), means
 
@@ -428,26 +495,30 @@ def rescore(path, asked, lenient):
 
 
 def refuse_earlier_results(outs, overwrite):
-    """An --out folder that holds results is replaced only with --overwrite."""
+    """An --out folder whose results are complete (results.json) is replaced only with --overwrite; one that a
+    killed run left unfinished (responses without results.json) is replaced, with a line saying so."""
     for out in outs:
-        earlier = [f for f in ("results.json", "results.md", "responses.jsonl")
-                   if os.path.exists(os.path.join(out, f))]
-        if earlier and not overwrite:
-            sys.exit(f"{out} already holds results ({', '.join(earlier)}): --overwrite replaces them, or "
-                     "pick another --out")
+        held = [f for f in ("results.json", "results.md", "responses.jsonl")
+                if os.path.exists(os.path.join(out, f))]
+        if "results.json" in held and not overwrite:
+            sys.exit(f"{out} already holds results ({', '.join(held)}): --overwrite replaces them, or pick "
+                     "another --out")
+        if held and "results.json" not in held:
+            print(f"{out}: an unfinished evaluation ({', '.join(held)} without results.json) is replaced")
 
 
-def main():
+def parser():
     ap = Parser(description=__doc__)
     # --- what to evaluate
     ap.add_argument("--model", nargs="+", default=None, help="HF-layout checkpoint "
                     "directory (ours or a real Qwen); several: each in turn in this one launch, with one "
                     "--out and one --label each")
-    ap.add_argument("--benchmarks", default=",".join(BENCHMARKS),
-                    help="comma list; the nine: " + ",".join(BENCHMARKS) + "; any other name needs --file")
+    ap.add_argument("--benchmarks", default=None, help="comma list (default: the nine, or with --file only "
+                    "the files named); the nine: " + ",".join(BENCHMARKS) + "; any other name needs --file")
     ap.add_argument("--data-dir", default=None, help="folder of local files named "
                     "{benchmark}.jsonl/.json/.parquet/.csv")
-    ap.add_argument("--file", action="append", default=[], help="NAME=PATH for one benchmark (repeatable)")
+    ap.add_argument("--file", action="append", default=[], type=name_path, help="NAME=PATH for one benchmark "
+                    "(repeatable)")
     ap.add_argument("--limit", type=at_least(1), default=None, help="first N items per "
                     "benchmark (quick runs)")
     ap.add_argument("--responses", default=None, help="re-score a saved responses JSONL (fields benchmark, "
@@ -464,7 +535,8 @@ def main():
     ap.add_argument("--n-samples", type=at_least(1), default=1, help="samples per item: > 1 reports "
                     "pass@n and majority vote")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights and compute (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--plain", action="store_true", help="model.py's generate, not "
                     "fast.py's (the same tokens)")
     ap.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step one "
@@ -487,23 +559,38 @@ def main():
     ap.add_argument("--shuffle-options", type=at_least(1), default=None, metavar="K", help="ask each item K "
                     "times, its options in K seeded orders: mean accuracy, its spread, and how often the "
                     "chosen option is the same")
-    args = ap.parse_args()
-    if args.compare:
-        print(compare(*args.compare))
-        return
-    if args.stage_table:
-        text, _ = stage_table(args.stage_table)
-        with open(os.path.join(args.stage_table, "stage_table.md"), "w") as f:
-            f.write(text + "\n")
-        print(text)
-        return
+    ap.add_argument("--base-label", default="random init", help="--stage-table: what the Base row's model is")
+    return ap
 
-    refuse_earlier_results(args.out, args.overwrite)
-    files = dict(f.split("=", 1) for f in args.file)
-    names = [n for n in args.benchmarks.split(",") if n]
-    for n in files:
-        if n not in names:
-            names.append(n)
+
+def name_path(text):
+    """--file NAME=PATH, the file there."""
+    name, eq, path = text.partition("=")
+    if not (eq and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    return name, path
+
+
+def print_stage_table(run_dir, base_label):
+    if not os.path.isdir(run_dir):
+        sys.exit(f"{run_dir}: no such folder (--stage-table takes the folder run.sh wrote)")
+    text, means = stage_tables(run_dir, base_label)
+    if not means:
+        sys.exit(f"{run_dir}: no seed*/eval_*/results.json in it: nothing to tabulate")
+    with open(os.path.join(run_dir, "stage_table.md.tmp"), "w") as f:
+        f.write(text + "\n")
+    os.replace(os.path.join(run_dir, "stage_table.md.tmp"), os.path.join(run_dir, "stage_table.md"))
+    print(text)
+
+
+def load_asked(args):
+    """The benchmarks to ask ({name: items}; --shuffle-options: each item in K orders) and, per benchmark, why
+    it cannot stand beside the paper's column. --file alone asks only the files it names."""
+    files = dict(args.file)
+    names = args.benchmarks.split(",") if args.benchmarks else ([] if files else list(BENCHMARKS))
+    names = [n for n in names if n] + [n for n in files if n not in names]
     benches, notes = {}, {}
     for n in names:
         items = load_benchmark(n, files.get(n), args.data_dir, args.limit)
@@ -513,25 +600,25 @@ def main():
             if notes[n]:
                 print(f"warning: {n}: {notes[n]}: not comparable with the paper's rows (marked †)")
     if not benches:
-        sys.exit("no benchmark could be loaded (see the [skip] lines)")
-    asked = {n: permuted(items, args.shuffle_options, args.seed) for n, items in benches.items()} \
-        if args.shuffle_options else benches
+        sys.exit(f"no benchmark could be loaded: {', '.join(names)} (the [skip] lines above say why)")
+    if args.shuffle_options:
+        return {n: permuted(items, args.shuffle_options, args.seed) for n, items in benches.items()}, notes
+    return benches, notes
 
-    def finish(recs, summaries):   # the comparability notes, and the option-order statistics
-        for n in summaries:
-            if notes.get(n):
-                summaries[n] = dict(summaries[n], not_comparable=notes[n])
-            if args.shuffle_options:
-                summaries[n] = dict(summaries[n], **shuffle_stats(asked[n], recs, args.shuffle_options))
-        return summaries
 
-    if args.responses:
-        recs, summaries = rescore(args.responses, asked, args.lenient)
-        report(args.out[0], recs, finish(recs, summaries), (args.label or ["ours"])[0])
-        return
+def annotate(summaries, recs, notes, asked, k):
+    """The comparability notes, and with --shuffle-options K the option-order statistics."""
+    for n in summaries:
+        if notes.get(n):
+            summaries[n] = dict(summaries[n], not_comparable=notes[n])
+        if k:
+            summaries[n] = dict(summaries[n], **shuffle_stats(asked[n], recs, k))
+    return summaries
 
-    if not args.model:
-        sys.exit("give --model (or --responses to re-score)")
+
+def run_models(args, asked, notes):
+    """Each --model in turn over the asked items (one launch: torch, tokenizers and the process group start
+    once), its results written to its --out."""
     names = [os.path.basename(os.path.normpath(m)) for m in args.model]
     labels = args.label or (["ours"] if len(args.model) == 1 else names)
     if not len(args.model) == len(args.out) == len(labels):
@@ -544,14 +631,12 @@ def main():
     import tp
     fast.ON = not args.plain
     rank, world, device = init_distributed(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = getattr(torch, args.dtype) if args.dtype else dtype
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     for path in args.model:
         problem = args.tp > 1 and tp.degree_problem(read_config(path), args.tp, world, "--tp")
         if problem:
             sys.exit(f"{path}: {problem}")
     group = tp.Group(args.tp, world, rank) if args.tp > 1 else None
-    # several models in one launch: the process start-up (torch, tokenizers, the process group) is paid once
     for path, out, label in zip(args.model, args.out, labels):
         tok = load_tokenizer(path)
         if group is None:
@@ -559,14 +644,29 @@ def main():
         else:   # each rank reads its FSDP rows, then the group redistributes them into its TP shards
             from fsdp import load_sharded
             model = tp.build(load_sharded(path, device, world, dtype=dtype, frozen=True), group)
-        recs, summaries = evaluate_model(model, tok, asked, rank, world, args.lenient,
-                                         max_new_tokens=args.max_new_tokens, slots=args.gen_slots,
-                                         temperature=args.temperature, n_samples=args.n_samples,
-                                         seed=args.seed, group=group,
-                                         cuda_graph=args.cuda_graph and device.type == "cuda")
+        recs, summaries = evaluate_model(model, tok, asked, args, (rank, world, group))
         if rank == 0:
-            report(out, recs, finish(recs, summaries), label)
+            report(out, recs, annotate(summaries, recs, notes, asked, args.shuffle_options), label)
     close_distributed()
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare))
+        return
+    if args.stage_table:
+        return print_stage_table(args.stage_table, args.base_label)
+    refuse_earlier_results(args.out, args.overwrite)
+    asked, notes = load_asked(args)
+    if args.responses:
+        recs, summaries = rescore(args.responses, asked, args.lenient)
+        report(args.out[0], recs, annotate(summaries, recs, notes, asked, args.shuffle_options),
+               (args.label or ["ours"])[0])
+    elif not args.model:
+        sys.exit("give --model (or --responses to re-score)")
+    else:
+        run_models(args, asked, notes)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ checkpointing.
 
 One process (world 1): the same calls, with nothing sharded.
 """
+import errno
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from common import print0
 from hf_io import (check_weights, config_to_hf, load_model, load_rows, read_config, safetensors_index,
                    save_model)
 from model import Transformer
@@ -110,8 +112,23 @@ def full_tensors(model, rank=0):
             yield name, t.detach().cpu()
 
 
+def require_finite(model, what):
+    """Stop (one line, every rank) before `what` is written if any weight on any rank is nan or inf: a run
+    never leaves non-finite weights behind. Every rank must call."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+              for p in model.parameters())
+    if dist.is_initialized():
+        t = torch.tensor(bad, dtype=torch.float64)
+        dist.all_reduce(t)
+        bad = int(t.item())
+    if bad:
+        raise SystemExit(f"{bad} weight tensor(s) hold nan or inf: {what} not written (lower --lr, or keep "
+                         f"--clip on)")
+
+
 def export_hf(model, tok, path, rank):
     """The model in the Hugging Face layout at path (rank 0 writes; every rank must call)."""
+    require_finite(model, f"the model at {path}")
     tensors = full_tensors(model, rank)
     if rank == 0:
         save_model(model, path, tensors=tensors)
@@ -126,6 +143,14 @@ def export_hf(model, tok, path, rank):
 
 # -----------------------------------------------------------------------------
 # trainer checkpoints: {out}/ckpt/step-NNNNNN/, complete once the COMPLETE marker is written (last)
+
+
+def resume_checkpoint(args):
+    """--resume: the run folder's newest complete checkpoint (None, said, when it has none); else None."""
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
+    return ckpt
 
 
 def latest_checkpoint(run_dir):
@@ -168,17 +193,28 @@ def save_checkpoint(run_dir, model, optimizer, tok, step, extra, rank):
     everything else is on disk, and older checkpoints are removed only after that (marker first). Every
     rank must call."""
     from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     root = os.path.join(run_dir, "ckpt")
     path = os.path.join(root, f"step-{step:06d}")
+    require_finite(model, f"the checkpoint {path}")
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)   # an unfinished try at this very step
         os.makedirs(path)
     if dist.is_initialized():
         dist.barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    with one_process_quiet():
-        save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+    try:
+        with one_process_quiet():
+            save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+    except (Exception, CheckpointException) as e:   # which wraps each rank's error with its traceback
+        causes = [e] + [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+        if not any(getattr(c, "errno", None) == errno.ENOSPC for c in causes):
+            raise
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise OSError(f"{path}: the disk is full (no space left on device) while writing the checkpoint; it "
+                      f"was removed, the one before it is kept") from None
     if rank == 0:
         _write_synced(os.path.join(path, "trainer_state.json"), json.dumps(dict(
             step=step, extra=extra, rng_torch=torch.get_rng_state().tolist(), rng_python=random.getstate())))

@@ -742,10 +742,9 @@ class QuestionSampler:
     def rationale(self, q, path, kind):
         """A KG-grounded chain of thought, rendered from the evidence path (used when no teacher model).
         walk:  the conclusion, then every option by letter and text marked yes/no, then the conclusion again.
-        short: the conclusion only, about half the tokens (SFT, rollouts and evaluation cost half). Meant for
-               answers given as the option's text (make_data --answer-as text): a tiny model names the right
-               disease far more often than it finds that disease's letter (measured on the embedded default:
-               70 % vs 33.5 %), and the strict parser accepts the text of exactly one option."""
+        short: the conclusion only, about half the tokens (SFT, rollouts and evaluation cost half). The answer
+               is the option's text (the answer contract, mcq.INSTRUCTION): a tiny model names the right
+               disease far more often than it finds that disease's letter (EXPERIMENTS.md)."""
         kg = self.kg
         ans, L = q["options"][q["answer"]], q["answer"]
         # walk the options by letter: ties the conclusion to its letter in the text itself
@@ -791,7 +790,7 @@ if __name__ == "__main__":
                     "wikidata:PATH | tsv:PATH | FILE.npz")
     ap.add_argument("--n", type=at_least(1), default=3, help="sample: number of questions")
     ap.add_argument("--seed", type=int, default=0, help="sample: random seed")
-    ap.add_argument("--rarity", type=float, default=1.0, help="sample: weight targets by "
+    ap.add_argument("--rarity", type=at_least(0, float), default=1.0, help="sample: weight targets by "
                     "degree**-rarity (0 = uniform)")
     ap.add_argument("--options", type=at_least(4), default=5, help="sample: options per question (4..21)")
     ap.add_argument("--kinds", default="", help="sample: comma list of "

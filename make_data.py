@@ -14,21 +14,24 @@ traces), rl_train.jsonl (question + gold + tier), test.jsonl (held-out split for
 review.jsonl (items the validator never got right), report.json. Teacher / validator calls are cached in
 {out}/cache.jsonl, so an interrupted run resumes without paying twice. API keys come from the environment.
 """
+import argparse
 import email.utils
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import time
 import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 
 from cli import Parser, at_least, between, fraction, guard
-from mcq import (LETTERS, build_messages, conv_medmcqa, conv_medqa, conv_pubmedqa, convert, extract_answer,
-                 format_ok, read_records)
+from mcq import (LETTERS, build_messages, chat_ids, conv_medmcqa, conv_medqa, conv_pubmedqa, convert,
+                 extract_answer, format_ok, official_test_ids, read_records)
 
 # -----------------------------------------------------------------------------
 # sources -> one schema: id, source, question, options {letter: text}, answer, context, rationale, difficulty,
@@ -75,6 +78,10 @@ def load_public(name, where):
     else:
         rows, src = read_records(where), where
     items = convert(rows, conv, src)
+    test = official_test_ids(where)
+    if test is not None:   # PubMedQA's authors' file: their test split stays out of training
+        items = [it for it in items if it["id"] not in test]
+        print(f"{name}: {where} without the {len(test)} test ids of test_ground_truth.json beside it")
     for it in items:
         it["id"] = f"{name}-{it['id']}"
         it["source"] = name
@@ -161,7 +168,9 @@ def decontam_index(paths, n):
     grams = set()
     for p in paths:
         rows = read_records(p)
-        qs = [r.get("question") or r.get("Question") for r in rows]
+        test = official_test_ids(p)   # PubMedQA's ori_pqal.json: its test split only
+        rows = [r for r in rows if test is None or str(r.get("id")) in test]
+        qs = [r.get("question") or r.get("Question") or r.get("QUESTION") for r in rows]
         if not any(qs):
             raise SystemExit(f"{p}: no 'question' field in its rows; cannot decontaminate against it")
         for q in qs:
@@ -254,16 +263,27 @@ def retry_after(err, attempt, rng, cap=60.0):
     return rng.uniform(0, min(cap, 0.5 * 2 ** attempt))
 
 
+def shown_url(url):
+    """A URL as messages may print it: no query string or user:password (a key put there stays out of logs)."""
+    u = urllib.parse.urlsplit(url)
+    host = u.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((u.scheme, host, u.path, "[query hidden]" if u.query else "", ""))
+
+
 class ChatModel:
     """chat(list of message lists, n samples, temperature) -> list (per conversation) of n strings. An HTTP
     endpoint gets up to `concurrency` requests at once (a vLLM server batches them: 64 at once take about the
     time of one); each answer goes to the cache as it arrives, so a killed run resumes where it was."""
 
-    def __init__(self, url=None, model=None, ckpt=None, key_env="OPENAI_API_KEY", cache=None, max_tokens=1024,
-                 seed=0, timeout=600, concurrency=64, retries=5):
-        self.url, self.model, self.cache, self.max_tokens, self.seed = url, model, cache, max_tokens, seed
-        self.timeout, self.concurrency, self.retries = timeout, concurrency, retries
-        self.key = os.environ.get(key_env) if url else None   # never printed or written
+    def __init__(self, endpoint, cache, args):
+        """endpoint: (url, model name, local checkpoint); args: make_data's flags (--key-env, --max-tokens,
+        --seed, --teacher-timeout, --concurrency, --retries)."""
+        url, model, ckpt = endpoint
+        self.url, self.model, self.cache = url, model, cache
+        self.max_tokens, self.seed = args.max_tokens, args.seed
+        self.timeout, self.concurrency, self.retries = args.teacher_timeout, args.concurrency, args.retries
+        self.key = os.environ.get(args.key_env) if url else None   # never printed or written
+        self.shown = shown_url(url) if url else None          # the URL as messages print it
         self.local = None
         if ckpt:
             from hf_io import load_model, load_tokenizer
@@ -288,7 +308,9 @@ class ChatModel:
             headers["Authorization"] = f"Bearer {self.key}"
         for attempt in range(self.retries + 1):
             try:
-                req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", body, headers)
+                u = urllib.parse.urlsplit(self.url)   # the path goes before a query string, if any
+                url = urllib.parse.urlunsplit(u._replace(path=u.path.rstrip("/") + "/chat/completions"))
+                req = urllib.request.Request(url, body, headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     out = json.loads(r.read())
                 got = [c["message"]["content"] for c in out["choices"]]
@@ -297,7 +319,7 @@ class ChatModel:
                 last, err = "an answer with null or empty content", None
             except urllib.error.HTTPError as e:
                 if e.code not in RETRY_STATUS:   # 400, 401, 404...: asking again will not help
-                    why = self.redact(f"endpoint {self.url}: HTTP {e.code} {e.reason}")
+                    why = self.redact(f"endpoint {self.shown}: HTTP {e.code} {e.reason}")
                     raise ConnectionError(why) from None
                 last = f"HTTP {e.code}"
                 err = e
@@ -307,12 +329,12 @@ class ChatModel:
                     last = f"no answer within --teacher-timeout {self.timeout:g} s"
                 err = e
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConnectionError(self.redact(f"endpoint {self.url}: not an OpenAI chat completion "
+                raise ConnectionError(self.redact(f"endpoint {self.shown}: not an OpenAI chat completion "
                                                   f"({e})")) from None
             if attempt < self.retries:
                 self.retried += 1
                 time.sleep(retry_after(err, attempt, self.rng))
-        raise ConnectionError(f"endpoint {self.url} failed {self.retries + 1} times, last: {last}")
+        raise ConnectionError(f"endpoint {self.shown} failed {self.retries + 1} times, last: {last}")
 
     def _http_all(self, todo, temperature, n):
         """Each (key, messages) of todo, `concurrency` at a time at most; yields (key, answer) on arrival."""
@@ -366,15 +388,12 @@ class ChatModel:
         answers = {}
         if self.local and todo:   # one queue through the rollout engine; conversation i has seed + i
             from engine import generate
+            from model import SamplingParams
             m, tok = self.local
-            stop = [tok.convert_tokens_to_ids("<|im_end|>")]
             items = list(todo.items())
-            prompts = [tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-                       for _, msgs in items]
-            prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
-            gen, _ = generate(m, prompts, max_new_tokens=self.max_tokens, temperature=temperature,
-                              num_samples=n, stop_ids=stop, seed=self.seed, pad_id=tok.pad_token_id or 0,
-                              slots=64)
+            sp = SamplingParams(self.max_tokens, temperature, num_samples=n,
+                                stop_ids=(tok.convert_tokens_to_ids("<|im_end|>"),))
+            gen, _ = generate(m, [chat_ids(tok, msgs) for _, msgs in items], sp, seed=self.seed, slots=64)
             for j, (key, _) in enumerate(items):
                 answers[key] = [tok.decode(g, skip_special_tokens=True) for g in gen[j * n:(j + 1) * n]]
                 self.calls += 1
@@ -441,7 +460,7 @@ TEACHER_PROMPT = ("Here is a medical multiple-choice question and its correct an
                   "of reasoning that a careful clinician would follow to reach that answer from the question "
                   "alone: weigh the findings, consider the alternatives, and rule them out. Do not state the "
                   "answer at the start. Wrap the reasoning in <think></think> and end with "
-                  "<answer>{letter}</answer>.\n\n{prompt}\n\n"
+                  "<answer>{text}</answer>.\n\n{prompt}\n\n"
                   "Correct answer: {letter}. {text}")
 REFINE_PROMPTS = [   # the paper's three refinement strategies, one per round
     "Your reasoning did not reach a verified correct answer in the required format. Backtrack: re-examine "
@@ -492,7 +511,7 @@ def distill(items, teacher, rounds):
         for it, out in zip(pending, outs):
             why = check_trace(out[0], it)
             if why is None:
-                kept[it["id"]] = out[0].strip()
+                kept[it["id"]] = as_contract(out[0].strip(), it)
                 stats[f"verified_round_{rnd}"] += 1
             else:
                 stats[f"failed_{why}"] += 1
@@ -505,11 +524,17 @@ def distill(items, teacher, rounds):
     return kept, stats
 
 
-def kg_trace(it, answer_as="letter"):
-    """No teacher: the KG evidence path rendered as the reasoning (verified by construction). answer_as text:
-    the tag holds the option's text, which the strict parser maps to its letter when it names one option."""
-    ans = it["options"][it["answer"]] if answer_as == "text" else it["answer"]
-    return f"<think>{it['rationale']}</think>\n<answer>{ans}</answer>"
+def kg_trace(it):
+    """No teacher: the KG evidence path (or a public set's explanation) rendered as the reasoning, verified by
+    construction, ending in the answer contract's form (mcq.INSTRUCTION): the right option's text."""
+    return f"<think>{it['rationale']}</think>\n<answer>{it['options'][it['answer']]}</answer>"
+
+
+def as_contract(trace, it):
+    """A verified trace with its answer tag in the contract's form: a teacher's letter becomes the option's
+    text, so that every cold-start target answers as the prompt asks."""
+    head = trace[:trace.lower().rindex("<answer>")]
+    return f"{head}<answer>{it['options'][it['answer']]}</answer>"
 
 
 # -----------------------------------------------------------------------------
@@ -556,7 +581,19 @@ def claim_out(args):
     os.replace(path + ".tmp", path)
 
 
-def get_args(argv=None):
+def tier_frac(text):
+    """--tier-frac E:M:D: three finite shares >= 0, not all 0 -> {tier: share}."""
+    parts = text.split(":")
+    try:
+        fr = [float(x) for x in parts]
+    except ValueError:
+        fr = []
+    if len(fr) != 3 or not all(math.isfinite(x) and x >= 0 for x in fr) or not sum(fr):
+        raise argparse.ArgumentTypeError(f"expected three shares E:M:D (numbers >= 0, not all 0), got {text}")
+    return dict(zip(("Easy", "Moderate", "Difficult"), fr))
+
+
+def parser():
     ap = Parser(description=__doc__)
     # --- sources
     ap.add_argument("--kg", default="hpo", help="KG source for synthesis: hpo | primekg:PATH | "
@@ -568,13 +605,10 @@ def get_args(argv=None):
     ap.add_argument("--kg-rationale", default="short", choices=["walk", "short"], help="KG-rendered chain "
                     "of thought: walk (every option checked by letter) or short (the conclusion only; half "
                     "the tokens)")
-    ap.add_argument("--answer-as", default="text", choices=["letter", "text"], help="what the KG-rendered "
-                    "traces put in <answer>: the letter, or the option's text (a tiny model names the right "
-                    "option far more often than it finds its letter; both score the same under the strict "
-                    "parser)")
     ap.add_argument("--rarity", type=at_least(0, float), default=1.0, help="rare-entity emphasis: "
                     "weight degree**-rarity (0 = off)")
-    ap.add_argument("--options", type=at_least(4), default=4, help="options per KG question (4..10)")
+    ap.add_argument("--options", type=at_least(4, int, len(LETTERS)), default=4,
+                    help=f"options per KG question (4..{len(LETTERS)})")
     ap.add_argument("--min-evidence", type=at_least(1), default=2, help="fewest findings shown in a vignette")
     ap.add_argument("--max-evidence", type=at_least(1), default=5, help="most findings shown in a vignette")
     ap.add_argument("--public", action="append", default=[],
@@ -596,9 +630,12 @@ def get_args(argv=None):
     # --- mixing and splits
     ap.add_argument("--public-frac", type=between(0, 1), default=None, help="target fraction of public "
                     "items in the RL set")
-    ap.add_argument("--tier-frac", default=None, help="target E:M:D proportions, e.g. "
+    ap.add_argument("--tier-frac", default=None, type=tier_frac, help="target E:M:D proportions, e.g. "
                     "0.3:0.4:0.3 (default: as is)")
     ap.add_argument("--test-frac", type=fraction, default=0.1, help="held-out test split (never trained on)")
+    ap.add_argument("--test-sources", default=None, help="comma list of sources (kg, or a --public name) "
+                    "the test split is drawn from (default: all); public sets have official test splits of "
+                    "their own")
     ap.add_argument("--sft-frac", type=between(0, 1), default=0.5, help="share of the training "
                     "items that get SFT traces")
     # --- CoT cold start
@@ -613,7 +650,7 @@ def get_args(argv=None):
     ap.add_argument("--max-tokens", type=at_least(1), default=1024, help="teacher / validator max tokens")
     ap.add_argument("--concurrency", type=at_least(1), default=64, help="teacher / validator requests in "
                     "flight at once (a vLLM server batches them; results are the same whatever this is)")
-    ap.add_argument("--teacher-timeout", type=at_least(0.01, float), default=600, help="seconds to wait for "
+    ap.add_argument("--teacher-timeout", type=between(0.01, 86400), default=600, help="seconds to wait for "
                     "one answer (teacher or validator) before retrying it")
     ap.add_argument("--retries", type=at_least(0), default=5, help="retries per request on 429 / 5xx / "
                     "timeouts (exponential backoff with jitter, or the server's Retry-After)")
@@ -623,19 +660,15 @@ def get_args(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace a dataset made in --out with other "
                     "flags")
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling, splits and mixing")
-    return ap.parse_args(argv)
+    return ap
 
 
-def main(argv=None):
-    args = get_args(argv)
-    t0 = time.time()
-    claim_out(args)
-    rng = random.Random(args.seed)
-    report = dict(dropped=Counter(), sources=Counter())
-    models = args.teacher_url or args.teacher_ckpt or args.validator_url or args.validator_ckpt
-    cache = CallCache(os.path.join(args.out, "cache.jsonl")) if models else None
+def get_args(argv=None):
+    return parser().parse_args(argv)
 
-    # --- sources
+
+def load_sources(args, report):
+    """Every item of the --public sets and the KG's questions, in one schema."""
     items = []
     for spec in args.public:
         name, _, where = spec.partition("=")
@@ -650,17 +683,19 @@ def main(argv=None):
     if not items:
         sources = ", ".join("--public " + p for p in args.public) or "no --public"
         raise SystemExit(f"no items to write: {sources} and --kg {args.kg} gave none")
+    return items
 
-    # --- refinement: format, duplicates, contamination, identifiers
+
+def refine(items, args, report):
+    """Format filters, de-duplication, decontamination against the evaluation files, anonymisation."""
     kept, seen = [], set()
     grams = decontam_index(args.decontam, args.ngram) if args.decontam else set()
     for it in items:
         why = format_problem(it, args.max_chars)
         if why is None:
-            text = norm_text(it["question"] + "|".join(sorted(map(str, it["options"].values()))))
-            h = hashlib.sha1(text.encode()).hexdigest()
-            if h in seen:
-                why = "duplicate"
+            h = hashlib.sha1(norm_text(it["question"] + "|".join(sorted(map(str, it["options"].values()))))
+                             .encode()).hexdigest()
+            why = "duplicate" if h in seen else None
             seen.add(h)
         if why is None and grams and ngrams(it["question"], args.ngram) & grams:
             why = "contaminated"
@@ -672,28 +707,34 @@ def main(argv=None):
                 it[f] = anonymise(it.get(f))
             it["options"] = {k: anonymise(v) for k, v in it["options"].items()}
         kept.append(it)
-    items = kept
+    return kept
 
-    # --- label verification (k trials) and difficulty
+
+def verify_and_tier(items, args, cache, report):
+    """The validator's k trials per item (the ones it never gets right flagged, and dropped unless
+    --keep-flagged), then difficulty tiers."""
     validator = None
     if args.validator_url or args.validator_ckpt:
-        validator = ChatModel(args.validator_url, args.validator_model, args.validator_ckpt, args.key_env,
-                              cache, args.max_tokens, args.seed, args.teacher_timeout, args.concurrency,
-                              args.retries)
+        validator = ChatModel((args.validator_url, args.validator_model, args.validator_ckpt), cache, args)
         verify_labels(items, validator, args.k)
         flagged = [it for it in items if it["pass_rate"] == 0]
         write_jsonl(os.path.join(args.out, "review.jsonl"), flagged)
-        report["flagged_for_review"] = len(flagged)
-        report["validator_requests"] = validator.stats()
+        report.update(flagged_for_review=len(flagged), validator_requests=validator.stats())
         if not args.keep_flagged:
             report["dropped"]["never_answered_by_validator"] += len(flagged)
             items = [it for it in items if it["pass_rate"] > 0]
     report["tiering"] = assign_tiers(items, validator if args.judge else None)
+    return items
 
-    # --- splits (test first, so nothing about it leaks into training) and mixing
+
+def split_and_mix(items, args, rng):
+    """The test split first (from --test-sources), so nothing about it leaks into training; then the public /
+    synthetic and tier proportions of the training split. Returns (test, train)."""
     rng.shuffle(items)
-    n_test = int(len(items) * args.test_frac)
-    test, train = items[:n_test], items[n_test:]
+    pool = [it for it in items if not args.test_sources or it["source"] in args.test_sources.split(",")]
+    test = pool[:int(len(pool) * args.test_frac)]
+    held = {id(it) for it in test}
+    train = [it for it in items if id(it) not in held]
     if args.public_frac is not None:
         pub = [it for it in train if it["source"] != "kg"]
         syn = [it for it in train if it["source"] == "kg"]
@@ -703,53 +744,73 @@ def main(argv=None):
                 n = min(len(pub) / args.public_frac, len(syn) / (1 - args.public_frac))
             train = pub[:int(n * args.public_frac)] + syn[:int(n * (1 - args.public_frac))]
     if args.tier_frac:
-        fr = dict(zip(("Easy", "Moderate", "Difficult"), map(float, args.tier_frac.split(":"))))
+        fr = args.tier_frac
         by = {t: [it for it in train if it["difficulty"] == t] for t in fr}
         n = min(len(by[t]) / fr[t] for t in fr if fr[t] > 0)
         train = [it for t in fr for it in by[t][:int(n * fr[t])]]
     rng.shuffle(train)
+    return test, train
 
-    # --- CoT cold start traces for the SFT share
-    sft_pool = train[:int(len(train) * args.sft_frac)]
+
+def cold_start(sft_pool, args, cache, report):
+    """The SFT rows: each item's prompt and a verified trace, the teacher's (refined) or, without one, its KG
+    evidence path or dataset explanation."""
     traces = {}
     if args.teacher_url or args.teacher_ckpt:
-        teacher = ChatModel(args.teacher_url, args.teacher_model, args.teacher_ckpt, args.key_env, cache,
-                            args.max_tokens, args.seed, args.teacher_timeout, args.concurrency, args.retries)
+        teacher = ChatModel((args.teacher_url, args.teacher_model, args.teacher_ckpt), cache, args)
         traces, dstats = distill(sft_pool, teacher, args.refine_rounds)
-        report["distillation"] = dict(dstats)
-        report["teacher_requests"] = teacher.stats()
+        report.update(distillation=dict(dstats), teacher_requests=teacher.stats())
     else:
-        for it in sft_pool:   # the KG path as reasoning; public items with an explanation use it
-            if it.get("rationale"):
-                trace = kg_trace(it, args.answer_as)
-                if check_trace(trace, it) is None:
-                    traces[it["id"]] = trace
+        for it in sft_pool:
+            if it.get("rationale") and check_trace(kg_trace(it), it) is None:
+                traces[it["id"]] = kg_trace(it)
         report["distillation"] = {"teacher": "none: KG evidence paths / dataset explanations",
                                   "traces": len(traces)}
     sft = [dict(id=it["id"], messages=build_messages(it) + [dict(role="assistant", content=traces[it["id"]])])
            for it in sft_pool if it["id"] in traces]
+    if sft_pool and not sft:
+        print(f"warning: none of the {len(sft_pool)} SFT items got a verified trace: sft.jsonl is empty "
+              f"({report['distillation']})")
+    return sft
 
-    def rl_row(it):
-        fields = ("id", "source", "question", "options", "answer", "context", "difficulty", "meta")
-        return {k: it[k] for k in fields if it.get(k) is not None}
 
-    if not train and not test:
-        raise SystemExit(f"no items to write: every one of the {report['loaded']} loaded was dropped "
-                         f"({dict(report['dropped'])}); nothing written to {args.out}")
-    write_jsonl(os.path.join(args.out, "items.jsonl"), items)
-    write_jsonl(os.path.join(args.out, "sft.jsonl"), sft)
-    write_jsonl(os.path.join(args.out, "rl_train.jsonl"), [rl_row(it) for it in train])
-    write_jsonl(os.path.join(args.out, "test.jsonl"), [rl_row(it) for it in test])
+def write_outputs(args, splits, report):
+    """items.jsonl, sft.jsonl, rl_train.jsonl, test.jsonl and report.json. splits: (items, sft, train,
+    test)."""
+    items, sft, train, test = splits
+    fields = ("id", "source", "question", "options", "answer", "context", "difficulty", "meta")
+    rl_rows = [{k: it[k] for k in fields if it.get(k) is not None} for it in train]
+    test_rows = [{k: it[k] for k in fields if it.get(k) is not None} for it in test]
+    for name, rows in (("items", items), ("sft", sft), ("rl_train", rl_rows), ("test", test_rows)):
+        write_jsonl(os.path.join(args.out, f"{name}.jsonl"), rows)
     report.update(kept=len(items), train=len(train), test=len(test), sft=len(sft),
                   sources=dict(Counter(it["source"] for it in train)),
-                  tiers=dict(Counter(it["difficulty"] for it in train)), dropped=dict(report["dropped"]),
-                  seconds=round(time.time() - t0, 1))
+                  tiers=dict(Counter(it["difficulty"] for it in train)), dropped=dict(report["dropped"]))
     with open(os.path.join(args.out, "report.json.tmp"), "w") as f:
         json.dump(report, f, indent=2)
     os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}/: sft.jsonl ({len(sft)}), rl_train.jsonl ({len(train)}), "
           f"test.jsonl ({len(test)})")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.min_evidence > args.max_evidence:
+        raise SystemExit(f"--min-evidence {args.min_evidence} is above --max-evidence {args.max_evidence}")
+    t0 = time.time()
+    claim_out(args)
+    report = dict(dropped=Counter(), sources=Counter())
+    models = args.teacher_url or args.teacher_ckpt or args.validator_url or args.validator_ckpt
+    cache = CallCache(os.path.join(args.out, "cache.jsonl")) if models else None
+    items = verify_and_tier(refine(load_sources(args, report), args, report), args, cache, report)
+    test, train = split_and_mix(items, args, random.Random(args.seed))
+    sft = cold_start(train[:int(len(train) * args.sft_frac)], args, cache, report)
+    if not train and not test:
+        raise SystemExit(f"no items to write: every one of the {report['loaded']} loaded was dropped "
+                         f"({dict(report['dropped'])}); nothing written to {args.out}")
+    report["seconds"] = round(time.time() - t0, 1)
+    write_outputs(args, (items, sft, train, test), report)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ answer (a letter), context?}.
     extract_answer("<think>...</think><answer>C</answer>", {"A": "x", "B": "y", "C": "z"})   # -> "C"
 """
 import json
+import os
 import re
 import unicodedata
 
@@ -17,7 +18,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTU"
 # one prompt format, shared with training
 
 SYSTEM_PROMPT = "You are a medical expert. Reason step by step, then give the final answer."
-INSTRUCTION = "Think it through, then put the letter of the correct option in <answer></answer>."
+# the answer contract: the option's text, as given (small models name the right option's text far more often
+# than its letter: EXPERIMENTS.md, 2026-12-07); the parser takes a letter too, for models that write one
+INSTRUCTION = "Think it through, then write the correct option, exactly as it is given, in <answer></answer>."
 
 
 def build_messages(item):
@@ -31,9 +34,15 @@ def build_messages(item):
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-def prompt_ids(tok, item):
-    ids = tok.apply_chat_template(build_messages(item), add_generation_prompt=True, tokenize=True)
+def chat_ids(tok, messages, generation_prompt=True):
+    """The token ids of a conversation in the tokenizer's chat template (transformers 4 returns a list, 5 a
+    BatchEncoding)."""
+    ids = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def prompt_ids(tok, item):
+    return chat_ids(tok, build_messages(item))
 
 
 # -----------------------------------------------------------------------------
@@ -84,16 +93,31 @@ def parse_answer_content(content, options):
 
 def extract_answer(response, options, lenient=False):
     """Strict: the last well-formed <answer> tag holding one option letter or one exact option text.
-    lenient: if that fails, phrases like 'the answer is C' (reported separately, never mixed in)."""
+    lenient: if that fails, what a reader would take as the answer (lenient_answer; reported separately,
+    never mixed in)."""
     tags = ANSWER_TAG.findall(response)
+    got = parse_answer_content(tags[-1], options) if tags else None
+    return got if got or not lenient else lenient_answer(response, options, tags)
+
+
+def lenient_answer(response, options, tags):
+    """The option a reader would take as meant: the tag's content naming exactly one option's text inside it
+    (or inside that text: a shortened option); with no tag, 'the answer is C' or 'the answer is <text>'."""
+    def one_option(text):
+        where = canon(text)
+        hits = [L for L, t in options.items()
+                if canon(t) and (canon(t) in where or (len(where) >= 4 and where in canon(t)))]
+        return hits[0] if len(hits) == 1 else None
+
     if tags:
-        return parse_answer_content(tags[-1], options)
-    if lenient:
-        text = unicodedata.normalize("NFKC", response)
-        m = re.findall(r"answer\s+is\s*:?\s*\(?([A-Za-z])\)?(?![A-Za-z])", text, re.I)
-        if m and m[-1].upper() in options:
-            return m[-1].upper()
-    return None
+        return one_option(tags[-1])
+    said = re.findall(r"answer\s+is\s*:?\s*(.+)", unicodedata.normalize("NFKC", response), re.I)
+    if not said:
+        return None
+    m = re.match(r"(?:\(([A-Za-z])\)|([A-Z]))(?![A-Za-z])", said[-1].strip())   # C, (C), (c); not "a bit"
+    if m and (m.group(1) or m.group(2)).upper() in options:
+        return (m.group(1) or m.group(2)).upper()
+    return one_option(said[-1].splitlines()[0])
 
 
 def format_ok(response, require_think=False):
@@ -113,7 +137,16 @@ def format_ok(response, require_think=False):
 # benchmarks: upstream schema -> {id, question, options, answer, context?}
 
 def _letters(opts):
-    return {LETTERS[i]: str(t) for i, t in enumerate(opts)}
+    return {LETTERS[i]: None if t is None else str(t) for i, t in enumerate(opts)}
+
+
+def _options(x):
+    """Options as {letter: text}, or as a list (lettered A, B, ... in order)."""
+    if isinstance(x, dict):
+        return dict(x)
+    if isinstance(x, (list, tuple)):
+        return _letters(x)
+    raise TypeError(f"'options' must be an object or a list, got {type(x).__name__}")
 
 
 def _strip_listed_options(q):
@@ -122,11 +155,13 @@ def _strip_listed_options(q):
 
 
 def conv_medqa(r, i):
-    return dict(id=r.get("id", i), question=r["question"], options=dict(r["options"]), answer=r["answer_idx"])
+    return dict(id=r.get("id", i), question=r["question"], options=_options(r["options"]),
+                answer=r["answer_idx"])
 
 
 def conv_medxpertqa(r, i):
-    return dict(id=r.get("id", i), question=_strip_listed_options(r["question"]), options=dict(r["options"]),
+    return dict(id=r.get("id", i), question=_strip_listed_options(r["question"]),
+                options=_options(r["options"]),
                 answer=r["label"])
 
 
@@ -152,27 +187,43 @@ def conv_jmed(r, i):
         if len(ans) != 1:
             return None   # multi-answer items are not single-choice
         ans = ans[0]
-    return dict(id=r.get("id", i), question=r["question"], options=dict(r["options"]),
+    return dict(id=r.get("id", i), question=r["question"], options=_options(r["options"]),
                 answer=str(ans).strip())
 
 
 def conv_pubmedqa(r, i):
-    ctx = r["context"]["contexts"] if isinstance(r["context"], dict) else r["context"]
-    return dict(id=r.get("pubid", i), question=r["question"], context=" ".join(ctx),
-                options={"A": "yes", "B": "no", "C": "maybe"},
+    """The hub's rows (question, context {contexts}, long_answer) or the authors' ori_pqal.json (QUESTION,
+    CONTEXTS, LONG_ANSWER, keyed by PubMed id)."""
+    if "QUESTION" in r:
+        q, ctx, why = r["QUESTION"], r["CONTEXTS"], r.get("LONG_ANSWER")
+    else:
+        q, why = r["question"], r.get("long_answer")
+        ctx = r["context"]["contexts"] if isinstance(r["context"], dict) else r["context"]
+    return dict(id=r.get("pubid", r.get("id", i)), question=q, context=" ".join(ctx),
+                options={"A": "yes", "B": "no", "C": "maybe"}, rationale=why,
                 answer="ABC"[["yes", "no", "maybe"].index(r["final_decision"])])
+
+
+def official_test_ids(path):
+    """PubMedQA's expert-labelled set as its authors ship it: ori_pqal.json with test_ground_truth.json beside
+    it, whose 500 ids are the test split. Those ids, or None for any other file."""
+    gt = os.path.join(os.path.dirname(path), "test_ground_truth.json")
+    if os.path.basename(path) != "ori_pqal.json" or not os.path.exists(gt):
+        return None
+    with open(gt, encoding="utf-8") as f:
+        return set(json.load(f))
 
 
 def conv_medbullets(r, i):
     if "options" in r:
-        opts = dict(r["options"])
+        opts = _options(r["options"])
     else:
         opts = _letters([r[k] for k in ("opa", "opb", "opc", "opd", "ope") if r.get(k)])
     return dict(id=r.get("id", i), question=r["question"], options=opts, answer=r["answer_idx"])
 
 
 def conv_ours(r, i):   # make_data.py's schema
-    return dict(id=r["id"], question=r["question"], options=dict(r["options"]), answer=r["answer"],
+    return dict(id=r["id"], question=r["question"], options=_options(r["options"]), answer=r["answer"],
                 context=r.get("context"))
 
 
@@ -192,7 +243,9 @@ def read_records(path):
                 data = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not a UTF-8 JSON file ({type(e).__name__})") from None
-        return data if isinstance(data, list) else list(data.values())
+        if isinstance(data, dict):   # {id: row} (PubMedQA's ori_pqal.json): the key is the row's id
+            return [dict(v, id=v.get("id", k)) if isinstance(v, dict) else v for k, v in data.items()]
+        return data
     return [r for _, r in jsonl_rows(path)]
 
 
@@ -211,20 +264,44 @@ def jsonl_rows(path):
                     raise ValueError(f"{path}:{line}: not valid JSON ({e.msg})") from None
 
 
+def item_problem(it):
+    """Why a converted item cannot be asked (a field and what is wrong with it), or None."""
+    opts = it["options"]
+    if not isinstance(it["question"], str) or not it["question"].strip():
+        return "field 'question' is empty"
+    if not isinstance(opts, dict) or not 2 <= len(opts) <= len(LETTERS):
+        n = len(opts) if isinstance(opts, dict) else repr(opts)
+        return f"field 'options': {n} options (2 to {len(LETTERS)})"
+    if list(opts) != list(LETTERS[:len(opts)]):
+        return f"field 'options': letters {list(opts)}, not {LETTERS[0]}..{LETTERS[len(opts) - 1]} in order"
+    empty = [L for L, t in opts.items() if t is None or not str(t).strip()]
+    if empty:
+        return f"field 'options': option {empty[0]} is empty"
+    if it["answer"] not in opts:
+        return f"field 'answer': {it['answer']!r} is not one of the options {list(opts)}"
+    return None
+
+
 def convert(rows, conv, path, row_filter=None):
-    items = []
+    """Upstream rows -> items, each checked (item_problem); a repeated id is refused: answers are keyed by
+    it."""
+    items, seen = [], {}
     for i, r in enumerate(rows):
         if row_filter and r.get(row_filter[0]) != row_filter[1]:
             continue
         try:
             it = conv(r, i)
-        except (KeyError, ValueError, IndexError, TypeError) as e:
+        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}:{i + 1}: bad record, field {e}") from None
         if it is None:
             continue
-        if it["answer"] not in it["options"]:
-            raise ValueError(f"{path}:{i + 1}: field 'answer': {it['answer']!r} is not one of the options "
-                             f"{list(it['options'])}")
-        it["id"] = str(it["id"])
+        why = item_problem(it)
+        if why:
+            raise ValueError(f"{path}:{i + 1}: {why}")
+        it["id"], it["options"] = str(it["id"]), {L: str(t) for L, t in it["options"].items()}
+        if it["id"] in seen:
+            raise ValueError(f"{path}:{i + 1}: field 'id': {it['id']!r} repeats record {seen[it['id']]} "
+                             f"(answers are kept by id)")
+        seen[it["id"]] = i + 1
         items.append(it)
     return items

@@ -4,30 +4,22 @@ memplan.py: the memory a training run needs on each rank, worked out before it s
     python train_grpo.py --init /models/Qwen2.5-7B-Instruct --dry-run --plan-world 8 --gpu-mem 80 --bf16 ...
     python train_sft.py --init /models/Qwen2.5-7B-Instruct --dry-run --plan-world 8 --gpu-mem 80 --bf16 ...
 
-train_sft.py and train_grpo.py print the plan at start (and warn above 90 % of the device); with --dry-run
-they print it and exit: 0 if it fits, 1 with a line naming the flag to change if not. A dry run reads
-config.json (and the tokenizer and data, for the prompt lengths), never the weights, so it plans a 32B run
-on a laptop.
-
-Per rank, for P parameters sharded over W ranks by FSDP2 (fp32 master weights, AdamW), c = compute bytes:
-  always       weights 4P/W, AdamW 8P/W, the frozen reference c_ref P/W, the process itself
-  a step       gradients 4P/W; the blocks FSDP2 gathers (two at a time, with prefetch) and the root
-               (embedding, norm, lm_head) for the whole step; activations (what autograd keeps per token and
-               layer, see layer_act_bytes; with --act-ckpt only each block's input, plus one block
-               recomputed); attention scores where a CPU attends per sequence with plain matmuls; the
-               log-probs' chunk of vocabulary logits (model.token_logprobs)
-  a rollout    the whole policy gathered (plus, on a CPU, its weights packed for oneDNN; on one GPU under
-               autocast, their bf16 copies), or with --rollout-tp N its tensor-parallel shard (tp.py: 1/N
-               of the heads, MLP columns and vocabulary, the norms whole) and the buffers that build it
-               from the FSDP shards; the rollout engine's KV cache (--gen-slots slots x context, the
-               rank's KV heads; by default as many slots as fit beside the rest, fit_slots), sampling's
-               (slots x vocab) temporaries, and the prefill of the prompts that arrive at once
-Phases do not overlap: total = always + the largest phase.
+The trainers print the plan at start, warn above 90 % of the device and refuse above 100 % in one line naming
+the flag to change; --dry-run prints it and exits 0 if it fits, 1 if not. A dry run reads config.json (and
+the tokenizer and data, for the prompt lengths), never the weights: it plans a 32B run on a laptop.
+Per rank, P parameters sharded over W ranks by FSDP2 (fp32 master weights, AdamW), three phases that do not
+overlap (total = always + the largest phase):
+  always    weights 4P/W, AdamW 8P/W, the frozen reference, the process itself
+  step      gradients 4P/W; the blocks FSDP2 gathers and the root; activations (layer_act_bytes; with
+            --act-ckpt each block's input and one block recomputed); a CPU's attention scores; a logits chunk
+  rollout   the policy gathered (or its tensor-parallel shard, tp.py, and what builds it), a CPU's packed
+            weights; the engine's KV cache (--gen-slots x context), sampling's temporaries, the prefill
 """
 import os
 import re
 import resource
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -75,13 +67,32 @@ def tp_params(cfg, n):
     return sum(p.numel() for p in m.parameters()), linear
 
 
-def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0, ctx=0, ref=False,
-         sdpa_len=0, tp=1, prefill=(0, 0)):
-    """[(what, bytes, phase)] per rank. kind: "sft" or "grpo". tokens: tokens in one micro-batch's forward,
-    seq_len: the longest sequence that attends as one (per-sequence attention scores on CPU: sdpa_len > 0),
-    slots / ctx: the rollout engine's decode slots and their prompt + new tokens (grpo), tp: the rollout's
-    tensor-parallel degree (--rollout-tp), prefill: (prompt tokens in the largest prefill forward, the longest
-    prompt)."""
+@dataclass(frozen=True)
+class Job:
+    """What a run's memory depends on beyond the model's config. kind: "sft" or "grpo"; tokens: tokens in one
+    micro-batch's forward; chunk: --logits-chunk; sdpa_len: the longest sequence that attends as one (a CPU's
+    per-sequence attention scores; 0: none); slots / ctx: the rollout engine's decode slots and their prompt +
+    new tokens; ref: a frozen reference (KL); tp: the rollout's tensor-parallel degree (--rollout-tp);
+    prefill: (prompt tokens in the largest prefill forward, the longest prompt)."""
+    kind: str
+    world: int
+    cuda: bool
+    bf16: bool
+    tokens: int
+    act_ckpt: bool = False
+    chunk: int = 0
+    sdpa_len: int = 0
+    slots: int = 0
+    ctx: int = 0
+    ref: bool = False
+    tp: int = 1
+    prefill: tuple = (0, 0)
+
+
+def plan(cfg, job):
+    """[(what, bytes, phase)] per rank for a Job."""
+    world, cuda, bf16, tokens, act_ckpt, chunk, tp = job.world, job.cuda, job.bf16, job.tokens, job.act_ckpt, \
+        job.chunk, job.tp
     P, block, root = param_counts(cfg)
     W, L, V = world, cfg.num_hidden_layers, cfg.vocab_size
     mp = cuda and bf16 and W > 1                # FSDP mixed precision: gathered weights in bf16
@@ -93,7 +104,7 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
     chunk = min(tokens, chunk or max(1, 2 ** 26 // V))
     rows_out = [("weights, fp32, 1/W of them", 4 * P / W, "always"),
                 ("AdamW state, fp32", 8 * P / W, "always")]
-    if ref:
+    if job.ref:
         what = f"reference model ({'bf16' if ref_c == 2 else 'fp32'}, sharded)"
         rows_out.append((what, ref_c * P / W, "always"))
     rows_out.append(("the process (CUDA context, allocator)" if cuda else "the process (python, torch, data)",
@@ -114,13 +125,13 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
         act = tokens * (L + 1) * per_tok
         what = f"activations, {tokens:,} tokens x {L} blocks (--act-ckpt: {ckpt_act / GB:.2f} GB)"
     rows_out.append((what, act, "step"))
-    if sdpa_len and not cuda:                   # CPU: scores + probabilities per sequence, per layer kept
+    if job.sdpa_len and not cuda:   # CPU: scores + probabilities per sequence, per layer kept
         n_layers = 1 if act_ckpt else L
-        rows_out.append((f"attention scores (CPU), sequences of up to {sdpa_len} tokens",
-                         n_layers * tokens * sdpa_len * cfg.num_attention_heads * (4 + c), "step"))
+        rows_out.append((f"attention scores (CPU), sequences of up to {job.sdpa_len} tokens",
+                         n_layers * tokens * job.sdpa_len * cfg.num_attention_heads * (4 + c), "step"))
     rows_out.append((f"vocabulary logits, {chunk:,} tokens at a time (--logits-chunk)", (c + 12) * chunk * V,
                      "step"))
-    if kind == "grpo":
+    if job.kind == "grpo":
         # --- a rollout: the whole policy gathered for generation, or its tensor-parallel shard
         if tp > 1:
             # a CPU keeps the linears packed for oneDNN only (in the compute dtype), the rest in fp32
@@ -138,14 +149,15 @@ def plan(cfg, world, cuda, bf16, kind, tokens, seq_len, act_ckpt, chunk, slots=0
             rows_out.append(("rollout: weights packed for oneDNN (CPU)", c * P, "rollout"))
         elif tp == 1 and bf16 and not mp:
             rows_out.append(("rollout: autocast's bf16 weight copies", 2 * P, "rollout"))
-        rows_out.append((f"rollout: KV cache, {slots} slots x {ctx:,} tokens (--gen-slots)",
-                         slots * kv_bytes(cfg, ctx, bf16, tp), "rollout"))
-        rows_out.append((f"rollout: sampling over the vocabulary, {slots} slots", SAMPLING_BYTES * slots * V,
+        rows_out.append((f"rollout: KV cache, {job.slots} slots x {job.ctx:,} tokens (--gen-slots)",
+                         job.slots * kv_bytes(cfg, job.ctx, bf16, tp), "rollout"))
+        rows_out.append((f"rollout: sampling over the vocabulary, {job.slots} slots",
+                         SAMPLING_BYTES * job.slots * V,
                          "rollout"))
-        if prefill[0]:
-            rows_out.append((f"rollout: prefill of arrivals, {prefill[0]:,} prompt tokens in one forward",
-                             prefill_bytes(cfg, *prefill, c, cuda, tp), "rollout"))
-        if ref:   # its forward, no gradients: a gathered block, one block's activations, a logits chunk
+        if job.prefill[0]:
+            rows_out.append((f"rollout: prefill of arrivals, {job.prefill[0]:,} prompt tokens in one forward",
+                             prefill_bytes(cfg, *job.prefill, c, cuda, tp), "rollout"))
+        if job.ref:   # its forward, no gradients: a gathered block, one block's activations, a logits chunk
             rows_out.append(("reference forward", (ref_c * (root + 2 * block) if W > 1 else 0)
                              + tokens * per_tok + (c + 8) * chunk * V, "ref"))
     return rows_out
@@ -180,13 +192,36 @@ def slot_bytes(cfg, ctx, bf16, tp=1):
 MAX_AUTO_SLOTS = 512
 
 
-def fit_slots(rows, cap, per_slot, most):
-    """--gen-slots 0: the decode slots the rollout phase has room for within 90 % of cap beside everything
-    else it holds (rows: a plan with 0 slots), at least 1 (a plan where even one does not fit then refuses,
-    naming its largest part) and at most the requests of the largest call (`most`) or MAX_AUTO_SLOTS."""
-    always = sum(b for _, b, ph in rows if ph == "always")
-    rollout = sum(b for _, b, ph in rows if ph == "rollout")
-    return int(max(1, min(most, MAX_AUTO_SLOTS, (0.9 * cap - always - rollout) // per_slot)))
+def fill(cuda):
+    """The share of a device that what is chosen to fit (decode slots, the micro-batch) may fill: 90 % of a
+    GPU; 75 % of a CPU's memory, which the system, its page cache and other processes share."""
+    return 0.9 if cuda else 0.75
+
+
+def phase_bytes(rows, phase):
+    """What a phase holds at its peak: the always-held part and the phase's own."""
+    return sum(b for _, b, ph in rows if ph in ("always", phase))
+
+
+def fit_slots(rows, budget, per_slot, most):
+    """--gen-slots 0: the decode slots the rollout phase has room for within `budget` beside everything else
+    it holds (rows: a plan with 0 slots; the training step's needs play no part), at least 1 and at most the
+    requests of the largest call (`most`) or MAX_AUTO_SLOTS."""
+    return int(max(1, min(most, MAX_AUTO_SLOTS, (budget - phase_bytes(rows, "rollout")) // per_slot)))
+
+
+def fit_micro(plan_for, budget, most_rows):
+    """--micro-batch 0: the largest micro-batch (a power of two up to 64, or the step's rows of a rank) whose
+    training step fits `budget`, first without activation checkpointing, then with it. plan_for(micro,
+    act_ckpt) -> plan rows. Returns (micro, act_ckpt); (1, True) when nothing fits (the verdict then names
+    the flag)."""
+    top = max(1, min(64, most_rows))
+    sizes = sorted({top} | {2 ** k for k in range(7) if 2 ** k <= top}, reverse=True)
+    for ckpt in (False, True):
+        for m in sizes:
+            if phase_bytes(plan_for(m, ckpt), "step") <= budget:
+                return m, ckpt
+    return 1, True
 
 
 def total(rows):
@@ -274,6 +309,9 @@ def announce(rows, header, args, cuda):
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(1 if why else 0)
+    why = verdict(rows, cap)
+    if why:
+        raise SystemExit(why)
     if frac > 0.9 and rank0:
         print(f"warning: the memory plan takes {100 * frac:.0f} % of this device's memory "
               f"({verdict(rows, cap * 0.9) or ''})", flush=True)

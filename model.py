@@ -4,11 +4,11 @@ Face checkpoint I/O, and KV-cached generation: the textbook path. The speed path
 numbers.
 
     from hf_io import load_model, load_tokenizer
-    from model import generate
+    from model import SamplingParams, generate
     model = load_model("runs/demo/sft")                 # any HF-layout Qwen2/Qwen3 directory
     tok = load_tokenizer("runs/demo/sft")
     ids = [tok.encode("The patient presents with"), tok.encode("Hi")]
-    out, reasons = generate(model, ids, max_new_tokens=32, temperature=0.0, stop_ids=[tok.eos_token_id])
+    out, reasons = generate(model, ids, SamplingParams(32, temperature=0.0, stop_ids=(tok.eos_token_id,)))
 
     python model.py --preset tiny            # prints the parameter count of a preset
 
@@ -391,17 +391,27 @@ def _signed32(c):
 _MASK = [(1 << (64 - k)) - 1 for k in range(64)]
 
 
+def seed_of(*keys):
+    """The one derivation of a sampling seed: its keys (a run's seed, a step, an item's index, a sample's
+    index) folded as s * 1_000_003 + key, modulo 2**63. A sample's tokens depend on its keys alone, never on
+    the batch, the rank or the order of arrival (row_keys)."""
+    s = 0
+    for k in keys:
+        s = (s * 1_000_003 + k) % 2 ** 63
+    return s
+
+
 def prompt_seeds(seed, n_prompts):
-    """seed_i of each prompt: seed + i for an int seed, the i-th of a list, or fresh entropy for None (without
-    re-seeding torch's global generator: callers' state is theirs)."""
+    """Each prompt's seed: seed_of(seed, i) for an int seed, the i-th of a list, or fresh entropy for None
+    (torch's global generator untouched)."""
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    return [seed + i for i in range(n_prompts)] if isinstance(seed, int) else list(seed)
+    return [seed_of(seed, i) for i in range(n_prompts)] if isinstance(seed, int) else list(seed)
 
 
 def sample_seeds(seed, n_prompts, n_samples):
-    """The seed of each row, prompt-major: sample j of prompt i gets seed_i * 1_000_003 + j (prompt_seeds)."""
-    return [s * 1_000_003 + j for s in prompt_seeds(seed, n_prompts) for j in range(n_samples)]
+    """Each row's seed, prompt-major: sample j of prompt i gets seed_of(prompt i's seed, j)."""
+    return [seed_of(s, j) for s in prompt_seeds(seed, n_prompts) for j in range(n_samples)]
 
 
 def row_keys(row_seeds, step):
@@ -453,57 +463,75 @@ def sample_next(logits, temperature, top_k, top_p, row_seeds=None, step=0):
     return logits.add_(gumbel_noise(row_keys(row_seeds, step), logits.shape[-1])).argmax(-1)
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a generate call samples (model.generate, engine.generate). max_new_tokens: one budget, or one per
+    row (a scripted stop: bench/rollout.py). temperature 0: greedy. num_samples: completions per prompt.
+    logprobs: also return each sampled token's log-probability (temperature 1, before top-k / top-p)."""
+    max_new_tokens: object = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple = ()
+    num_samples: int = 1
+    logprobs: bool = False
+
+    def budgets(self, n):
+        b = [self.max_new_tokens] * n if isinstance(self.max_new_tokens, int) else list(self.max_new_tokens)
+        if len(b) != n or min(b, default=1) < 1:
+            raise ValueError(f"generate: {n} rows need {n} budgets of at least 1 token, got {len(b)}")
+        return b
+
+
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(),
-             num_samples=1, seed=None, pad_id=0, return_logprobs=False):
-    """prompts: token-id lists (ragged) -> (completions, finish reasons), one per prompt and sample, in the
-    order prompt0-sample0, prompt0-sample1, ...; a completion ends with its stop token if it stopped
-    ("stop"), else it is max_new_tokens long ("length"). The textbook loop: the prompts, G copies of each,
+def generate(model, prompts, sp, seed=None):
+    """prompts: token-id lists (ragged) -> (completions, finish reasons[, log-probs]), one per prompt and
+    sample, in the order prompt0-sample0, prompt0-sample1, ...; a completion ends with its stop token if it
+    stopped ("stop"), else it is its budget long ("length"). The textbook loop: the prompts, G copies of each,
     left-padded into one batch; one forward over them fills the KV cache; then each step samples one token
-    per row and feeds it back, until every row has stopped. fast.generate makes the same tokens with less
-    work. seed: an int (prompt i gets seed + i) or one per prompt; sample j of a prompt depends only on
-    its prompt's seed and j (row_keys), never on the rest of the batch. return_logprobs: also each
-    sampled token's log-probability (temperature 1, before top-k / top-p)."""
+    per row and feeds it back, until every row has stopped. engine.generate makes the same tokens with less
+    work. seed: an int, one per prompt, or None (sample_seeds): a sample depends only on its own seed."""
     dev = next(model.parameters()).device
     # under autocast the cache is kept in autocast's dtype (attention reads it so)
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(dev.type):
         dtype = torch.get_autocast_dtype(dev.type)
     cfg = model.config
+    if not prompts:
+        return ([], [], []) if sp.logprobs else ([], [])
     if min(map(len, prompts)) == 0:
         raise ValueError("generate: empty prompt")
-    rows = [p for p in prompts for _ in range(num_samples)]
-    row_seeds = torch.tensor(sample_seeds(seed, len(prompts), num_samples), device=dev)
-    N, P = len(rows), max(map(len, rows))
-    ids = torch.full((N, P), pad_id, dtype=torch.long, device=dev)
-    # 1 where a prompt token is, 0 on the left padding
-    real = torch.zeros(N, P, dtype=torch.long, device=dev)
+    rows = [p for p in prompts for _ in range(sp.num_samples)]
+    row_seeds = torch.tensor(sample_seeds(seed, len(prompts), sp.num_samples), device=dev)
+    budget = torch.tensor(sp.budgets(len(rows)), device=dev)
+    N, P, T = len(rows), max(map(len, rows)), int(budget.max())
+    ids = torch.zeros(N, P, dtype=torch.long, device=dev)
+    real = torch.zeros(N, P, dtype=torch.long, device=dev)   # 1 where a prompt token is, 0 on the left padding
     for i, p in enumerate(rows):
         ids[i, P - len(p):] = torch.tensor(p, device=dev)
         real[i, P - len(p):] = 1
-    cache = KVCache(cfg.num_hidden_layers, N, cfg.num_key_value_heads, P + max_new_tokens, cfg.head_dim, dev,
-                    dtype)
+    cache = KVCache(cfg.num_hidden_layers, N, cfg.num_key_value_heads, P + T, cfg.head_dim, dev, dtype)
     logits = model(ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), cache=cache, attention_mask=real,
                    last_only=True)[:, -1].float()
     pos = real.sum(1)                                      # the next token's position in each row
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
-    out = torch.zeros(N, max_new_tokens, dtype=torch.long, device=dev)
-    logps = torch.zeros(N, max_new_tokens, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    stop = torch.tensor(sorted(set(sp.stop_ids)) or [-1], device=dev)
+    out, logps = torch.zeros(N, T, dtype=torch.long, device=dev), torch.zeros(N, T, device=dev)
+    done, stopped = torch.zeros(N, dtype=torch.bool, device=dev), torch.zeros(N, dtype=torch.bool, device=dev)
     n = torch.zeros(N, dtype=torch.long, device=dev)      # tokens each row keeps
-    for step in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, row_seeds, step)
+    for step in range(T):
+        tok = sample_next(logits, sp.temperature, sp.top_k, sp.top_p, row_seeds, step)
         out[:, step] = tok
         logps[:, step] = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
         n += ~done                                         # a finished row keeps nothing more
-        done |= torch.isin(tok, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        stopped |= ~done & torch.isin(tok, stop)
+        done |= stopped | (n >= budget)
+        if bool(done.all()):
             break
         logits = model(tok[:, None], position_ids=pos[:, None], cache=cache)[:, -1].float()
         pos = pos + 1
     completions = [out[i, :k].tolist() for i, k in enumerate(n.tolist())]
-    reasons = ["stop" if d else "length" for d in done.tolist()]
-    if return_logprobs:
+    reasons = ["stop" if s else "length" for s in stopped.tolist()]
+    if sp.logprobs:
         return completions, reasons, [logps[i, :k].tolist() for i, k in enumerate(n.tolist())]
     return completions, reasons
 

@@ -141,11 +141,13 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;paddin
 # the end of a training run (train_sft.py, train_grpo.py)
 
 
-def finish_run(model, tok, args, rank, world, meter, planned, title, keys, png="curves.png"):
+def finish_run(model, tok, args, ranks, memory, title, keys, png="curves.png"):
     """The end of a training run: the model in the HF layout at --out (not after --stop-after), its curves and
-    report.html, each rank's peak memory beside the plan, and the process group torn down."""
+    report.html, each rank's peak memory beside the plan (memory: (meter, planned bytes)), and the process
+    group torn down. ranks: (rank, world)."""
     from fsdp import export_hf
     from memplan import report_peaks
+    (rank, world), (meter, planned) = ranks, memory
     if args.stop_after is None or args.stop_after >= args.steps:
         with meter.phase("export"):
             export_hf(model, tok, args.out, rank)
@@ -200,9 +202,11 @@ def write_report(run_dir, steps=None, groups_per_step=2):
     logs = [os.path.join(run_dir, "rollouts.jsonl")] + sorted(glob.glob(os.path.join(run_dir, "seed*", "grpo",
                                                                                       "rollouts.jsonl")))
     log = next((p for p in logs if os.path.exists(p)), None)
+    groups = []
     if log:
         from watch import read_rollouts
         groups = read_rollouts(log)
+    if groups:
         have = sorted({g["step"] for g in groups})
         if steps is None:
             switch = next((g["step"] for g in groups if g["stage"] == 2), have[-1])

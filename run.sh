@@ -8,6 +8,7 @@
 #   QUICK=1 bash run.sh         # tiny sizes: a smoke test of every stage (CI runs this)
 #   GRPO_STEPS=80 bash run.sh   # a shorter GRPO stage 2: ~2 min less a seed, less gain (README)
 #   BF16=1 bash run.sh          # bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX); default fp32
+#   REAL=1 bash run.sh          # the real track: SmolLM2-135M-Instruct from PyPI, MedQA and PubMedQA (README)
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/demo}
@@ -23,6 +24,20 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 CORES=$(getconf _NPROCESSORS_ONLN)   # not nproc: it reports OMP_NUM_THREADS when that is set
+# progress: which stage, how long the run has taken and about how long it has left: each stage's seconds as
+# measured (EST, per track below), scaled by how fast this machine has been on the stages so far (+60 s on both
+# sides of the ratio, so that the first short stages do not swing it). PLAN: the stages in order
+K=0; PAST=0
+mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }
+stage() {   # stage TEXT: the next stage of PLAN begins
+  local i left=0 el=$(( $(date +%s) - t0 ))
+  for (( i = K; i < ${#PLAN[@]}; i++ )); do left=$(( left + ${EST[${PLAN[i]}]} )); done
+  left=$(( left * (el + 60) / (PAST + 60) ))
+  PAST=$(( PAST + ${EST[${PLAN[K]}]} )); K=$(( K + 1 ))
+  echo "== [$K/${#PLAN[@]}] $1 | $(mmss $el) so far, about $(mmss $left) left"
+}
+
+if [ "${REAL:-0}" = 1 ]; then . ./real.sh; exit 0; fi   # the real track (real.sh)
 # ranks: one per GPU where there are GPUs (every script defaults to cuda then), else 2 CPU ranks
 NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 2)")}
 # bf16 on CUDA. On a CPU fp32: the same recipe and table on every CPU (most have no native bf16, where it is
@@ -65,23 +80,10 @@ else
 fi
 NEW=128   # completion budget: the short KG rationales plus the answer text are ~60 tokens, at most ~100
 
-# progress: which stage, how long the run has taken and about how long it has left. Each stage's seconds as
-# measured with AVX2 kernels only, in fp32, on a 2-core Xeon (README), scaled by how fast this machine has been
-# on the stages so far
-# (+60 s on both sides of the ratio, so that the first short stages do not swing it)
+# each stage's seconds as measured with AVX2 kernels only, in fp32, on a 2-core Xeon (README)
 if [ "$QUICK" = 1 ]; then declare -A EST=([data]=2 [sft]=20 [grpo]=16 [eval]=9 [report]=3)
 else declare -A EST=([data]=6 [sft]=185 [grpo]=490 [eval]=35 [report]=4); fi
 PLAN=(data); for s in $SEEDS; do PLAN+=(sft grpo eval); done; PLAN+=(report)
-K=0; PAST=0
-mmss() { printf "%d:%02d" $(( $1 / 60 )) $(( $1 % 60 )); }
-stage() {   # stage TEXT: the next stage of PLAN begins
-  local i left=0 el=$(( $(date +%s) - t0 ))
-  for (( i = K; i < ${#PLAN[@]}; i++ )); do left=$(( left + ${EST[${PLAN[i]}]} )); done
-  left=$(( left * (el + 60) / (PAST + 60) ))
-  PAST=$(( PAST + ${EST[${PLAN[K]}]} )); K=$(( K + 1 ))
-  echo "== [$K/${#PLAN[@]}] $1 | $(mmss $el) so far, about $(mmss $left) left"
-}
-
 t0=$(date +%s)
 stage "make_data -> $OUT/data"
 python make_data.py --out "$OUT/data" --overwrite --seed 0 $DATA

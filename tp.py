@@ -1,48 +1,22 @@
 """
-tp.py: tensor-parallel rollouts built from the FSDP shards (--rollout-tp N). Without it every rank gathers
-the whole policy to generate (fsdp.unsharded): 61 GB a GPU at 32B in bf16, whatever the number of ranks.
-With it the ranks form groups of N (consecutive ranks: one node's GPUs), and each rank of a group holds
-1/N of the policy, rebuilt for every rollout straight from the FSDP shards; the group decodes its ranks'
-requests together in one rollout engine (engine.py) and each rank takes its own completions back.
+tp.py: tensor-parallel rollouts built from the FSDP shards (--rollout-tp N). Without it every rank gathers the
+whole policy to generate (fsdp.unsharded): 61 GB a GPU at 32B in bf16, whatever the number of ranks. With it
+the ranks form groups of N (consecutive ranks: one node's GPUs); each rank of a group holds 1/N of the
+policy, rebuilt for every rollout straight from the FSDP shards, and the group decodes its ranks' requests
+together in one rollout engine (engine.py), each rank taking its own completions back.
 
     group = Group(2, world, rank)                  # every rank calls it, once (it makes the process groups)
     with torch.no_grad(), policy(model, group) as m:
-        outs, reasons = generate(m, prompts, group=group, seed=seeds, max_new_tokens=256, slots=64)
+        outs, reasons = generate(m, prompts, SamplingParams(256), group=group, seed=seeds, slots=64)
 
-The layout is Megatron-LM's (torch.distributed.tensor.parallel's ColwiseParallel / RowwiseParallel, as
-torchtitan applies them to Llama):
-  qkv_proj, gate_up_proj   column-parallel: rank t holds the q rows of its H/N heads, the k and v rows of
-                           their KV heads (Hkv/N; one, repeated on N/Hkv ranks, where N exceeds Hkv), and
-                           the gate and up rows of its I/N MLP columns; so the KV cache splits by KV head
-  o_proj, down_proj        row-parallel: the matching columns; their outputs are summed over the group
-                           (all_reduce), which changes the summation order: logits agree to ~1e-6, not bit
-                           for bit (tests/test_tp.py)
-  embed_tokens, lm_head    split by vocabulary rows (V/N each, a tied head shares them): a token's
-                           embedding comes from the rank that holds its row (all_reduce of one row and
-                           zeros: exact), the logits are all-gathered (every rank samples the same token)
-  norms                    whole on every rank
-Why split the vocabulary: at 0.5B it is 28 % of the parameters, at 32B 1.56B of them (two matrices).
-
-Built from the shards: FSDP2 holds rows lo..hi of every weight (Shard(0) over the world) and rank t needs
-some of its rows (column-parallel, vocabulary) or a slice of the columns of every row (row-parallel). Each
-weight is one all_to_all over the world (what DTensor's redistribute would issue for this layout) in which
-each rank sends every other rank exactly the part of its FSDP shard that rank keeps. What a weight costs a
-rank, in the rollout's dtype (N the degree, W the world):
-  qkv_proj, gate_up_proj    receives its 1/N of the rows, from the one or two FSDP ranks that hold them
-  o_proj, down_proj         receives its 1/N of the columns of every row, from every FSDP rank
-  embed_tokens, lm_head     receives its 1/N of the rows (a tied head: nothing more)
-  norms                     receives them whole (a few thousand numbers)
-  sent                      each row of its FSDP shard to the W/N ranks (one a group) that keep it: 1/N
-                            of the weight
-So one rollout's build receives P/N parameters a rank, where gathering the policy receives P, and its
-transient is one weight's buffers (its send buffer beside its received piece, ~1/N of the weight each),
-never the whole policy. The vocabulary matrices, the largest weights, come first, while little else is
-held (build_peak: what memplan plans). On a CPU each linear is packed for oneDNN as it arrives and its
-plain copy dropped (fast.pack_linear), so it is held once; and glibc is told to hand tensors of 1 MB and
-more back to the system when they are freed (return_freed_memory), or the transfer buffers stay resident
-in its heap (a 0.5B rollout's rise: 0.78x of the policy's bytes, where 0.58x is live). On CUDA the
-shard's forward is plain modules and NCCL collectives, so the engine's CUDA-graph step can capture it (not
-measured yet: one GPU cannot run a group).
+The layout is Megatron-LM's: qkv_proj and gate_up_proj column-parallel (a rank's heads, their KV heads, its
+MLP columns: the KV cache splits by KV head), o_proj and down_proj row-parallel (outputs summed over the group:
+logits agree to ~1e-6, tests/test_tp.py), embed_tokens and lm_head split by vocabulary rows (the logits
+all-gathered, so every rank samples the same token), norms whole. Each weight is one all_to_all over the world
+in which each rank sends every other exactly the part of its FSDP shard that rank keeps: a build receives P/N
+parameters a rank (gathering receives P) and its transient is one weight's buffers, the vocabulary first
+(build_peak: what memplan plans). On a CPU each linear is packed for oneDNN as it arrives and its plain copy
+dropped, and glibc is told to return freed tensors of 1 MB and more (EXPERIMENTS.md, 2026-12-03).
 """
 import ctypes
 import ctypes.util
@@ -281,20 +255,20 @@ def policy(model, group=None, dtype=None, pack_rows=64):
     yield build(model, group, dtype, pack_rows)
 
 
-def generate(model, prompts, group=None, seed=None, num_samples=1, on_done=None, **kw):
+def generate(model, prompts, sp, group=None, seed=None, **kw):
     """engine.generate for a tensor-parallel group: the requests of every rank of the group in one queue
     (seeds travel with their prompts, so a completion is the one its rank alone would get), and each rank
     gets its own rows back, in its order. group None: engine.generate."""
     if group is None:
-        return engine.generate(model, prompts, seed=seed, num_samples=num_samples, on_done=on_done, **kw)
+        return engine.generate(model, prompts, sp, seed, **kw)
     if seed is None:
         raise ValueError("tp.generate: a seed for every prompt, so that the group's samples are each rank's")
     every = [None] * group.n
     dist.all_gather_object(every, (prompts, prompt_seeds(seed, len(prompts))), group=group.pg)
-    start = sum(len(p) for p, _ in every[:group.index]) * num_samples
-    n_rows = len(prompts) * num_samples
-    done = None if on_done is None else \
-        (lambda r: on_done(r - start) if start <= r < start + n_rows else None)
-    res = engine.generate(model, [q for p, _ in every for q in p], seed=[s for _, s in every for s in s],
-                          num_samples=num_samples, on_done=done, **kw)
+    start = sum(len(p) for p, _ in every[:group.index]) * sp.num_samples
+    n_rows = len(prompts) * sp.num_samples
+    on_done = kw.pop("on_done", None)
+    done = None if on_done is None else (lambda r: on_done(r - start) if start <= r < start + n_rows else None)
+    res = engine.generate(model, [q for p, _ in every for q in p], sp, [s for _, s in every for s in s],
+                          on_done=done, **kw)
     return tuple(x[start:start + n_rows] for x in res)

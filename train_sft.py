@@ -19,12 +19,13 @@ import time
 import torch
 
 from cli import Parser, at_least, fraction, guard
-from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16,
-                    init_distributed, lr_at, need, prepare_out, print0, set_seed, wants_autocast)
-from mcq import jsonl_rows
-from fsdp import (checkpoint_blocks, empty_model, export_hf, latest_checkpoint, load_checkpoint, load_sharded,
+from common import (MetricsLog, add_run_flags, all_reduce_sum, autocast, check_bf16, clip_and_check,
+                    init_distributed, lr_at, need, prepare_out, print0, run_done, set_seed, trim_heap,
+                    wants_autocast)
+from mcq import chat_ids, jsonl_rows
+from fsdp import (checkpoint_blocks, empty_model, export_hf, load_checkpoint, load_sharded, resume_checkpoint,
                   save_checkpoint, shard_model)
-from memplan import Meter, announce, plan, size
+from memplan import Job, Meter, announce, plan, size
 import fast
 from hf_io import has_tokenizer, load_tokenizer, read_config, train_tokenizer
 from model import PRESETS, ModelConfig, Transformer
@@ -52,10 +53,7 @@ def read_chat_jsonl(path):
 def tokenize_example(tok, messages):
     """ids of the whole conversation and a 0/1 mask of the tokens the loss sees (the assistant reply,
     including its closing <|im_end|>, so the model learns to stop)."""
-    prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
-    full = tok.apply_chat_template(messages, tokenize=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    prompt, full = chat_ids(tok, messages[:-1]), chat_ids(tok, messages, generation_prompt=False)
     assert full[:len(prompt)] == prompt, "chat template is not prefix-stable"
     end = tok.convert_tokens_to_ids("<|im_end|>")
     n_reply = len(full) - len(prompt)
@@ -115,7 +113,7 @@ def masked_loss_sum(model, ids, mask, docs, chunk=0):
 # -----------------------------------------------------------------------------
 
 
-def get_args(argv=None):
+def parser():
     ap = Parser(description=__doc__)
     # --- data
     ap.add_argument("--data", default="data/kg/sft.jsonl", help="chat-format SFT JSONL from make_data.py")
@@ -150,11 +148,15 @@ def get_args(argv=None):
     ap.add_argument("--warmup", type=at_least(0), default=20, help="linear warmup steps")
     ap.add_argument("--weight-decay", type=at_least(0, float), default=0.1, help="AdamW weight decay "
                     "(matrices only)")
-    ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip")
+    ap.add_argument("--clip", type=at_least(0, float), default=1.0, help="gradient norm clip (0: none)")
     # --- run
     add_run_flags(ap, "runs/sft", 50, 100, "validation loss every N steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for init, data order")
-    return ap.parse_args(argv)
+    return ap
+
+
+def get_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def memory_plan(args, cfg, world, device, longest):
@@ -163,10 +165,119 @@ def memory_plan(args, cfg, world, device, longest):
     cuda = device.type == "cuda" or args.gpu_mem is not None
     # on a CPU, documents up to fast.DocBuckets.MAX_LEN attend alone; a longer one makes its row attend as one
     sdpa = 0 if cuda else (longest if longest <= 1024 else args.seq_len)
-    rows = plan(cfg, world, cuda, args.bf16, "sft", args.micro_rows * args.seq_len, args.seq_len,
-                args.act_ckpt, args.logits_chunk, sdpa_len=min(sdpa, args.seq_len))
+    rows = plan(cfg, Job("sft", world, cuda, args.bf16, args.micro_rows * args.seq_len, args.act_ckpt,
+                         args.logits_chunk, sdpa_len=min(sdpa, args.seq_len)))
     return announce(rows, f"SFT, {cfg.model_type} {size(cfg)} parameters, {world} rank(s), "
              f"{'cuda' if cuda else 'cpu'}{', bf16' if args.bf16 else ''}", args, cuda)
+
+
+def load_data(args, rank, world, src):
+    """The chat examples, the tokenizer (from scratch: a byte-level BPE trained on them, by rank 0) and the
+    model config. Returns (tok, cfg, examples); a dry run without tokenizer files has tok None."""
+    convs = read_chat_jsonl(args.data)
+    tok_dir = src or os.path.join(args.out, "tokenizer")
+    if not src and not args.dry_run and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        if rank == 0:
+            train_tokenizer([m["content"] for c in convs for m in c], args.vocab_size, tok_dir)
+        if world > 1:
+            torch.distributed.barrier()
+    tok = load_tokenizer(tok_dir) if has_tokenizer(tok_dir) or not args.dry_run else None
+    if src:
+        cfg = read_config(src)
+    else:
+        vocab, end = (len(tok), tok.convert_tokens_to_ids("<|im_end|>")) if tok else (args.vocab_size, None)
+        cfg = ModelConfig.from_name(args.preset, vocab_size=vocab, bos_token_id=None, eos_token_id=end,
+                                    pad_token_id=tok.pad_token_id if tok else None)
+    return tok, cfg, [tokenize_example(tok, c) for c in convs] if tok else []
+
+
+def split_rows(args, examples, pad):
+    """Held-out examples packed once (validation rows), the training examples, and their rows an epoch."""
+    idx = list(range(len(examples)))
+    random.Random(args.seed).shuffle(idx)
+    n_val = max(1, int(len(idx) * args.val_frac))
+    val, train = [examples[i] for i in idx[:n_val]], [examples[i] for i in idx[n_val:]]
+    return pack(val, args.seq_len, pad)[0], train
+
+
+def build_model(args, cfg, ckpt, device, world, meter):
+    """The model, sharded over the ranks as it is built (from a checkpoint's shape, --init, or a preset from
+    scratch), and AdamW (weight decay on matrices only)."""
+    with meter.phase("load"):
+        if ckpt:   # the weights come from the checkpoint (load_checkpoint)
+            model = empty_model(cfg, device, world, bf16=args.bf16)
+        elif args.init:
+            model = load_sharded(args.init, device, world, bf16=args.bf16)
+        else:
+            model = Transformer(cfg).init_weights(args.seed).to(device)
+            model = shard_model(model, device, world, bf16=args.bf16)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            eps=1e-8)
+    return model, opt
+
+
+class Rows:
+    """Global packed row k of training: each epoch shuffled then packed (epochs can differ by a row or two),
+    only the current epoch's rows kept; so a step's rows are a pure function of (seed, step) whatever the
+    resume or the world size."""
+
+    def __init__(self, train, args, pad):
+        self.train, self.args, self.pad = train, args, pad
+        self.epoch_len, self.cache = {}, {}
+
+    def __getitem__(self, k):
+        ep = 0
+        while True:
+            if ep not in self.epoch_len or (k < self.epoch_len[ep] and ep not in self.cache):
+                self.cache.clear()
+                self.cache[ep] = epoch_rows(self.train, self.args.seq_len, self.pad, self.args.seed, ep)
+                self.epoch_len[ep] = len(self.cache[ep])
+            if k < self.epoch_len[ep]:
+                return self.cache[ep][k]
+            k -= self.epoch_len[ep]
+            ep += 1
+
+
+def val_loss(model, val_rows, args, ranks, device):
+    """Mean loss of the held-out rows. Every rank runs the same number of forwards (FSDP's all-gathers are
+    collective): the last round may give a rank an empty (all-masked) row."""
+    rank, world, use_autocast = ranks
+    model.eval()
+    tot, cnt = 0.0, 0
+    blank = ([0] * args.seq_len, [0] * args.seq_len, [0] * args.seq_len)
+    with torch.no_grad():
+        for i in range(0, len(val_rows), world):
+            row = val_rows[i + rank] if i + rank < len(val_rows) else blank
+            ids, mask, docs = batch_tensors([row], device)
+            with autocast(device, use_autocast):
+                s, c = masked_loss_sum(model, ids, mask, docs, args.logits_chunk)
+            tot, cnt = tot + s.item(), cnt + c
+    model.train()
+    return all_reduce_sum(tot) / max(1, all_reduce_sum(cnt))
+
+
+def train_step(model, opt, rows, args, ranks, device, step):
+    """One optimizer step on the step's global rows (this rank's share): each micro-batch's loss scaled so
+    that FSDP's gradient average is (global token sum) / (global count). Returns (loss, gradient norm)."""
+    rank, world, use_autocast = ranks
+    mine = rows[rank::world]
+    n_tok = all_reduce_sum(sum(sum(r[1][1:]) for r in mine))
+    loss_sum = 0.0
+    for m0 in range(0, len(mine), args.micro_rows):
+        trim_heap(device)
+        ids, mask, docs = batch_tensors(mine[m0:m0 + args.micro_rows], device)
+        with autocast(device, use_autocast):
+            s, _ = masked_loss_sum(model, ids, mask, docs, args.logits_chunk)
+        (s * world / max(n_tok, 1)).backward()
+        loss_sum += s.item()
+    loss = all_reduce_sum(loss_sum) / max(n_tok, 1)
+    gnorm = clip_and_check(model, args.clip, step, loss)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, gnorm
 
 
 def main(argv=None):
@@ -183,158 +294,56 @@ def main(argv=None):
     set_seed(args.seed)
     if not args.dry_run:
         prepare_out(args.out, args.resume, args.overwrite, rank)
-    convs = read_chat_jsonl(args.data)
-
-    # --- tokenizer and model config
-    ckpt = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and ckpt is None:
-        print0(f"--resume: no complete checkpoint in {args.out}/ckpt, starting at step 0")
-    src = ckpt or args.init
-    tok_dir = src or os.path.join(args.out, "tokenizer")
-    if not src and not args.dry_run and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        if rank == 0:   # from scratch: a byte-level BPE on the training text
-            train_tokenizer([m["content"] for c in convs for m in c], args.vocab_size, tok_dir)
-        if world > 1:
-            torch.distributed.barrier()
-    tok = load_tokenizer(tok_dir) if has_tokenizer(tok_dir) or not args.dry_run else None
-    if src:
-        cfg = read_config(src)
-    else:
-        vocab, end = (len(tok), tok.convert_tokens_to_ids("<|im_end|>")) if tok else (args.vocab_size, None)
-        cfg = ModelConfig.from_name(args.preset, vocab_size=vocab, bos_token_id=None, eos_token_id=end,
-                                    pad_token_id=tok.pad_token_id if tok else None)
-
-    # --- data: tokenise, split, pack
-    examples = [tokenize_example(tok, c) for c in convs] if tok else []
-    longest = max((len(e[0]) for e in examples), default=args.seq_len)
-    planned = memory_plan(args, cfg, world, device, longest)
-    rng = random.Random(args.seed)
-    idx = list(range(len(examples)))
-    rng.shuffle(idx)
-    n_val = max(1, int(len(idx) * args.val_frac))
-    val = [examples[i] for i in idx[:n_val]]
-    train = [examples[i] for i in idx[n_val:]]
+    ckpt = resume_checkpoint(args)
+    tok, cfg, examples = load_data(args, rank, world, ckpt or args.init)
+    planned = memory_plan(args, cfg, world, device, max((len(e[0]) for e in examples), default=args.seq_len))
     pad = tok.pad_token_id or 0
-    val_rows, _ = pack(val, args.seq_len, pad)
-    _, n_cut = pack(train, args.seq_len, pad)
-    rows_per_epoch = len(epoch_rows(train, args.seq_len, pad, args.seed, 0))
-
-    # --- the model, sharded over the ranks as it is built
-    meter = Meter(device)
-    with meter.phase("load"):
-        if ckpt:   # the weights come from the checkpoint, below
-            model = empty_model(cfg, device, world, bf16=args.bf16)
-        elif args.init:
-            model = load_sharded(args.init, device, world, bf16=args.bf16)
-        else:
-            model = Transformer(cfg).init_weights(args.seed).to(device)
-            model = shard_model(model, device, world, bf16=args.bf16)
+    val_rows, train = split_rows(args, examples, pad)
+    rows, meter = Rows(train, args, pad), Meter(device)
+    model, opt = build_model(args, cfg, ckpt, device, world, meter)
     if args.save_init and not ckpt:   # the untrained model (the stage table's "Base" row)
         export_hf(model, tok, args.save_init, rank)
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"model {n_params / 1e6:.2f}M params | {len(train)} train / {len(val)} val examples | "
-           f"{rows_per_epoch} packed rows of {args.seq_len} per epoch ({n_cut} cut) | world {world} "
-           f"on {device}")
-
+    per_epoch, cut = len(epoch_rows(train, args.seq_len, pad, args.seed, 0)), pack(train, args.seq_len, pad)[1]
+    print0(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(train)} train / "
+           f"{len(examples) - len(train)} val examples | {per_epoch} packed rows of {args.seq_len} per epoch "
+           f"({cut} cut) | world {world} on {device}")
     if args.act_ckpt:
         checkpoint_blocks(model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    start = 0
+    start = load_checkpoint(ckpt, model, opt)[0] if ckpt else 0
     if ckpt:
-        start, _ = load_checkpoint(ckpt, model, opt)
         print0(f"resumed from {ckpt} at step {start}")
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rank, resume_step=start if ckpt else None)
-    use_autocast = wants_autocast(args.bf16, device, world)
-
-    def val_loss():
-        # every rank runs the same number of forwards (FSDP all-gathers are collective): the last round
-        # may give a rank an empty (all-masked) row
-        model.eval()
-        tot, cnt = 0.0, 0
-        blank = ([pad] * args.seq_len, [0] * args.seq_len, [0] * args.seq_len)
-        with torch.no_grad():
-            for i in range(0, len(val_rows), world):
-                r = val_rows[i + rank] if i + rank < len(val_rows) else blank
-                ids, mask, docs = batch_tensors([r], device)
-                with autocast(device, use_autocast):
-                    s, c = masked_loss_sum(model, ids, mask, docs, args.logits_chunk)
-                tot, cnt = tot + s.item(), cnt + c
-        model.train()
-        return all_reduce_sum(tot) / max(1, all_reduce_sum(cnt))
-
+    ranks = (rank, world, wants_autocast(args.bf16, device, world))
     from tqdm import tqdm
     bar = tqdm(range(start, args.steps), desc="sft", disable=rank != 0, initial=start, total=args.steps)
     if start == 0:
-        v0 = val_loss()
+        v0 = val_loss(model, val_rows, args, ranks, device)
         log.log(step=0, val_loss=v0)
         print0(f"step 0: val loss {v0:.4f}")
-    # each epoch is shuffled then packed, so epochs can differ by a row or two: global row k -> (epoch,
-    # offset). Only the current epoch's rows are kept; each epoch is packed once (again after a resume, to
-    # learn its length).
-    epoch_len, rows_cache = {0: rows_per_epoch}, {}
-
-    def row_at(k):
-        ep = 0
-        while True:
-            if ep not in epoch_len or (k < epoch_len[ep] and ep not in rows_cache):
-                rows_cache.clear()
-                rows_cache[ep] = epoch_rows(train, args.seq_len, pad, args.seed, ep)
-                epoch_len[ep] = len(rows_cache[ep])
-            if k < epoch_len[ep]:
-                return rows_cache[ep][k]
-            k -= epoch_len[ep]
-            ep += 1
-
     model.train()
     for step in bar:
-        t0 = time.time()
-        lr = lr_at(step, args.steps, args.lr, args.min_lr, args.warmup)
+        t0, lr = time.time(), lr_at(step, args.steps, args.lr, args.min_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        # the step's global rows: a pure function of (seed, step), so resume and world size change nothing
-        first = step * args.rows_per_step
-        step_rows = []
-        for k in range(first, first + args.rows_per_step):
-            step_rows.append(row_at(k))
-        mine = step_rows[rank::world]
-        n_tok_global = all_reduce_sum(sum(sum(r[1][1:]) for r in step_rows[rank::world]))
-        # each rank's loss is scaled so that FSDP's gradient average equals (global token sum) / (global
-        # count)
-        loss_sum = 0.0
+        step_rows = [rows[k] for k in range(step * args.rows_per_step, (step + 1) * args.rows_per_step)]
         with meter.phase("step"):
-            for m0 in range(0, len(mine), args.micro_rows):
-                ids, mask, docs = batch_tensors(mine[m0:m0 + args.micro_rows], device)
-                with autocast(device, use_autocast):
-                    s, _ = masked_loss_sum(model, ids, mask, docs, args.logits_chunk)
-                (s * world / max(n_tok_global, 1)).backward()
-                loss_sum += s.item()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        loss = all_reduce_sum(loss_sum) / max(n_tok_global, 1)
-        dt = time.time() - t0
-        toks = args.rows_per_step * args.seq_len
-        row = dict(step=step + 1, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=toks / dt,
+            loss, gnorm = train_step(model, opt, step_rows, args, ranks, device, step + 1)
+        row = dict(step=step + 1, loss=loss, lr=lr, grad_norm=gnorm,
+                   tokens_per_s=args.rows_per_step * args.seq_len / (time.time() - t0),
                    mem_mb=meter.overall() / 2**20)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            row["val_loss"] = val_loss()
+            row["val_loss"] = val_loss(model, val_rows, args, ranks, device)
         log.log(**row)
-        val = {"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}
-        bar.set_postfix(loss=f"{loss:.3f}", **val)
-        done = step + 1 == args.steps or (args.stop_after is not None and step + 1 >= args.stop_after)
+        bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+        done = run_done(step + 1, args)
         if (step + 1) % args.save_every == 0 or done:
             with meter.phase("save"):
                 save_checkpoint(args.out, model, opt, tok, step + 1, {}, rank)
         if done:
             break
     bar.close()
-    finish_run(model, tok, args, rank, world, meter, planned, "SFT", ["loss", "val_loss", "lr", "grad_norm"],
-               "loss.png")
+    finish_run(model, tok, args, (rank, world), (meter, planned), "SFT",
+               ["loss", "val_loss", "lr", "grad_norm"], "loss.png")
 
 
 if __name__ == "__main__":

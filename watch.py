@@ -24,20 +24,21 @@ class RolloutLog:
         self.log = MetricsLog(os.path.join(out, "rollouts.jsonl"), rank, resume_step)
         self.rank, self.keep, self.print_every = rank, keep, print_every
 
-    def groups(self, step, stage, items, prompts_text, texts, parts, adv, reasons, lengths, G, index):
+    def groups(self, step, stage, items, questions, ro, sc, index):
         """This rank's groups whose index in the step's batch is below `keep` (index: global position of each
-        of this rank's groups), as dicts."""
+        of this rank's groups), as dicts. ro, sc: the step's train_grpo.Rollouts and Scores."""
         out = []
         for j, gi in enumerate(index):
             if gi >= self.keep:
                 continue
             it = items[j]
-            rows = range(j * G, (j + 1) * G)
+            rows = range(j * ro.G, (j + 1) * ro.G)
             out.append(dict(step=step, stage=stage, index=gi, id=str(it.get("id")), tier=it.get("difficulty"),
-                            answer=it["answer"], prompt=prompts_text[j],
-                            completions=[dict(text=texts[r], correct=parts[r][0], format=parts[r][1],
-                                              reward=round(parts[r][2], 4), advantage=round(float(adv[r]), 4),
-                                              finish=reasons[r], length=lengths[r]) for r in rows]))
+                            answer=it["answer"], prompt=questions[j],
+                            completions=[dict(text=ro.texts[r], correct=sc.parts[r][0], format=sc.parts[r][1],
+                                              reward=round(sc.parts[r][2], 4),
+                                              advantage=round(float(sc.adv[r]), 4), finish=ro.reasons[r],
+                                              length=len(ro.outs[r])) for r in rows]))
         return out
 
     def write(self, step, groups):

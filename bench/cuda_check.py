@@ -1,6 +1,7 @@
 """
 CUDA path checks (run on a GPU machine): logits parity with transformers in fp32 and bf16, greedy generation
-equal to transformers' on the same GPU, fast.generate (and its CUDA graph) equal to model.generate, and packed
+equal to transformers' on the same GPU, engine.generate (and its CUDA graph) equal to model.generate, and
+packed
 (doc_ids) rows through flex_attention (fast.doc_attention) equal to each document alone.
 
     python bench/cuda_check.py
@@ -14,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import transformers  # noqa: E402
 
+import engine  # noqa: E402
 import fast  # noqa: E402
 import model as M  # noqa: E402
 from hf_io import load_model  # noqa: E402
@@ -42,7 +44,7 @@ for kind in ("qwen2", "qwen3"):
     r = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
     ours = load_model(path, device="cuda", dtype=torch.float32)
     prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (5, 40, 17)]
-    outs, _ = M.generate(ours, prompts, max_new_tokens=24, temperature=0.0)
+    outs, _ = M.generate(ours, prompts, M.SamplingParams(24, 0.0))
     theirs = [r.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, do_sample=False,
                          eos_token_id=None,
                          pad_token_id=0)[0, len(p):].tolist() for p in prompts]
@@ -59,13 +61,13 @@ for kind in ("qwen2", "qwen3"):
           "difference at "
           f"step {first}); worst gap of our token below transformers' max logit {max(gaps):.1e} "
           f"({'ok' if max(gaps) <= 1e-4 else 'FAIL'} <= 1e-4)")
-    # fast.generate, eager and with each decode step a CUDA graph (fast.fixed_shape_step), against
+    # the rollout engine, eager and with each decode step a CUDA graph (engine.fixed_shape_step), against
     # model.generate
-    kws = (dict(temperature=0.0), dict(temperature=1.0, num_samples=4, seed=3, stop_ids=range(3, 60)))
-    same = [[fast.generate(ours, prompts, 24, cuda_graph=g, **kw) == M.generate(ours, prompts, 24,
-                                                                                **kw) for kw in kws]
-            for g in (False, True)]
-    print(f"{kind} fast.generate == model.generate, greedy / sampled with early stops: eager {same[0]}, "
+    sps = ((M.SamplingParams(24, 0.0), None),
+           (M.SamplingParams(24, 1.0, num_samples=4, stop_ids=tuple(range(3, 60))), 3))
+    same = [[engine.generate(ours, prompts, sp, seed, 4, g) == M.generate(ours, prompts, sp, seed)
+             for sp, seed in sps] for g in (False, True)]
+    print(f"{kind} engine.generate == model.generate, greedy / sampled with early stops: eager {same[0]}, "
           f"CUDA graph {same[1]}")
     docs = [torch.randint(3, 1000, (n,)).tolist() for n in (30, 50, 20)]
     packed = torch.tensor([sum(docs, [])], device="cuda")

@@ -1,5 +1,6 @@
 """
-Our KV-cached generate() vs transformers generate() on the same weights, prompts and lengths.
+Our KV-cached generate (engine.generate, every row in a slot) vs transformers generate() on the same weights,
+prompts and lengths.
 
     python bench/generate.py                      # CPU defaults: ~20M params, batch 16, 64 new tokens
     python bench/generate.py --device cuda --dtype bfloat16 --batch 64 --new 256
@@ -19,9 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import cpu_has_native_bf16  # noqa: E402
-from fast import generate  # noqa: E402
+from engine import generate  # noqa: E402
 from hf_io import load_model, save_model  # noqa: E402
-from model import PRESETS, ModelConfig, Transformer  # noqa: E402
+from model import PRESETS, ModelConfig, SamplingParams, Transformer  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="20m", choices=list(PRESETS), help="model preset (20m ~ 20M "
@@ -92,12 +93,11 @@ def run(dtype):
     cases = [  # (name, tokens, ours (cuda_graph=False/True), transformers)
         # many prompts, as in evaluation
         (f"batch {args.batch} ragged prompts, greedy", args.batch * args.new,
-         lambda graph=False: generate(ours, prompts, args.new, temperature=0.0, cuda_graph=graph),
+         lambda graph=False: generate(ours, prompts, SamplingParams(args.new, 0.0), cuda_graph=graph),
          lambda: hf_batch(ref, prompts, do_sample=False)),
         (f"1 prompt x G={args.group} samples", args.group * args.new,            # GRPO rollouts
-         lambda graph=False: generate(ours, prompts[:1], args.new, temperature=1.0, num_samples=args.group,
-                                      seed=1,
-                                      cuda_graph=graph),
+         lambda graph=False: generate(ours, prompts[:1], SamplingParams(args.new, 1.0, num_samples=args.group),
+                                      seed=1, cuda_graph=graph),
          lambda: hf_batch(ref, prompts[:1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                           num_return_sequences=args.group))]
     rows = [(name, ntok, best_of(ours_fn), best_of(ref_fn),

@@ -1,14 +1,17 @@
 """
-The rollout engine (engine.generate: continuous batching over S slots) against today's static batches
-(fast.generate eager, which drops finished rows, and fixed-shape, the CUDA-graph form) and transformers'
-generate, on the same weights, requests and seeds, all in one run. Output lengths come from a scripted
-stop schedule (a budget per request, no stop token; transformers gets an EOS forced at the same length),
+The rollout engine (engine.generate: continuous batching over S slots) against the static batches it replaced
+(bench/static.py: eager, which drops finished rows, and fixed-shape, the CUDA-graph form), the textbook
+model.generate and transformers' generate, on the same weights, requests and seeds, all in one run. Output
+lengths come from a scripted stop schedule (a budget per request, no stop token; transformers gets an EOS
+forced at the same length),
 so every side does exactly the same work. At the same memory: the static sides get the engine's KV cache
 (S rows x context), so they run S rows at a time; the all-rows-at-once static runs (S x more cache) are
 printed below them for reference.
 
     python bench/rollout.py                     # CPU, 20m preset, fp32: both shapes, 3 rounds (~6 min)
     python bench/rollout.py --shape grpo --slots 64
+    python bench/rollout.py --model models/SmolLM2-135M-Instruct --shape grpo --prompts 8 --group 8 \
+        --max-new 192 --slots 64 --repeat 1        # a real checkpoint's weights (GRPO's default step)
     python bench/rollout.py --device cuda --dtype bfloat16 --preset qwen2.5-0.5b --shape nano \
         --requests 256 --min-len 100 --max-len 1024 --slots 256 --cuda-graph     # Nano-vLLM's shape
 
@@ -29,12 +32,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
-import fast  # noqa: E402
-from hf_io import load_model, save_model  # noqa: E402
-from model import PRESETS, ModelConfig, Transformer  # noqa: E402
+import static  # noqa: E402
+from hf_io import load_model, read_config, save_model  # noqa: E402
+from model import PRESETS, ModelConfig, SamplingParams, Transformer  # noqa: E402
+from model import generate as model_generate  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="20m", choices=list(PRESETS), help="model preset (random weights)")
+ap.add_argument("--model", default=None, help="an HF-layout checkpoint folder instead of a preset (real "
+                "weights)")
 ap.add_argument("--device", default="cpu", help="cpu or cuda")
 ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
 ap.add_argument("--shape", default="both", choices=["nano", "grpo", "both"], help="request shape")
@@ -66,9 +72,11 @@ args = ap.parse_args()
 dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
 cuda = dev.type == "cuda"
 sync = torch.cuda.synchronize if cuda else (lambda: None)
-cfg = ModelConfig.from_name(args.preset)
-tmp = tempfile.mkdtemp(prefix="bench_rollout_")
-save_model(Transformer(cfg).init_weights(args.seed), tmp)
+if args.model:
+    tmp, cfg = args.model, read_config(args.model)
+else:
+    cfg, tmp = ModelConfig.from_name(args.preset), tempfile.mkdtemp(prefix="bench_rollout_")
+    save_model(Transformer(cfg).init_weights(args.seed), tmp)
 ours = load_model(tmp, device=args.device, dtype=dtype).eval()
 g = torch.Generator().manual_seed(args.seed)
 
@@ -149,33 +157,39 @@ def timed(fn):
 
 
 def run_shape(name, prompts, G, budgets, S, ref):
-    kw = dict(temperature=1.0, num_samples=G)
     tokens, N = sum(budgets), len(budgets)
     ctx = sum(len(prompts[r // G]) * b + b * (b - 1) / 2 for r, b in enumerate(budgets))   # KV tokens read
     E = args.engine_slots or S
     print(f"\n{name}; {N} rows, {tokens:,} output tokens; {E} engine slots, {S} static rows a call")
 
-    def eng(ps, bs, seeds, st):
-        return engine.generate(ours, ps, bs, slots=E, cuda_graph=args.cuda_graph, seed=seeds, stats=st,
-                               **kw)[0]
+    def sp(bs):
+        return SamplingParams(bs, 1.0, num_samples=G)
 
-    def static(graph):
-        return lambda ps, bs, seeds, st: fast.generate(ours, ps, bs, cuda_graph=graph, seed=seeds, stats=st,
-                                                       **kw)[0]
+    def eng(ps, bs, seeds, st):
+        return engine.generate(ours, ps, sp(bs), seeds, E, args.cuda_graph, stats=st)[0]
+
+    def stat(graph):
+        return lambda ps, bs, seeds, st: static.generate(ours, ps, sp(bs), seeds, graph, st)[0]
+
+    def textbook(ps, bs, seeds, st):   # one static batch a call, nothing dropped: every row to the longest
+        out = model_generate(ours, ps, sp(bs), seeds)[0]
+        st.update(passes=max(bs) - 1, row_steps=(max(bs) - 1) * len(bs))
+        return out
     sides = [("engine", lambda: chunked(eng, prompts, G, budgets, N)),
-             (f"static eager, {S} rows a call", lambda: chunked(static(False), prompts, G, budgets, S)),
-             (f"static fixed-shape, {S} rows a call", lambda: chunked(static(True), prompts, G, budgets, S))]
+             (f"static eager, {S} rows a call", lambda: chunked(stat(False), prompts, G, budgets, S)),
+             (f"static fixed-shape, {S} rows a call", lambda: chunked(stat(True), prompts, G, budgets, S)),
+             (f"model.generate, {S} rows a call", lambda: chunked(textbook, prompts, G, budgets, S))]
     if ref is not None:
         sides.append((f"transformers, {S} rows a call", lambda: chunked(
             lambda ps, bs, _, st: st.update(hf_generate(ref, ps, G, bs)), prompts, G, budgets, S)))
     if not args.no_all_rows:
         sides += [(f"  static eager, all {N} rows at once",
-                   lambda: chunked(static(False), prompts, G, budgets, N)),
+                   lambda: chunked(stat(False), prompts, G, budgets, N)),
                   (f"  static fixed-shape, all {N} rows",
-                   lambda: chunked(static(True), prompts, G, budgets, N))]
+                   lambda: chunked(stat(True), prompts, G, budgets, N))]
     # warm-up (kernels, CUDA graph memory pools) on a few requests
-    engine.generate(ours, prompts[:2], 8, slots=2, cuda_graph=args.cuda_graph, seed=0, **kw)
-    fast.generate(ours, prompts[:2], 8, cuda_graph=True, seed=0, **kw)
+    engine.generate(ours, prompts[:2], sp(8), 0, 2, args.cuda_graph)
+    static.generate(ours, prompts[:2], sp(8), 0, True)
     best, spread, counts = {}, {}, {}
     for rnd in range(args.repeat):   # alternating order: a drift of the machine's speed hits every side
         for side, fn in (sides if rnd % 2 == 0 else sides[::-1]):
@@ -216,7 +230,8 @@ ref = None
 if not args.no_hf:
     import transformers
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(dev).eval()
-print(f"model {args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, {args.device}, "
+print(f"model {args.model or args.preset}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params, "
+      f"{args.device}, "
       f"{args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
       f"cuda graph {args.cuda_graph}")
 for shape in shapes():

@@ -129,6 +129,7 @@ from common import init_distributed
 from fsdp import load_sharded
 import engine, tp
 from memplan import Meter
+from model import SamplingParams as SP
 rank, world, device = init_distributed(sys.argv[sys.argv.index("--device") + 1])
 model = load_sharded(sys.argv[1], device, world)
 group = tp.Group(world, world, rank)
@@ -137,7 +138,7 @@ meter, whole = Meter(device), sum(p.numel() * p.element_size() for p in model.pa
 with torch.no_grad():
     for name, grp in (("tp", group), ("gathered", None)):
         with meter.phase(name), tp.policy(model, grp) as m:
-            engine.generate(m, [[11, 12, 13]], max_new_tokens=1, temperature=0.0, slots=1)
+            engine.generate(m, [[11, 12, 13]], SP(1, 0.0), slots=1)
 rises = [None] * world
 dist.all_gather_object(rises, {k: meter.peaks[k][0] for k in ("tp", "gathered")})
 if rank == 0:
@@ -152,12 +153,12 @@ ids = torch.tensor([prompts[0]], device=device)
 with torch.no_grad():
     with tp.policy(model, group) as m:
         lt = m(ids)[0].double()
-        a = engine.generate(m, prompts, max_new_tokens=24, temperature=0.0, slots=4)[0]
-        s = engine.generate(m, prompts[:2], max_new_tokens=24, num_samples=2, seed=7, slots=3)[0]
+        a = engine.generate(m, prompts, SP(24, 0.0), slots=4)[0]
+        s = engine.generate(m, prompts[:2], SP(24, num_samples=2), 7, slots=3)[0]
     with tp.policy(model, None) as m:
         lf = m(ids)[0].double()
-        b = engine.generate(m, prompts, max_new_tokens=24, temperature=0.0, slots=4)[0]
-        u = engine.generate(m, prompts[:2], max_new_tokens=24, num_samples=2, seed=7, slots=3)[0]
+        b = engine.generate(m, prompts, SP(24, 0.0), slots=4)[0]
+        u = engine.generate(m, prompts[:2], SP(24, num_samples=2), 7, slots=3)[0]
 rel = float((lt - lf).abs().max() / lf.abs().max())
 if rank == 0:
     print(f"tp_check: logits of a {ids.shape[1]}-token prompt, max |tp - gathered| / max |gathered| = "
@@ -255,7 +256,8 @@ def roofline(args):
     as train_sft.py runs), and generate()'s decode tokens/s against the HBM roofline (each step reads every
     weight and the KV cache once), with and without the CUDA graph."""
     import torch
-    from fast import generate
+    from engine import generate
+    from model import SamplingParams
     from model import ModelConfig, Transformer
     from train_sft import masked_loss_sum, pack
     dev = torch.device(args.device)
@@ -311,10 +313,10 @@ def roofline(args):
     ctx = args.prompt + args.new / 2   # mean keys read per step
     roof = args.batch / ((w_bytes + args.batch * ctx * kv_tok) / bw)
     for graph in (False, True):
-        generate(m, prompts[:4], max_new_tokens=8, temperature=1.0, seed=0, cuda_graph=graph)
+        generate(m, prompts[:4], SamplingParams(8, 1.0), seed=0, cuda_graph=graph)
         sync()
         t = time.perf_counter()
-        out, _ = generate(m, prompts, max_new_tokens=args.new, temperature=1.0, seed=0, cuda_graph=graph)
+        out, _ = generate(m, prompts, SamplingParams(args.new, 1.0), seed=0, cuda_graph=graph)
         sync()
         tps = sum(len(o) for o in out) / (time.perf_counter() - t)
         print(f"decode qwen2.5-0.5b bf16, batch {args.batch}, {args.prompt} + {args.new} tokens, "

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from evaluate import load_benchmark, macro_average, results_table, score_items, stage_table
+from evaluate import load_benchmark, macro_average, results_table, score_items, stage_table, stage_tables
 from mcq import build_messages, extract_answer, format_ok
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -142,7 +142,7 @@ def test_bad_file_names_line(tmp_path):
                                           'json\n')
     with pytest.raises(ValueError, match="medqa.jsonl:2"):
         load_benchmark("medqa", str(tmp_path / "medqa.jsonl"))
-    (tmp_path / "medqa.jsonl").write_text('{"question": "q", "options": {"A": "x"}, "answer_idx": "B"}\n')
+    (tmp_path / "medqa.jsonl").write_text('{"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "C"}\n')
     with pytest.raises(ValueError, match="medqa.jsonl:1: field 'answer'"):
         load_benchmark("medqa", str(tmp_path / "medqa.jsonl"))
 
@@ -366,3 +366,21 @@ def test_stage_table_gain_over_the_cold_start_with_intervals(tmp_path):
     assert rows["+RL stage 2"][3].startswith("+40.0 [") and rows["+RL stage 2"][4].startswith("+20.0 [")
     lo = float(rows["+RL stage 2"][3].split("[")[1].split(",")[0])
     assert lo > 0 and rows["+CoT cold start"][3] == "-"
+
+
+def test_stage_tables_for_several_benchmarks_with_lenient(tmp_path):
+    """The real track evaluates each stage on several benchmarks with --lenient: one section each (kg first),
+    the lenient accuracy beside the strict one, and the Base row named as run.sh's real track names it."""
+    for stage, (kg, mq, lk) in dict(base=(0.0, 0.0, 5.0), sft=(40.0, 20.0, 30.0)).items():
+        d = tmp_path / "seed0" / f"eval_{stage}"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({
+            "medqa": {"n": 10, "accuracy": mq, "unanswered": 50.0, "lenient_accuracy": lk},
+            "kg": {"n": 10, "accuracy": kg, "unanswered": 10.0, "lenient_accuracy": kg},
+            "macro_average": {}}))
+    text, means = stage_tables(str(tmp_path), "a real model as it came")
+    assert text.index("### kg") < text.index("### medqa") and set(means) == {"kg", "medqa"}
+    medqa = text.split("### medqa")[1]
+    assert "| Base (a real model as it came) | 0.0 +- 0.0 | 0.0 |" in medqa
+    assert "lenient accuracy (%) |" in medqa
+    assert medqa.strip().splitlines()[-1].endswith("| 50.0 | 30.0 |")

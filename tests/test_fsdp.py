@@ -67,17 +67,17 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
 
 def test_memory_plan_verdicts():
     """The plan counts what FSDP2 shards (1/W) and what it does not, and refuses with the flag to change."""
-    from memplan import GB, plan, total, verdict
+    from memplan import GB, Job, plan, total, verdict
     cfg = ModelConfig.from_name("qwen2.5-0.5b")
-    one = plan(cfg, 1, True, True, "sft", 8192, 8192, False, 0)
-    eight = plan(cfg, 8, True, True, "sft", 8192, 8192, False, 0)
+    one = plan(cfg, Job("sft", 1, True, True, 8192))
+    eight = plan(cfg, Job("sft", 8, True, True, 8192))
     get = lambda rows, key: next(b for w, b, _ in rows if w.startswith(key))   # noqa: E731
     assert get(one, "AdamW") == pytest.approx(8 * get(eight, "AdamW"))
     # one GPU autocasts (fp32 residual stream); eight use FSDP mixed precision (bf16 throughout)
     assert get(eight, "activations") < get(one, "activations")
-    assert get(plan(cfg, 1, False, False, "sft", 8192, 8192, False, 0), "activations") == \
-        get(plan(cfg, 4, False, False, "sft", 8192, 8192, False, 0), "activations")
-    ckpt = plan(cfg, 8, True, True, "sft", 8192, 8192, True, 0)
+    assert get(plan(cfg, Job("sft", 1, False, False, 8192)), "activations") == \
+        get(plan(cfg, Job("sft", 4, False, False, 8192)), "activations")
+    ckpt = plan(cfg, Job("sft", 8, True, True, 8192, True))
     assert get(ckpt, "activations") < get(eight, "activations") / 5
     assert verdict(eight, 80 * GB) is None
     small = verdict(eight, total(eight) * 0.5)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from train_grpo import (Curriculum, aggregate, graph_ok, group_advantages, grpo_denominator, kl_k3,
-                        reward_parts, token_objective)
+from train_grpo import (Curriculum, LossConfig, aggregate, graph_ok, group_advantages, grpo_denominator,
+                        grpo_loss, kl_k3, reward_parts, token_objective)
 
 OPTS = {"A": "Aspirin", "B": "Heparin", "C": "Warfarin", "D": "Clopidogrel"}
 ITEM = dict(options=OPTS, answer="C")
@@ -151,3 +151,34 @@ def test_the_cuda_graph_waits_for_the_tensor_parallel_degree():
     assert graph_ok(True, "cuda", 1, 1) and graph_ok(True, "cuda", 8, 8) and graph_ok(True, "cuda", 8, 0)
     assert not graph_ok(True, "cuda", 8, 1) and not graph_ok(True, "cpu", 1, 1)
     assert not graph_ok(False, "cuda", 1, 1)
+
+
+def test_grpo_loss_is_eq_1_to_3_by_hand():
+    """grpo_loss, a pure function of (log-probs, old log-probs, advantages, mask): with the paper's
+    aggregation it is -1/N_tok sum_i sum_t A_i log pi(y_it) (eq. 1 with A = r - mean r, eq. 2) plus
+    beta * KL(pi || ref) by the k3 estimator (eq. 3), summed over the same tokens; with reused data (PPO) the
+    clipped ratio replaces log pi. Computed here token by token in Python floats."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(3, 4, generator=g) * 3
+    old, ref = logp + 0.3 * torch.randn(3, 4, generator=g), logp + 0.2 * torch.randn(3, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float)
+    r = torch.tensor([1.0, 0.1, 0.0])
+    adv = r - r.mean()
+    n = float(mask.sum())
+    for beta, clip in ((0.0, False), (0.04, False), (0.04, True)):
+        hp = LossConfig("token-mean", n, 0.2, 0.28, clip, beta)
+        want = 0.0
+        for i in range(3):
+            for t in range(4):
+                if not mask[i, t]:
+                    continue
+                lp, a = float(logp[i, t]), float(adv[i])
+                if clip:
+                    rho = math.exp(lp - float(old[i, t]))
+                    term = -min(rho * a, min(max(rho, 0.8), 1.28) * a)
+                else:
+                    term = -a * lp
+                d = float(ref[i, t]) - lp
+                want += term + beta * (math.exp(d) - d - 1)
+        got = grpo_loss(logp, old, adv, mask, hp, ref if beta else None)
+        assert abs(float(got) - want / n) < 1e-6, (beta, clip)

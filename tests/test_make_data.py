@@ -118,7 +118,9 @@ def test_distillation_refines_and_verification_flags(tmp_path, monkeypatch):
     d = rep["distillation"]
     assert d["failed_wrong_answer"] == 11 and d["verified_round_1"] == 11 and d["dropped_unverified"] == 0
     sft = [json.loads(l) for l in open(out / "sft.jsonl")]
-    assert len(sft) == 11 and all("<answer>B</answer>" in s["messages"][-1]["content"] for s in sft)
+    # the teacher answered with the letter; the targets answer as the prompt asks: the option's text
+    assert len(sft) == 11 and all(re.search(r"<answer>RIGHT \d+</answer>$", s["messages"][-1]["content"])
+                                  for s in sft)
     assert {t for s in sft for t in ("Z",) if "<answer>Z" in s["messages"][-1]["content"]} == set()
     for f in os.listdir(out):   # the key is never written anywhere
         assert "sk-secret-value" not in open(out / f, encoding="utf-8").read()
@@ -156,10 +158,10 @@ def test_default_is_deterministic(tmp_path):
 
 
 def test_short_rationale_with_text_answers(tmp_path):
-    """The default (--kg-rationale short --answer-as text) against walk + letter: no option walk, the tag
-    holds the option text, and every trace still scores as its item's letter under the strict parser."""
+    """The default (--kg-rationale short) against walk: no option walk, the tag holds the option text (the
+    answer contract), and every trace scores as its item's letter under the strict parser."""
     from mcq import extract_answer, format_ok
-    make_data.main(small_kg_args(tmp_path / "w") + ["--kg-rationale", "walk", "--answer-as", "letter"])
+    make_data.main(small_kg_args(tmp_path / "w") + ["--kg-rationale", "walk"])
     make_data.main(small_kg_args(tmp_path / "s"))   # the default: short, text
     walk = [json.loads(l) for l in open(tmp_path / "w" / "sft.jsonl")]
     short = [json.loads(l) for l in open(tmp_path / "s" / "sft.jsonl")]

@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from hf_io import load_model, save_model
-from model import ModelConfig, Transformer, generate
+from model import ModelConfig, Transformer, generate, seed_of
+from model import SamplingParams as SP
 
 
 def hf_model(kind, tied, tmp_path, seed=0):
@@ -129,7 +130,7 @@ def test_greedy_batch_matches_transformers_alone(kind, tmp_path):
     ours = load_model(path)
     prompts = ragged_batch(97, [3, 12, 7, 1, 9], seed=8)
     new = 12
-    outs, reasons = generate(ours, prompts, max_new_tokens=new, temperature=0.0)
+    outs, reasons = generate(ours, prompts, SP(new, temperature=0.0))
     for p, o, r in zip(prompts, outs, reasons):
         want = ref.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                             pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))[0,
@@ -141,9 +142,9 @@ def test_stop_tokens_and_finish_reasons(tmp_path):
     ref, path = hf_model("qwen2", True, tmp_path, seed=9)
     ours = load_model(path)
     prompts = ragged_batch(97, [4, 8, 6, 5], seed=10)
-    free, _ = generate(ours, prompts, max_new_tokens=10, temperature=0.0)
+    free, _ = generate(ours, prompts, SP(10, temperature=0.0))
     stop = free[1][3]   # a token row 1 emits at step 3: row 1 must stop there
-    outs, reasons = generate(ours, prompts, max_new_tokens=10, temperature=0.0, stop_ids=[stop])
+    outs, reasons = generate(ours, prompts, SP(10, temperature=0.0, stop_ids=(stop,)))
     for f, o, r in zip(free, outs, reasons):
         if stop in f:
             k = f.index(stop)
@@ -156,18 +157,16 @@ def test_sampling_reproducible_and_group_case(tmp_path):
     _, path = hf_model("qwen3", False, tmp_path, seed=11)
     m = load_model(path)
     prompts = ragged_batch(97, [5, 9], seed=12)
-    a = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3)
-    b = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=3)
-    c = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4, seed=4)
+    sp = SP(8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4)
+    a, b, c = generate(m, prompts, sp, 3), generate(m, prompts, sp, 3), generate(m, prompts, sp, 4)
     assert a == b and a != c and len(a[0]) == 8
     # a prompt's samples depend on its seed only, not on the rest of the batch or its position
-    alone = generate(m, prompts[1:], max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20, num_samples=4,
-                     seed=[4])
+    alone = generate(m, prompts[1:], sp, [seed_of(3, 1)])
     assert alone[0] == a[0][4:]
     assert len(set(map(tuple, a[0][:4]))) > 1   # the G samples of one prompt differ
     # greedy with G samples = the same greedy continuation G times, equal to the single-sample run
-    g, _ = generate(m, prompts, max_new_tokens=8, temperature=0.0, num_samples=3)
-    s, _ = generate(m, prompts, max_new_tokens=8, temperature=0.0)
+    g, _ = generate(m, prompts, SP(8, temperature=0.0, num_samples=3))
+    s, _ = generate(m, prompts, SP(8, temperature=0.0))
     assert g[:3] == [s[0]] * 3 and g[3:] == [s[1]] * 3
 
 
@@ -175,8 +174,7 @@ def test_top_k_one_is_greedy(tmp_path):
     _, path = hf_model("qwen2", False, tmp_path, seed=13)
     m = load_model(path)
     prompts = ragged_batch(97, [6, 3], seed=14)
-    assert generate(m, prompts, 6, temperature=0.7, top_k=1, seed=0)[0] == generate(m, prompts, 6,
-                                                                                    temperature=0.0)[0]
+    assert generate(m, prompts, SP(6, temperature=0.7, top_k=1), 0)[0] == generate(m, prompts, SP(6, 0.0))[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -241,7 +239,7 @@ def test_generate_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(7)
     state = torch.get_rng_state()
     for temperature in (0.0, 1.0):
-        generate(m, [[1, 2, 3]], max_new_tokens=4, temperature=temperature, seed=None)
+        generate(m, [[1, 2, 3]], SP(4, temperature), seed=None)
         assert torch.equal(torch.get_rng_state(), state), temperature
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import ROOT, config_only, run
 from hf_io import save_model
-from memplan import GB, plan, total, tp_params, verdict
+from memplan import GB, Job, plan, total, tp_params, verdict
 from model import ModelConfig, Transformer
 from tp import degree_problem, local_config
 
@@ -17,6 +17,7 @@ import sys, torch, torch.distributed as dist
 from common import init_distributed
 from fsdp import load_sharded
 import engine, tp
+from model import SamplingParams as SP
 rank, world, device = init_distributed("cpu")
 model = load_sharded(sys.argv[1], device, world)
 group = tp.Group(2, world, rank)
@@ -25,20 +26,18 @@ mine = [torch.randint(0, 97, (int(n),), generator=g).tolist()
         for n in torch.randint(2, 14, (3,), generator=g)]
 seeds = [1000 * rank + i for i in range(3)]
 ids = torch.arange(1, 13)[None] % 97
-kw = dict(max_new_tokens=24, stop_ids=[5])
+greedy, sampled = SP(24, 0.0, stop_ids=(5,)), SP(24, 1.0, stop_ids=(5,), num_samples=3, logprobs=True)
 with torch.no_grad():
     with tp.policy(model, group) as m:
         held = sum(p.numel() for p in m.parameters())
         assert m.config.num_key_value_heads == max(1, model.config.num_key_value_heads // 2)
         lt = m(ids)[0].double()
-        tg = tp.generate(m, mine, group=group, temperature=0.0, seed=seeds, slots=2, **kw)
-        ts = tp.generate(m, mine, group=group, temperature=1.0, seed=seeds, num_samples=3, slots=4,
-                         return_logprobs=True, **kw)
+        tg = tp.generate(m, mine, greedy, group=group, seed=seeds, slots=2)
+        ts = tp.generate(m, mine, sampled, group=group, seed=seeds, slots=4)
     with tp.policy(model, None) as m:
         lf = m(ids)[0].double()
-        fg = engine.generate(m, mine, temperature=0.0, seed=seeds, slots=3, **kw)
-        fs = engine.generate(m, mine, temperature=1.0, seed=seeds, num_samples=3, slots=9,
-                             return_logprobs=True, **kw)
+        fg = engine.generate(m, mine, greedy, seeds, slots=3)
+        fs = engine.generate(m, mine, sampled, seeds, slots=9)
 rel = float((lt - lf).abs().max() / lf.abs().max())
 assert rel <= 1e-5, rel
 assert tg == fg, (tg, fg)
@@ -89,8 +88,8 @@ def test_plan_with_tensor_parallel_rollouts():
 
     def get(rows, key):
         return sum(b for w, b, _ in rows if key in w)
-    one = plan(q32, 8, True, True, "grpo", 4096, 2842, True, 0, slots=64, ctx=2842)
-    eight = plan(q32, 8, True, True, "grpo", 4096, 2842, True, 0, slots=64, ctx=2842, tp=8)
+    one = plan(q32, Job("grpo", 8, True, True, 4096, True, slots=64, ctx=2842))
+    eight = plan(q32, Job("grpo", 8, True, True, 4096, True, slots=64, ctx=2842, tp=8))
     assert get(one, "policy gathered") / GB > 60 and not get(eight, "policy gathered")
     assert 7 < get(eight, "tensor-parallel shard") / GB < 8
     assert get(eight, "KV cache") * 8 == pytest.approx(get(one, "KV cache"))

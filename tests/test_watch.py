@@ -16,16 +16,17 @@ def test_trainer_and_rollout_logprobs_agree(dtype):
     """The same model scores a completion twice: token by token while sampling (KV cache, oneDNN-packed
     weights on a CPU) and all at once when training. fp32: the same numbers up to summation order; bf16
     autocast: bounded."""
-    import fast
-    from model import ModelConfig, Transformer
+    import engine
+    from model import ModelConfig, SamplingParams, Transformer
+    from train_grpo import completion_logprobs
     m = Transformer(ModelConfig.from_name("nano", vocab_size=97)).init_weights(0).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 7)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        outs, _, roll = fast.generate(m, prompts, max_new_tokens=12, temperature=1.0, num_samples=4,
-                                      seed=[1, 2, 3], return_logprobs=True)
+        sp = SamplingParams(12, 1.0, num_samples=4, logprobs=True)
+        outs, _, roll = engine.generate(m, prompts, sp, [1, 2, 3])
         pr = [p for p in prompts for _ in range(4)]
-        lp, mask, _ = fast.completion_logprobs(m, pr, outs, torch.device("cpu"), 0, share=4)
+        lp, mask, _ = completion_logprobs(m, pr, outs, share=4)
     roll_t = torch.zeros_like(lp)
     for i, r in enumerate(roll):
         roll_t[i, :len(r)] = torch.tensor(r)
@@ -39,11 +40,11 @@ def scripted(tiny, name, body):
     runner = tiny / f"{name}.py"
     runner.write_text(
         "import sys\nimport train_grpo\n"
-        "def sample_groups(model, tok, items, G, args, seeds, device, logprobs=False):\n"
+        "def sample_groups(su, model, tok, items, G, seeds, logprobs=False):\n"
         f"    texts = [{body} for it in items for _ in range(G)]\n"
         "    outs = [tok.encode(t) + [tok.convert_tokens_to_ids('<|im_end|>')] for t in texts]\n"
-        "    return dict(prompts=[train_grpo.prompt_ids(tok, it) for it in items], outs=outs, texts=texts,\n"
-        "                reasons=['stop'] * len(texts), logps=None, pad=0)\n"
+        "    return train_grpo.Rollouts([train_grpo.prompt_ids(tok, it) for it in items], outs, texts,\n"
+        "                               ['stop'] * len(texts), None, 0, G)\n"
         "train_grpo.sample_groups = sample_groups\ntrain_grpo.main(sys.argv[1:])\n")
     return str(runner)
 
