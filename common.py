@@ -125,15 +125,23 @@ def even_micro_batches(keep, size):
     return [(keep[i:i + size] or [0], 1.0 if keep[i:i + size] else 0.0) for i in range(0, n * size, size)]
 
 
-def trim_heap(device):
-    """On CPU with glibc: hand the heap's free pages back to the system (malloc_trim). Activations of
-    varying shapes leave holes that glibc keeps resident, so without it a fine-tune's resident set grew
-    from 6 to 14 GB over 40 steps (SmolLM2-135M, bf16, 2 x 1,024 tokens); trimmed before each micro-batch
-    it stayed at 8 GB. Elsewhere nothing happens."""
+class _MallInfo2(ctypes.Structure):   # glibc's struct mallinfo2 (malloc.h): ten size_t counters
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def trim_heap(device, slack=1 << 30):
+    """On CPU with glibc: when the heap holds more than `slack` bytes of freed memory, hand its free pages
+    back to the system (malloc_trim). Activations of ever new shapes leave holes that glibc keeps resident:
+    without it a fine-tune's resident set grew from 6 to 14 GB over 40 steps (SmolLM2-135M, bf16, 2 x 1,024
+    tokens, EXPERIMENTS.md). Trimming at every call costs page faults; past a slack, rarely. Else nothing."""
     if device.type != "cpu":
         return
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        if libc.mallinfo2().fordblks > slack:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
