@@ -18,8 +18,6 @@ parameters a rank (gathering receives P) and its transient is one weight's buffe
 (build_peak: what memplan plans). On a CPU each linear is packed for oneDNN as it arrives and its plain copy
 dropped, and glibc is told to return freed tensors of 1 MB and more (EXPERIMENTS.md, 2026-12-03).
 """
-import ctypes
-import ctypes.util
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 import engine
 import fast
+from common import libc
 from fsdp import owned_rows, unsharded
 from model import Transformer, prompt_seeds
 
@@ -187,11 +186,9 @@ def return_freed_memory(threshold=1 << 20):
     when freed. By default glibc raises that threshold to 32 MB after the first free of a large chunk and
     keeps smaller freed chunks in its heap, so a process's resident memory holds every transfer buffer the
     build freed. Elsewhere nothing changes."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, threshold)   # M_MMAP_THRESHOLD (malloc.h); fixing it also ends the raising
-    except (OSError, AttributeError):
-        pass
+    lib = libc()
+    if lib is not None:
+        lib.mallopt(-3, threshold)   # M_MMAP_THRESHOLD (malloc.h); fixing it also ends the raising
 
 
 class Group:
