@@ -95,3 +95,27 @@ def test_one_answer_contract_for_the_prompt_and_the_cold_start_targets(tmp_path)
         tag = re.search(r"<answer>(.*)</answer>", r["messages"][-1]["content"]).group(1)
         assert tag == it["options"][it["answer"]]
         assert extract_answer(f"<answer>{it['answer']}</answer>", it["options"]) == it["answer"]
+
+
+
+def test_the_cpu_heap_thresholds_are_fixed_at_start(monkeypatch):
+    """glibc moves its mmap and trim thresholds as blocks are freed and then handed the top of its heap back
+    after each decode step that freed large temporaries, faulting it in again at the next (an evaluation of
+    SmolLM2-135M spent 40 % of its time in the kernel, EXPERIMENTS.md). init_distributed fixes both on CPU,
+    on CUDA it leaves the host heap alone."""
+    import common
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, what, value):
+            calls.append((what, value))
+    monkeypatch.setattr(common, "libc", lambda: FakeLibc())
+    assert common.init_distributed("cpu")[2].type == "cpu"
+    assert calls == [(-3, 64 << 20), (-1, 1 << 30)]   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+    calls.clear()
+    monkeypatch.delenv("RANK", raising=False)
+    try:
+        common.init_distributed("cuda")
+    except SystemExit:
+        pass   # a CPU-only torch: refused before anything else
+    assert calls == []
