@@ -4,7 +4,7 @@
 #   -> stage 2 -> every stage, the model as it came included, on the KG held-out split, MedQA (USMLE) test and
 #   PubMedQA test (benchmarks/) -> the stage table (strict and lenient accuracy), curves, report.html.
 #
-#   REAL=1 bash run.sh                   # about 80 min on a 2-core CPU with native bf16 (README, EXPERIMENTS.md)
+#   REAL=1 bash run.sh                   # 77 min on a 2-core CPU with native bf16 (README, EXPERIMENTS.md)
 #   REAL=1 LIMIT=500 bash run.sh         # more test items per benchmark (default 200)
 OUT=${OUT:-runs/real}
 [ "$OUT" = runs/demo ] && OUT=runs/real
@@ -17,7 +17,7 @@ export OMP_NUM_THREADS=$CORES
 BF16_FLAG=$(python -c "from common import cpu_has_native_bf16 as n; print('--bf16' if n() else '')")
 DTYPE=$([ -n "$BF16_FLAG" ] && echo bfloat16 || echo float32)
 
-declare -A EST=([model]=30 [data]=20 [sft]=1300 [grpo]=1860 [eval]=1500 [report]=5)   # 2026-12-07, Xeon-AMX
+declare -A EST=([model]=15 [data]=15 [sft]=980 [grpo]=1570 [eval]=1930 [report]=5)   # 2026-12-07, Xeon-AMX
 PLAN=(model data sft grpo eval report)
 t0=$(date +%s)
 stage "the model: SmolLM2-135M-Instruct -> $MODEL"
