@@ -8,6 +8,7 @@ report.html, memory against the plan) in report.py; intervals and tests in stats
 import atexit
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import os
@@ -132,6 +133,10 @@ class _MallInfo2(ctypes.Structure):   # glibc's struct mallinfo2 (malloc.h): ten
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # mallopt's parameters (glibc's malloc.h)
+
+
+@functools.lru_cache(maxsize=None)
 def libc():
     """glibc through ctypes, or None where there is none (musl, macOS): the heap calls below then do nothing."""
     try:
@@ -150,8 +155,8 @@ def steady_heap(mmap_from=64 << 20, trim_from=1 << 30):
     64 items; 1.2 M once fixed, 1.5x faster; EXPERIMENTS.md)."""
     lib = libc()
     if lib is not None:
-        lib.mallopt(-3, mmap_from)   # M_MMAP_THRESHOLD (malloc.h); setting it also ends glibc's moving it
-        lib.mallopt(-1, trim_from)   # M_TRIM_THRESHOLD
+        lib.mallopt(M_MMAP_THRESHOLD, mmap_from)   # setting either also ends glibc's moving them
+        lib.mallopt(M_TRIM_THRESHOLD, trim_from)
 
 
 def trim_heap(device, slack=1 << 30):

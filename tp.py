@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import engine
 import fast
-from common import libc
+from common import M_MMAP_THRESHOLD, libc
 from fsdp import owned_rows, unsharded
 from model import Transformer, prompt_seeds
 
@@ -188,7 +188,7 @@ def return_freed_memory(threshold=1 << 20):
     build freed. Elsewhere nothing changes."""
     lib = libc()
     if lib is not None:
-        lib.mallopt(-3, threshold)   # M_MMAP_THRESHOLD (malloc.h); fixing it also ends the raising
+        lib.mallopt(M_MMAP_THRESHOLD, threshold)   # fixing it also ends the raising
 
 
 class Group:
